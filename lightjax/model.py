@@ -1,0 +1,408 @@
+"""A GPT in pure-functional Flax linen, covering LitGPT's GPT-NeoX and Llama block layouts.
+
+Follow a batch: token ids [B, T] -> `wte` embedding [B, T, n_embd] -> n_layer `Block`s (norm, causal
+self-attention with RoPE, MLP, residuals; parallel or sequential) -> final norm `ln_f` -> `lm_head`
+logits [B, T, padded_vocab_size] in float32.
+
+Parameter names follow LitGPT's (`wte`, `h_{i}.norm_1`, `h_{i}.attn.qkv`, `h_{i}.attn.proj`, `h_{i}.mlp.fc`,
+`ln_f`, `lm_head`) so that a LitGPT reader finds their way. Every parameter carries logical axis names
+and every activation is constrained with logical names; `lightjax/sharding.py` alone maps them onto
+mesh axes. Without a mesh the constraints do nothing.
+
+Two layouts of the layer stack exist: `scan_layers=False` gives `h_0 ... h_{L-1}`; `scan_layers=True`
+gives one `h` whose leaves have a leading `layers` axis (one compiled block, faster compiles, the
+layout MaxText uses). `stack_layers` / `unstack_layers` convert between them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightjax.config import ModelConfig
+
+Dtype = Any
+Array = jax.Array
+
+# Remat (activation checkpointing) policies by name: what the backward pass may keep from the forward.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation at all
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _compute_dtype(dtype: Dtype) -> Dtype:
+    """Norms, softmax-adjacent and RoPE math run in at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias), where the kernel may have several input and output axes.
+
+    Written with `self.param` and `dot_general` rather than `nn.DenseGeneral`, whose multi-dimensional
+    logically partitioned kernels fail under `jax.set_mesh` (see STACK_NOTES.md).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]  # logical names of in_shape + out_shape
+    use_bias: bool
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in = len(self.in_shape)
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes)
+        kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:])
+            y = y + self.param("bias", init, self.out_shape, self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Embedding(nn.Module):
+    num_embeddings: int
+    features: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits against the embedding matrix (tied input and output embeddings)."""
+        return x @ self.embedding.astype(self.dtype).T
+
+
+def _norm_param(module: nn.Module, name: str, init: Any, d: int) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (d,), module.param_dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
+        bias = _norm_param(self, "bias", nn.initializers.zeros, x.shape[-1])
+        x = x.astype(_compute_dtype(self.dtype))
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the compute dtype (as LitGPT and HF do)."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
+        x = x.astype(_compute_dtype(self.dtype))
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * scale
+        return y.astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
+    cls = {"LayerNorm": LayerNorm, "RMSNorm": RMSNorm}[cfg.norm_class_name]
+    return cls(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE), rotate-half convention (GPT-NeoX, Llama, LitGPT, HF).
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """The rope_n_elem/2 rotation frequencies, with LitGPT's linear or Llama 3.1 adjustments."""
+    n = cfg.rope_n_elem
+    theta = 1.0 / (cfg.rope_base ** (np.arange(0, n, 2, dtype=np.float32) / np.float32(n)))
+    adj = cfg.rope_adjustments
+    if adj is not None:
+        factor = adj["factor"]
+        if "original_max_seq_len" in adj:
+            # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+            wavelen = 2 * np.pi / theta
+            ratio = adj["original_max_seq_len"] / wavelen
+            smooth = (ratio - adj["low_freq_factor"]) / (adj["high_freq_factor"] - adj["low_freq_factor"])
+            smooth = np.clip(smooth, 0.0, 1.0)
+            theta = (1 - smooth) * (theta / factor) + smooth * theta
+        else:
+            theta = theta / factor  # linear position interpolation
+    return theta.astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos and sin of shape positions.shape + (rope_n_elem,), in float32."""
+    theta = jnp.asarray(rope_inv_freq(cfg))
+    angles = (positions.astype(jnp.float32) / cfg.rope_condense_ratio)[..., None] * theta
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the first cos.shape[-1] channels of x [B, T, heads, head_size]; the rest pass through."""
+    n = cos.shape[-1]
+    if n == 0:
+        return x
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    x_rope, x_pass = x[..., :n], x[..., n:]
+    x32 = x_rope.astype(_compute_dtype(x.dtype))
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    roped = (x32 * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([roped, x_pass], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention, MLPs, Block.
+# ------------------------------------------------------------------------------------------------
+
+
+def causal_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
+    """softmax(q k^T * scale + causal mask) v for q [B, T, n_head, hs], k and v [B, T, n_groups, hs].
+
+    `jax.nn.dot_product_attention` picks cuDNN flash attention on GPU and XLA's fused version
+    elsewhere, and handles grouped queries natively. Its softmax always runs in float32, though, so
+    float64 (used to check gradients numerically) takes the explicit path below instead.
+    """
+    if q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    B, T, N, hs = q.shape
+    G = k.shape[2]
+    qg = q.reshape(B, T, G, N // G, hs)  # query head n belongs to group n // (N // G)
+    scores = jnp.einsum("btgqh,bsgh->bgqts", qg, k) * scale
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bgqts,bsgh->btgqh", probs, v).reshape(B, T, N, hs)
+
+
+def _init_stds(cfg: ModelConfig) -> tuple[float, float]:
+    """LitGPT's pretraining init: std sqrt(2 / (5 n_embd)) everywhere (the "small init" of
+    Nguyen & Salazar), and 1/sqrt(n_embd)/n_layer for the projections back into the residual stream
+    so that the residual's variance does not grow with depth."""
+    return math.sqrt(2.0 / (5 * cfg.n_embd)), 1.0 / math.sqrt(cfg.n_embd) / cfg.n_layer
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head, grouped-query or multi-query attention with a fused qkv projection.
+
+    The qkv kernel is [n_embd, n_query_groups, q_per_kv + 2, head_size]: for each query group its
+    q_per_kv query heads, then its key head, then its value head (LitGPT's grouped layout). Keeping a
+    group's q, k and v together on one axis means tensor parallelism over that axis splits whole
+    groups, with no resharding between the projection and the attention.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+        c = self.config
+        std, proj_std = _init_stds(c)
+        B, T, _ = x.shape
+        qkv = Linear(
+            (c.n_embd,), (c.n_query_groups, c.q_per_kv + 2, c.head_size), ("embed", "heads", None, "kv"),
+            c.bias, std, self.dtype, self.param_dtype, name="qkv",
+        )(x)
+        q = qkv[:, :, :, : c.q_per_kv].reshape(B, T, c.n_head, c.head_size)  # head h uses group h // q_per_kv
+        k, v = qkv[:, :, :, c.q_per_kv], qkv[:, :, :, c.q_per_kv + 1]
+        q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "act_kv"))
+        k = _constrain(apply_rope(k, cos, sin), ("batch", "length", "act_heads", "act_kv"))
+        v = _constrain(v, ("batch", "length", "act_heads", "act_kv"))
+        y = causal_attention(q, k, v, scale=1.0 / math.sqrt(c.head_size))
+        y = _constrain(y, ("batch", "length", "act_heads", "act_kv"))
+        return Linear(
+            (c.n_head, c.head_size), (c.n_embd,), ("heads", "kv", "embed"),
+            c.bias, proj_std, self.dtype, self.param_dtype, name="proj",
+        )(y)
+
+
+class GptNeoxMLP(nn.Module):
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        std, proj_std = _init_stds(c)
+        h = Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,
+                   self.dtype, self.param_dtype, name="fc")(x)
+        h = nn.gelu(h, approximate=c.gelu_approximate == "tanh")
+        h = _constrain(h, ("batch", "length", "act_mlp"))
+        return Linear((c.intermediate_size,), (c.n_embd,), ("mlp", "embed"), c.bias, proj_std,
+                      self.dtype, self.param_dtype, name="proj")(h)
+
+
+class LLaMAMLP(nn.Module):
+    """SwiGLU: proj(silu(fc_1(x)) * fc_2(x))."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        std, proj_std = _init_stds(c)
+        up = lambda name: Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,  # noqa: E731
+                                 self.dtype, self.param_dtype, name=name)(x)
+        h = _constrain(nn.silu(up("fc_1")) * up("fc_2"), ("batch", "length", "act_mlp"))
+        return Linear((c.intermediate_size,), (c.n_embd,), ("mlp", "embed"), c.bias, proj_std,
+                      self.dtype, self.param_dtype, name="proj")(h)
+
+
+MLP_CLASSES = {"GptNeoxMLP": GptNeoxMLP, "LLaMAMLP": LLaMAMLP}
+
+
+class Block(nn.Module):
+    """One transformer layer. Parallel residual (GPT-NeoX): x + attn(norm_1(x)) + mlp(norm_2(x));
+    sequential (Llama): x + attn(norm_1(x)), then + mlp(norm_2(.))."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    deterministic: bool = True  # a field, not an argument, so that nn.scan/nn.remat see it as static
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+        c = self.config
+        dropout = lambda h: nn.Dropout(c.dropout)(h, deterministic=self.deterministic)  # noqa: E731
+        mlp = MLP_CLASSES[c.mlp_class_name](c, self.dtype, self.param_dtype, name="mlp")
+        x_normed = make_norm(c, self.dtype, self.param_dtype, "norm_1")(x)
+        h = dropout(CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(x_normed, cos, sin))
+        if c.parallel_residual:
+            if not c.shared_attention_norm:
+                x_normed = make_norm(c, self.dtype, self.param_dtype, "norm_2")(x)
+            x = x + h + dropout(mlp(x_normed))
+        else:
+            x = x + h
+            x = x + dropout(mlp(make_norm(c, self.dtype, self.param_dtype, "norm_2")(x)))
+        return _constrain(x, ("batch", "length", "act_embed"))
+
+
+class _ScanBlock(Block):
+    """Block as an nn.scan body: (carry, broadcast inputs) -> (carry, per-layer outputs)."""
+
+    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
+        return super().__call__(x, cos, sin), None
+
+
+class GPT(nn.Module):
+    """`GPT(cfg).init(rng, tokens)`, `GPT(cfg).apply(variables, tokens)` -> logits [B, T, padded_vocab]."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32  # compute dtype of activations and matmuls
+    param_dtype: Dtype = jnp.float32  # storage dtype of parameters
+    scan_layers: bool = False
+    remat: str = "none"  # a key of REMAT_POLICIES
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True) -> Array:
+        c = self.config
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"GPT.remat={self.remat!r} is not one of {', '.join(map(repr, REMAT_POLICIES))}.")
+        B, T = tokens.shape
+        if c.block_size < T:
+            raise ValueError(f"Sequence length {T} exceeds the model's block_size={c.block_size}.")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        std, _ = _init_stds(c)
+
+        wte = Embedding(c.padded_vocab_size, c.n_embd, std, self.dtype, self.param_dtype, name="wte")
+        x = _constrain(wte(tokens), ("batch", "length", "act_embed"))
+        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        cos, sin = rope_cos_sin(c, positions)
+        x = self._blocks(x, cos, sin, deterministic)
+        x = make_norm(c, self.dtype, self.param_dtype, "ln_f")(x)
+        if c.tie_embeddings:
+            logits = wte.attend(x)
+        else:
+            logits = Linear((c.n_embd,), (c.padded_vocab_size,), ("embed", "vocab"), c.lm_head_bias, std,
+                            self.dtype, self.param_dtype, name="lm_head")(x)
+        # float32 logits for a numerically safe softmax cross-entropy, also under bfloat16 compute.
+        return _constrain(logits.astype(_compute_dtype(self.dtype)), ("batch", "length", "act_vocab"))
+
+    def _blocks(self, x: Array, cos: Array, sin: Array, deterministic: bool) -> Array:
+        c = self.config
+        kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
+        block_cls = _ScanBlock if self.scan_layers else Block
+        if self.remat != "none":
+            # Inside scan, CSE cannot merge the recomputation with the forward pass, so skip the guard.
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+        if not self.scan_layers:
+            for i in range(c.n_layer):
+                x = block_cls(**kwargs, name=f"h_{i}")(x, cos, sin)
+            return x
+        stack = nn.scan(
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.n_layer,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(**kwargs, name="h")(x, cos, sin)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter-tree helpers.
+# ------------------------------------------------------------------------------------------------
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Loop layout (h_0 ... h_{L-1}) -> scan layout (one h with a leading layers axis)."""
+    layers = [params[f"h_{i}"] for i in range(n_layer)]
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scan layout -> loop layout; the inverse of `stack_layers`."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "h"}
+    for i in range(n_layer):
+        out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["h"])
+    return out
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def abstract_params(cfg: ModelConfig, scan_layers: bool = False, **model_kwargs: Any) -> Any:
+    """Shapes, dtypes and logical axes of the parameters, without allocating them."""
+    model = GPT(cfg, scan_layers=scan_layers, **model_kwargs)
+    tokens = jax.ShapeDtypeStruct((1, min(8, cfg.block_size)), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]

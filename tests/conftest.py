@@ -1,0 +1,25 @@
+"""Test setup: 8 simulated CPU devices (set before JAX is imported) and the Hugging Face gate."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# Grain worker processes read absl flags; under pytest nobody parses them.
+flags.FLAGS.mark_as_parsed()
+
+
+def require_hf():
+    """(torch, transformers) for parity tests. Skips locally when missing; fails when
+    LIGHTJAX_REQUIRE_HF=1 (set by .ci/run), so CI can never pass by skipping them."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        if os.environ.get("LIGHTJAX_REQUIRE_HF") == "1":
+            pytest.fail(f"LIGHTJAX_REQUIRE_HF=1 but the parity tests cannot import torch/transformers: {e}")
+        pytest.skip(f"torch/transformers not installed: {e}")
+    return torch, transformers

@@ -1,0 +1,17 @@
+"""Tiny model configs shared by the tests: one per block layout the model supports."""
+
+from lightjax.config import ModelConfig
+
+
+def tiny_config(family: str = "pythia", **overrides) -> ModelConfig:
+    """A 2-layer model small enough for float64 gradient checks and 8-way sharding."""
+    base = {
+        # GPT-NeoX layout: parallel residual, partial rotary, LayerNorm, biases.
+        "pythia": dict(name="tiny-pythia", block_size=32, vocab_size=96, padding_multiple=32, n_layer=2,
+                       n_embd=32, n_head=4, rotary_percentage=0.25),
+        # Llama layout: sequential residual, full rotary, RMSNorm, SwiGLU, GQA.
+        "llama": dict(name="tiny-llama", block_size=32, vocab_size=96, padding_multiple=32, n_layer=2, n_embd=32,
+                      n_head=4, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                      norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=64),
+    }[family]
+    return ModelConfig(**{**base, **overrides})

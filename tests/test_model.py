@@ -1,0 +1,187 @@
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+from lightjax.config import ModelConfig
+from lightjax.model import (
+    GPT,
+    REMAT_POLICIES,
+    abstract_params,
+    causal_attention,
+    count_params,
+    stack_layers,
+    unstack_layers,
+)
+from tests.helpers import tiny_config
+
+FAMILIES = ["pythia", "llama"]
+
+
+def _tokens(cfg, batch=2, length=16, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, cfg.vocab_size)
+
+
+def _init(cfg, **kwargs):
+    tokens = _tokens(cfg)
+    return nn.unbox(jax.jit(GPT(cfg, **kwargs).init)(jax.random.key(1), tokens))["params"], tokens
+
+
+def _apply(model, params, tokens, **kwargs):
+    """Jitted forward pass: eager Flax dispatches (and compiles) every op separately, which is slow."""
+    return jax.jit(lambda p, t: model.apply({"params": p}, t, **kwargs))(params, tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shapes_and_dtypes(family):
+    cfg = tiny_config(family)
+    params, tokens = _init(cfg)
+    logits = _apply(GPT(cfg), params, tokens)
+    assert logits.shape == (2, 16, cfg.padded_vocab_size) and logits.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits_bf16 = _apply(GPT(cfg, dtype=jnp.bfloat16), params, tokens)
+    assert logits_bf16.dtype == jnp.float32 and np.isfinite(np.asarray(logits_bf16)).all()
+    bf16_params = abstract_params(cfg, param_dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16_params))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_parameter_has_logical_axes(scan_layers):
+    boxed = abstract_params(tiny_config("llama"), scan_layers=scan_layers)
+    flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    leaves = [box for _, box in flat]
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    for path, box in flat:
+        assert len(box.names) == box.value.ndim
+        in_stack = jax.tree_util.keystr(path).startswith("['h']")
+        assert (box.names[0] == "layers") == in_stack == (scan_layers and in_stack)
+    names = {n for box in leaves for n in box.names if n}
+    assert names == {"vocab", "embed", "heads", "kv", "mlp", "norm"} | ({"layers"} if scan_layers else set())
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    cfg = tiny_config(block_size=8)
+    with pytest.raises(ValueError, match="Sequence length 16 exceeds the model's block_size=8"):
+        GPT(cfg).init(jax.random.key(0), _tokens(cfg))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causality(family):
+    cfg = tiny_config(family)
+    params, tokens = _init(cfg)
+    apply = jax.jit(lambda t: GPT(cfg).apply({"params": params}, t))
+    base = apply(tokens)
+    for t in (0, 5, 15):
+        changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
+        out = apply(changed)
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])  # the past is untouched
+        assert not np.allclose(out[:, t], base[:, t])  # and the change is seen at t
+
+
+def test_dropout_only_when_not_deterministic():
+    cfg = tiny_config(dropout=0.2)
+    params, tokens = _init(cfg)
+    model = GPT(cfg)
+    a = _apply(model, params, tokens)
+    np.testing.assert_array_equal(a, _apply(model, params, tokens, deterministic=True))
+    np.testing.assert_array_equal(a, _apply(GPT(cfg.replace(dropout=0.0)), params, tokens))
+    d1 = _apply(model, params, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    d2 = _apply(model, params, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(d1, a) and not np.allclose(d1, d2)
+
+
+def _loss(model, params, tokens):
+    logits = model.apply({"params": params}, tokens[:, :-1])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_float64(family):
+    with jax.enable_x64(True):
+        cfg = tiny_config(family, n_embd=16, n_head=2, n_query_groups=1 if family == "llama" else None,
+                          intermediate_size=32)
+        model = GPT(cfg, dtype=jnp.float64, param_dtype=jnp.float64)
+        tokens = _tokens(cfg, batch=2, length=6)
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
+        assert jax.tree.leaves(params)[0].dtype == jnp.float64
+        # Nudge biases and norm weights off their init (0 and 1) so their gradients are exercised too.
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(3), len(leaves))
+        noise = [0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+        params = treedef.unflatten([x + n for x, n in zip(leaves, noise, strict=True)])
+        jax.test_util.check_grads(jax.jit(lambda p: _loss(model, p, tokens)), (params,), order=1, modes=("rev",),
+                                  atol=1e-5, rtol=1e-5)
+
+
+def _logits_and_grads(model, params, tokens):
+    """Forward and backward in one compiled function (each compile costs seconds on 2 cores)."""
+    fn = jax.jit(lambda p: (model.apply({"params": p}, tokens), jax.grad(lambda p: _loss(model, p, tokens))(p)))
+    return fn(params)
+
+
+@functools.lru_cache
+def _plain_reference(family):
+    cfg = tiny_config(family)
+    params, tokens = _init(cfg)
+    return cfg, params, tokens, _logits_and_grads(GPT(cfg), params, tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scan_layers,remat", [(True, "none"), (False, "full"), (True, "dots_saveable"),
+                                               (False, "dots_with_no_batch_dims_saveable")])
+def test_scan_and_remat_match_plain_model(family, scan_layers, remat):
+    cfg, params, tokens, (want_logits, want_grads) = _plain_reference(family)
+    other_params = stack_layers(params, cfg.n_layer) if scan_layers else params
+    logits, grads = _logits_and_grads(GPT(cfg, scan_layers=scan_layers, remat=remat), other_params, tokens)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=1e-5)
+    if scan_layers:
+        grads = unstack_layers(grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grads, want_grads)
+
+
+def test_float64_attention_path_matches_jax_nn():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, n, 8)) for i, n in enumerate((6, 2, 2)))
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    with jax.enable_x64(True):
+        got = causal_attention(*(x.astype(jnp.float64) for x in (q, k, v)), scale=0.3)
+        assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_remat_policy():
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match=r"GPT\.remat='some' is not one of 'none', 'full'"):
+        GPT(cfg, remat="some").init(jax.random.key(0), _tokens(cfg))
+    assert "full" in REMAT_POLICIES
+
+
+def test_stack_unstack_round_trip():
+    cfg = tiny_config("llama")
+    params, _ = _init(cfg)
+    stacked = stack_layers(params, cfg.n_layer)
+    scan_shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_params(cfg, scan_layers=True)))
+    assert jax.tree.map(lambda x: x.shape, stacked) == scan_shapes
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
+
+
+def test_litgpt_pretraining_init():
+    cfg = ModelConfig.from_name("baseline-tiny")
+    params, _ = _init(cfg)
+    std, proj_std = np.sqrt(2 / (5 * cfg.n_embd)), 1 / np.sqrt(cfg.n_embd) / cfg.n_layer
+    block = params["h_0"]
+    for x, want in [(params["wte"]["embedding"], std), (block["attn"]["qkv"]["kernel"], std),
+                    (block["mlp"]["fc"]["kernel"], std), (params["lm_head"]["kernel"], std),
+                    (block["attn"]["proj"]["kernel"], proj_std), (block["mlp"]["proj"]["kernel"], proj_std)]:
+        assert abs(float(np.std(x)) / want - 1) < 0.03 and abs(float(np.mean(x))) < 0.05 * want
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['bias']"):
+            assert not np.any(x), name
+        if name.endswith("['scale']"):
+            assert np.all(x == 1), name
+    assert count_params(params) == 10_745_856
