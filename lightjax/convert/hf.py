@@ -285,23 +285,28 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> di
                          f"missing tensors {missing or 'none'}; unexpected tensors {unexpected or 'none'}.")
 
     params: dict[str, Any] = {}
+    bad = []
     for e in entries:
         node = params
         *parents, leaf = e.target.split("/")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = e.fn(*(state_dict[name] for name in e.sources))
-    _check_shapes(params, cfg)
+        tensors = [state_dict[name] for name in e.sources]
+        try:
+            node[leaf] = e.fn(*tensors)
+        except ValueError:  # a reshape that cannot work: the checkpoint and the config disagree
+            bad.append(f"{e.target}: checkpoint {[tuple(t.shape) for t in tensors]} does not fit the config")
+    bad += _shape_mismatches(params, cfg)
+    if bad:
+        raise ValueError(f"Checkpoint shapes do not match ModelConfig {cfg.name!r}: " + "; ".join(bad))
     return params
 
 
-def _check_shapes(params: dict[str, Any], cfg: ModelConfig) -> None:
+def _shape_mismatches(params: dict[str, Any], cfg: ModelConfig) -> list[str]:
     want = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    bad = [f"{jax.tree_util.keystr(path)}: checkpoint {got[path].shape} vs config {tuple(x.shape)}"
-           for path, x in want if path in got and got[path].shape != tuple(x.shape)]
-    if bad:
-        raise ValueError(f"Checkpoint shapes do not match ModelConfig {cfg.name!r}: " + "; ".join(bad))
+    return [f"{jax.tree_util.keystr(path)}: checkpoint {got[path].shape} vs config {tuple(x.shape)}"
+            for path, x in want if path in got and got[path].shape != tuple(x.shape)]
 
 
 def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:

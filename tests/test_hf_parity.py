@@ -1,0 +1,160 @@
+"""lightjax against Hugging Face `transformers`: logits of converted random-init models, parameter
+counts of the presets, checkpoint loading. Skipped locally without torch/transformers; in CI
+(LIGHTJAX_REQUIRE_HF=1) a missing install fails instead."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from lightjax.config import ModelConfig
+from lightjax.convert.hf import config_from_hf, config_to_hf, load_hf_checkpoint, params_from_hf
+from lightjax.model import GPT, abstract_params, count_params
+from tests.conftest import require_hf
+
+VOCAB = 100
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return require_hf()
+
+
+def _random_hf_model(hf, config_cls_name, model_cls_name, **config):
+    """An HF model with every tensor random, norms and biases included, so that no weight can be
+    dropped or transposed by the conversion without changing the logits."""
+    torch, transformers = hf
+    torch.manual_seed(0)
+    hf_config = getattr(transformers, config_cls_name)(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, **config)
+    model = getattr(transformers, model_cls_name)(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            p.copy_(base + 0.1 * torch.randn_like(p))
+    return model
+
+
+def _assert_logits_match(hf, model, params=None, cfg=None, atol=1e-5):
+    torch, _ = hf
+    state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    cfg = cfg or config_from_hf(model.config.to_dict())
+    params = params if params is not None else params_from_hf(state_dict, cfg)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        want = model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, tokens))
+    assert got.shape == (2, 16, cfg.padded_vocab_size) == want.shape
+    assert np.abs(want).max() > 0.2  # the comparison is not between near-zero numbers
+    print(f"max |logits diff| = {np.abs(got - want).max():.2e}")
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+    return cfg
+
+
+@pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
+@pytest.mark.parametrize("parallel_residual", [True, False])
+def test_gpt_neox_logits(hf, rotary_pct, parallel_residual):
+    model = _random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=rotary_pct,
+                             use_parallel_residual=parallel_residual)
+    cfg = _assert_logits_match(hf, model)
+    assert (cfg.rotary_percentage, cfg.parallel_residual) == (rotary_pct, parallel_residual)
+
+
+LLAMA_CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "mqa": dict(num_key_value_heads=1),
+    "gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa-untied": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "llama3.1-rope": dict(num_key_value_heads=2, rope_theta=10000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
+    "linear-rope": dict(num_key_value_heads=2, rope_scaling=dict(rope_type="linear", factor=4.0)),
+    "head_dim-16-bias": dict(num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("case", list(LLAMA_CASES))
+def test_llama_logits(hf, case):
+    model = _random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", **LLAMA_CASES[case])
+    cfg = _assert_logits_match(hf, model)
+    assert cfg.n_query_groups == model.config.num_key_value_heads
+    assert cfg.tie_embeddings == model.config.tie_word_embeddings
+    if case == "llama3.1-rope":
+        assert cfg.rope_adjustments["original_max_seq_len"] == 64
+
+
+@pytest.mark.parametrize("name", ["pythia-14m", "pythia-70m", "pythia-160m", "SmolLM2-135M",
+                                  "tiny-llama-1.1b", "Llama-3.2-1B"])
+def test_preset_parameter_counts_match_hf(hf, name):
+    torch, transformers = hf
+    cfg = ModelConfig.from_name(name)
+    with torch.device("meta"):  # shapes only: no memory is allocated for the weights
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config_to_hf(cfg)))
+    assert count_params(abstract_params(cfg)) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ModelConfig.names())
+def test_config_round_trip_through_hf(name):
+    cfg = ModelConfig.from_name(name)
+    back = config_from_hf(config_to_hf(cfg))
+    # The HF config holds the padded vocabulary as vocab_size; everything else must survive.
+    ignore = {"name", "vocab_size", "padding_multiple", "_derived"}
+    for f in dataclasses.fields(cfg):
+        if f.name not in ignore:
+            assert getattr(back, f.name) == getattr(cfg, f.name), f.name
+    assert back.padded_vocab_size == cfg.padded_vocab_size
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_load_hf_checkpoint_from_safetensors(hf, tmp_path, shard):
+    torch, _ = hf
+    model = _random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path, max_shard_size="20KB" if shard else "10GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == shard
+    cfg, params = load_hf_checkpoint(tmp_path)
+    _assert_logits_match(hf, model, params=params, cfg=cfg)
+
+
+def test_load_bfloat16_gpt_neox_checkpoint(hf, tmp_path):
+    torch, _ = hf
+    model = _random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    cfg, params = load_hf_checkpoint(tmp_path)
+    qkv = model.gpt_neox.layers[1].attention.query_key_value.weight.detach().float().numpy()
+    got = np.asarray(params["h_1"]["attn"]["qkv"]["kernel"])
+    assert got.dtype.name == "bfloat16"
+    np.testing.assert_array_equal(got.astype(np.float32), qkv.T.reshape(32, 4, 3, 8))
+    head = model.get_output_embeddings().weight.detach().float().numpy()
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]).astype(np.float32), head.T)
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(ValueError, match=r"model_type 'mamba' is not supported; supported: gpt_neox, llama"):
+        config_from_hf({"model_type": "mamba"})
+
+
+def test_missing_and_unknown_weight_names_are_listed(hf):
+    model = _random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
+    cfg = config_from_hf(model.config.to_dict())
+    state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    state_dict.pop("model.layers.1.mlp.up_proj.weight")
+    state_dict["model.layers.1.mlp.extra.weight"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"missing tensors \['model\.layers\.1\.mlp\.up_proj\.weight'\]; "
+                                         r"unexpected tensors \['model\.layers\.1\.mlp\.extra\.weight'\]"):
+        params_from_hf(state_dict, cfg)
+
+
+def test_shape_mismatch_is_reported(hf):
+    model = _random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM")
+    state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    cfg = config_from_hf(model.config.to_dict()).replace(intermediate_size=48)
+    with pytest.raises(ValueError, match=r"h_0/mlp/fc/kernel: checkpoint \[\(64, 32\)\] does not fit"):
+        params_from_hf(state_dict, cfg)
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No config.json in"):
+        load_hf_checkpoint(tmp_path)
