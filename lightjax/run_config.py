@@ -1,0 +1,138 @@
+"""The run configuration: every key a run depends on, its default, and its validation.
+
+Config files under `configs/` start from `default_config()` and change what they need; `validate`
+checks a resolved config once at start-up and raises `ConfigError` naming the key, so that a bad
+value is a one-line message rather than a traceback from deep inside JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from lightjax.config import ModelConfig
+from lightjax.model import REMAT_POLICIES
+from lightjax.sharding import mesh_shape
+
+SCHEDULES = ("cosine", "constant", "linear", "wsd")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A run config value that cannot work; the message names the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # config.model.name is a preset (ModelConfig.names()); any other key overrides that ModelConfig field.
+    c.model = ml_collections.ConfigDict({"name": "baseline-tiny"})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tiny_shakespeare"
+    c.data.local_path = ""
+    c.data.tokenizer = "char"
+    c.data.seq_len = 256
+    c.data.num_workers = 0
+    c.data.val_fraction = 0.05
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = "default"  # a name in sharding.RULE_SETS, or a tuple of (logical axis, mesh axes) pairs
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.min_lr = 1e-4
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"
+    c.optim.decay_fraction = 0.2  # wsd: the share of steps spent decaying at the end
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.no_decay = ("bias", "scale", "embedding")  # parameter names left undecayed; () decays all
+    c.optim.clip_norm = 1.0  # 0 turns clipping off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.seed = 1337
+    c.train.global_batch_size = 32
+    c.train.grad_accum_steps = 1
+    c.train.max_steps = 3000
+    c.train.max_tokens = 0  # 0: no limit
+    c.train.max_time_s = 0.0  # 0: no limit
+    c.train.dtype = "float32"  # compute dtype
+    c.train.param_dtype = "float32"
+    c.train.remat = "none"
+    c.train.scan_layers = False
+    c.train.z_loss = 0.0
+    c.train.log_every = 10
+    c.train.eval_every = 250
+    c.train.eval_batches = 20
+    c.train.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (CPU: measured)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.resume = "auto"
+    c.checkpoint.async_save = True
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.progress = True
+    c.logging.tensorboard = True
+    c.logging.wandb_project = ""
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run: the named preset with the other `config.model` keys as overrides."""
+    fields = dict(config.model)
+    name = fields.pop("name")
+    try:
+        return ModelConfig.from_name(name, **fields)
+    except TypeError as e:  # an unknown field name
+        raise ConfigError(f"config.model: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r} {why}.")
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> ModelConfig:
+    """Check everything that can be checked before building anything; returns the ModelConfig."""
+    cfg = model_config(config)
+    o, t, d = config.optim, config.train, config.data
+    _check(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"is not one of {', '.join(SCHEDULES)}")
+    _check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps", o.warmup_steps,
+           f"must be in [0, train.max_steps={t.max_steps})")
+    _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 turns clipping off)")
+    _check(t.max_steps > 0, "train.max_steps", t.max_steps, "must be positive")
+    _check(t.dtype in DTYPES, "train.dtype", t.dtype, f"is not one of {', '.join(DTYPES)}")
+    _check(t.param_dtype in DTYPES, "train.param_dtype", t.param_dtype, f"is not one of {', '.join(DTYPES)}")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    _check(t.remat in REMAT_POLICIES, "train.remat", t.remat, f"is not one of {', '.join(REMAT_POLICIES)}")
+    _check(0 < d.seq_len <= cfg.block_size, "data.seq_len", d.seq_len,
+           f"must be in [1, model block_size={cfg.block_size}]")
+
+    shape = mesh_shape(config.mesh, device_count)
+    batch_shards = shape["data"] * shape["fsdp"]
+    per_step = batch_shards * t.grad_accum_steps
+    _check(t.global_batch_size > 0 and t.global_batch_size % per_step == 0, "train.global_batch_size",
+           t.global_batch_size,
+           f"must be divisible by mesh.data*mesh.fsdp*train.grad_accum_steps = {shape['data']}*{shape['fsdp']}"
+           f"*{t.grad_accum_steps} = {per_step}")
+    tp = shape["tensor"]
+    _check(cfg.n_head % tp == 0, "mesh.tensor", tp, f"must divide the model's n_head={cfg.n_head}")
+    _check(cfg.n_query_groups % tp == 0, "mesh.tensor", tp,
+           f"must divide the model's n_query_groups={cfg.n_query_groups}")
+    return cfg
