@@ -87,7 +87,10 @@ class Embedding(nn.Module):
         self.embedding = self.param("embedding", init, (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, tokens: Array) -> Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        # Gather the table's fsdp shards before the lookup (as FSDP does for every weight in use);
+        # looking up rows of an embed-sharded table makes XLA replicate the result and re-split it.
+        table = _constrain(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
         """Logits against the embedding matrix (tied input and output embeddings)."""

@@ -7,9 +7,11 @@ value is a one-line message rather than a traceback from deep inside JAX.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from lightjax.config import ModelConfig
 from lightjax.model import REMAT_POLICIES
@@ -26,8 +28,9 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # config.model.name is a preset (ModelConfig.names()); any other key overrides that ModelConfig field.
-    c.model = ml_collections.ConfigDict({"name": "baseline-tiny"})
+    # config.model.name is a preset (ModelConfig.names()); every other key is a ModelConfig field,
+    # None (the preset's value) unless set: --config.model.n_layer=4.
+    c.model = ml_collections.ConfigDict({"name": "baseline-tiny", **_model_placeholders()})
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tiny_shakespeare"
@@ -86,9 +89,20 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _model_placeholders() -> dict[str, Any]:
+    """A typed None for each ModelConfig field, so that a locked config accepts overrides of them."""
+    types = {"rope_base": float, "rope_adjustments": dict}
+    out = {}
+    for f in dataclasses.fields(ModelConfig):
+        if f.init and f.name != "name":
+            default_type = type(f.default) if f.default is not None else int  # the optional fields are ints
+            out[f.name] = config_dict.placeholder(types.get(f.name, default_type))
+    return out
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig of a run: the named preset with the other `config.model` keys as overrides."""
-    fields = dict(config.model)
+    fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
     name = fields.pop("name")
     try:
         return ModelConfig.from_name(name, **fields)

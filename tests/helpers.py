@@ -1,6 +1,7 @@
-"""Tiny model configs shared by the tests: one per block layout the model supports."""
+"""Tiny model and run configs shared by the tests: one per block layout the model supports."""
 
 from lightjax.config import ModelConfig
+from lightjax.run_config import default_config
 
 
 def tiny_config(family: str = "pythia", **overrides) -> ModelConfig:
@@ -15,3 +16,22 @@ def tiny_config(family: str = "pythia", **overrides) -> ModelConfig:
                       norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=64),
     }[family]
     return ModelConfig(**{**base, **overrides})
+
+
+def tiny_run_config(family="pythia", mesh=(1, 1, 1), **train):
+    c = default_config()
+    c.model.name = "pythia-14m"
+    common = dict(block_size=32, vocab_size=96, padding_multiple=32, n_layer=2, n_embd=64, n_head=8)
+    if family == "llama":
+        common.update(n_query_groups=4, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                      norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128)
+    for k, v in common.items():
+        setattr(c.model, k, v)
+    c.data.seq_len = 16
+    c.optim.warmup_steps = 1
+    c.train.max_steps = 20
+    c.train.global_batch_size = 8
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c

@@ -1,0 +1,90 @@
+"""Train-step benchmark: compile time, step time, tokens/s, MFU and per-device memory of one setting.
+
+Figures come from synthetic batches of the configured shape, so they measure the step alone: no data
+pipeline, no host stalls. The FLOPs of the model (metrics.flops_per_token) are cross-checked against
+XLA's own count of the compiled step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from lightjax.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
+from lightjax.sharding import shard_batch
+from lightjax.train_step import setup_training, synthetic_batch
+
+
+def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
+                         devices: list[jax.Device] | None = None) -> dict[str, Any]:
+    training, state = setup_training(config, devices)
+    cfg, mesh = training.model_config, training.mesh
+    t, seq = config.train, config.data.seq_len
+    local_batch = t.global_batch_size // jax.process_count()
+    rng = np.random.default_rng(0)
+    batch = shard_batch(synthetic_batch(rng, local_batch, seq, cfg.vocab_size), mesh)
+
+    start = time.perf_counter()
+    compiled = training.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    n_devices = mesh.size
+    tokens_per_step = t.global_batch_size * seq
+    tokens_per_s = tokens_per_step / step_s
+    flops_tok = flops_per_token(cfg, seq)
+    peak, peak_source = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype)
+    mem = compiled.memory_analysis()
+    xla_flops = compiled_flops(compiled)
+    # XLA counts one device's share of the partitioned program; the model count is for all tokens.
+    xla_ratio = xla_flops * n_devices / (flops_tok * tokens_per_step) if xla_flops else None
+    return {
+        "model": cfg.name,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "devices": n_devices,
+        "device_kind": jax.devices()[0].device_kind,
+        "global_batch_size": t.global_batch_size,
+        "seq_len": seq,
+        "grad_accum_steps": t.grad_accum_steps,
+        "dtype": t.dtype,
+        "remat": t.remat,
+        "scan_layers": t.scan_layers,
+        "compile_s": compile_s,
+        "step_ms": step_s * 1e3,
+        "step_ms_all": [x * 1e3 for x in times],
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_tok,
+        "peak_flops_per_device": peak,
+        "peak_source": peak_source,
+        "mfu": mfu(tokens_per_s, flops_tok, peak, n_devices),
+        "xla_flops_ratio": xla_ratio,
+        "argument_bytes_per_device": mem.argument_size_in_bytes if mem else None,
+        "output_bytes_per_device": mem.output_size_in_bytes if mem else None,
+        "temp_bytes_per_device": mem.temp_size_in_bytes if mem else None,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def format_result(r: dict[str, Any]) -> str:
+    mib = lambda b: "?" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    mesh = "x".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    xla = "n/a" if r["xla_flops_ratio"] is None else f"{r['xla_flops_ratio']:.2f}"
+    return (f"{r['model']} mesh(data x fsdp x tensor)={mesh} batch={r['global_batch_size']}x{r['seq_len']} "
+            f"accum={r['grad_accum_steps']} {r['dtype']} remat={r['remat']} scan={r['scan_layers']} | "
+            f"compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms (median of {len(r['step_ms_all'])}) | "
+            f"{r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% of {r['peak_flops_per_device'] / 1e9:,.0f} "
+            f"GFLOP/s/device [{r['peak_source']}] | XLA/model FLOPs {xla} | per device: args "
+            f"{mib(r['argument_bytes_per_device'])}, temp {mib(r['temp_bytes_per_device'])}, "
+            f"out {mib(r['output_bytes_per_device'])}")

@@ -1,0 +1,47 @@
+"""Benchmark the train step of a config on this machine's devices.
+
+    python scripts/benchmark.py --config configs/baseline.py
+    python scripts/benchmark.py --config configs/baseline.py --host_devices=8 --meshes=8,1,1:1,8,1:2,2,2
+    python scripts/benchmark.py --config configs/baseline.py --config.train.dtype=bfloat16 --json
+
+Prints one line per mesh setting (or one JSON object per line with --json).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per setting instead of a text line.")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
+_MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
+                              "(default: the config's mesh).")
+
+
+def main(argv):
+    del argv
+    if _HOST_DEVICES.value:  # before JAX initialises its backends
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
+    from lightjax.benchmark import benchmark_train_step, format_result
+    from lightjax.run_config import ConfigError
+
+    config = _CONFIG.value
+    settings = [tuple(int(x) for x in s.split(",")) for s in _MESHES.value.split(":") if s]
+    for shape in settings or [None]:
+        if shape is not None:
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+        try:
+            result = benchmark_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
+        except (ConfigError, ValueError) as e:
+            sys.exit(f"benchmark: {e}")
+        print(json.dumps(result) if _JSON.value else format_result(result), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

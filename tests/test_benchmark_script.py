@@ -1,0 +1,48 @@
+"""scripts/benchmark.py end to end, in subprocesses (1 device, 8 simulated devices, a bad setting)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config.model.n_embd=64",
+        "--config.model.n_head=4", "--config.data.seq_len=32", "--config.train.global_batch_size=8",
+        "--steps=2", "--warmup=1"]
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices stay here
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_benchmark_one_device_json():
+    out = _run(*TINY, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    r = json.loads(line)
+    assert r["devices"] == 1 and r["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    for key in ("compile_s", "step_ms", "tokens_per_s", "mfu", "argument_bytes_per_device", "temp_bytes_per_device"):
+        assert r[key] > 0, key
+    assert 0.8 < r["xla_flops_ratio"] < 1.3
+
+
+def test_benchmark_eight_devices_one_line_per_mesh():
+    out = _run(*TINY, "--host_devices=8", "--meshes=8,1,1:1,8,1:2,2,2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [x for x in out.stdout.splitlines() if "tok/s" in x]
+    assert [x.split()[1] for x in lines] == ["mesh(data", "mesh(data", "mesh(data"]
+    assert ["=8x1x1" in lines[0], "=1x8x1" in lines[1], "=2x2x2" in lines[2]] == [True] * 3
+    assert all("MFU" in x and "args" in x for x in lines)
+
+
+def test_benchmark_bad_setting_is_one_line():
+    out = _run(*TINY, "--host_devices=8", "--config.mesh.data=8", "--config.train.global_batch_size=12")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "benchmark: config.train.global_batch_size=12 must be divisible by "
+        "mesh.data*mesh.fsdp*train.grad_accum_steps = 8*1*1 = 8.")

@@ -1,0 +1,44 @@
+import jax
+import numpy as np
+import pytest
+
+from lightjax.config import ModelConfig
+from lightjax.metrics import flops_per_token, lookup_peak_flops, matmul_params, mfu
+from lightjax.sharding import shard_batch
+from lightjax.train_step import setup_training, synthetic_batch
+from tests.helpers import tiny_run_config
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig.from_name("baseline-tiny")
+    n = 10_745_856 - 128 * 384  # all parameters but the (untied) input embedding table
+    assert matmul_params(cfg) == n
+    assert flops_per_token(cfg, 256) == 6 * n + 12 * 6 * 6 * 64 * 256
+    tied = ModelConfig.from_name("SmolLM2-135M")
+    assert matmul_params(tied) == 134_515_008  # the tied table is the output head's matmul
+
+
+def test_model_flops_agree_with_xla_cost_analysis():
+    config = tiny_run_config("llama")
+    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 128, 256, 32
+    config.model.block_size = 32
+    training, state = setup_training(config, jax.devices()[:1])
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 32, 96), training.mesh)
+    compiled = training.train_step.lower(state, batch).compile()
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    ratio = xla["flops"] / (flops_per_token(training.model_config, 32) * 8 * 32)
+    # XLA also counts softmax, norms, the optimizer and the causal half of attention; within 25%.
+    assert 0.8 < ratio < 1.25, ratio
+
+
+@pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+                                       ("TPU v6 lite", 918e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                                       ("cpu", None)])
+def test_peak_flops_table(kind, peak):
+    assert lookup_peak_flops(kind) == peak
+
+
+def test_mfu():
+    assert mfu(tokens_per_sec=1000, flops_per_tok=1e9, peak_per_device=1e12, n_devices=4) == pytest.approx(0.25)
