@@ -16,6 +16,7 @@ A sharding experiment changes the mesh shape (`--config.mesh.fsdp=8`) or the rul
 
 from __future__ import annotations
 
+import ast
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -58,7 +59,15 @@ RULE_SETS: dict[str, Rules] = {
 
 
 def resolve_rules(rules: str | Sequence[Sequence[Any]]) -> Rules:
-    """A rule-set name from RULE_SETS, or explicit (logical axis, mesh axis or axes or None) pairs."""
+    """A rule-set name from RULE_SETS, or explicit (logical axis, mesh axis or axes or None) pairs,
+    given as a sequence or as its Python literal (the form a command-line override takes):
+    --config.mesh.rules="(('batch', 'data'), ('embed', 'fsdp'), ('mlp', 'tensor'))"."""
+    if isinstance(rules, str) and rules.lstrip().startswith(("(", "[")):
+        try:
+            rules = ast.literal_eval(rules)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"config.mesh.rules={rules!r} is not a valid tuple of (logical axis, mesh axes) "
+                             "pairs.") from None
     if isinstance(rules, str):
         if rules not in RULE_SETS:
             raise ValueError(f"config.mesh.rules={rules!r} is not one of {', '.join(map(repr, RULE_SETS))} "

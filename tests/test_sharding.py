@@ -178,6 +178,7 @@ def test_rules_by_name_or_explicit():
     assert resolve_rules("default")[0] == ("batch", ("data", "fsdp"))
     custom = resolve_rules([("batch", "data"), ("embed", ["fsdp", "tensor"]), ("mlp", None)])
     assert custom == (("batch", "data"), ("embed", ("fsdp", "tensor")), ("mlp", None))
+    assert resolve_rules("[('batch', 'data'), ('embed', ('fsdp', 'tensor')), ('mlp', None)]") == custom
     with pytest.raises(ValueError, match=r"config.mesh.rules='zero3' is not one of 'default', 'replicated'"):
         resolve_rules("zero3")
     with pytest.raises(ValueError, match=r"names a mesh axis not in \('data', 'fsdp', 'tensor'\)"):
