@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
@@ -18,7 +19,7 @@ from lightjax.model import REMAT_POLICIES
 from lightjax.sharding import mesh_shape
 
 SCHEDULES = ("cosine", "constant", "linear", "wsd")
-DTYPES = ("float32", "bfloat16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.dtype / train.param_dtype names
 
 
 class ConfigError(ValueError):

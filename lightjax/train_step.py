@@ -26,11 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lightjax.config import ModelConfig
 from lightjax.model import GPT
 from lightjax.optim import lr_schedule, make_optimizer
-from lightjax.run_config import validate
+from lightjax.run_config import DTYPES, validate
 from lightjax.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 scalar: the number of updates applied

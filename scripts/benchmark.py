@@ -32,15 +32,23 @@ def main(argv):
     from lightjax.run_config import ConfigError
 
     config = _CONFIG.value
-    settings = [tuple(int(x) for x in s.split(",")) for s in _MESHES.value.split(":") if s]
+    try:
+        settings = [tuple(int(x) for x in s.split(",")) for s in _MESHES.value.split(":") if s]
+        assert all(len(s) == 3 for s in settings)
+    except (ValueError, AssertionError):
+        sys.exit(f"benchmark: --meshes={_MESHES.value!r} is not 'data,fsdp,tensor' settings separated by ':'.")
+    failed = False
     for shape in settings or [None]:
         if shape is not None:
             config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
         try:
             result = benchmark_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
-        except (ConfigError, ValueError) as e:
-            sys.exit(f"benchmark: {e}")
+        except (ConfigError, ValueError) as e:  # one line for this setting; the others still run
+            print(f"benchmark: {e}", file=sys.stderr, flush=True)
+            failed = True
+            continue
         print(json.dumps(result) if _JSON.value else format_result(result), flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
