@@ -29,6 +29,7 @@ from lightjax.optim import lr_schedule, make_optimizer
 from lightjax.run_config import DTYPES, validate
 from lightjax.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
 
+
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 scalar: the number of updates applied
     params: Any

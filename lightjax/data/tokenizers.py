@@ -1,0 +1,182 @@
+"""Tokenizers behind one interface: character (nanoGPT's shakespeare_char), byte, SentencePiece.
+
+Every tokenizer has `encode(text) -> int32 array`, `decode(ids) -> str`, `vocab_size`, `bos_id`,
+`eos_id`, `pad_id` (None when it has no such token), and `save(dir)`; `load_tokenizer(dir)` reads any
+of them back. A run saves its tokenizer into `WORKDIR/tokenizer/` so that generation and evaluation
+decode exactly what training encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    kind: str
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+    def encode(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / META_FILE).write_text(json.dumps({"kind": self.kind, **self._state(directory)}, indent=1))
+        return directory
+
+    def _state(self, directory: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character, ids in sorted character order (nanoGPT's shakespeare_char). No special
+    tokens, so that Tiny Shakespeare's vocabulary is exactly its 65 characters."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        if not chars or len(set(chars)) != len(chars):
+            raise ValueError("A character tokenizer needs a non-empty string of distinct characters.")
+        self.chars = "".join(sorted(chars))
+        self.vocab_size = len(self.chars)
+        self._codes = _codepoints(self.chars)  # sorted, for a vectorised lookup
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise ValueError("Cannot build a character tokenizer from empty text.")
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> np.ndarray:
+        codes = _codepoints(text)
+        ids = np.searchsorted(self._codes, codes)
+        unknown = (ids >= self.vocab_size) | (self._codes[np.minimum(ids, self.vocab_size - 1)] != codes)
+        if unknown.any():
+            pos = int(np.argmax(unknown))
+            raise ValueError(f"Character {text[pos]!r} at offset {pos} is not in the character tokenizer's "
+                             f"vocabulary of {self.vocab_size} (built from the training split).")
+        return ids.astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
+
+    def _state(self, directory: Path) -> dict[str, Any]:
+        return {"chars": self.chars}
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes 0..255, then EOS = 256. Any text round-trips; nothing is ever unknown."""
+
+    kind = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def _state(self, directory: Path) -> dict[str, Any]:
+        return {}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "spm"
+    MODEL_FILE = "tokenizer.model"
+
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"SentencePiece model {self.model_path} does not exist.")
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self.vocab_size = self._sp.get_piece_size()
+        none_if_negative = lambda i: None if i < 0 else int(i)  # noqa: E731
+        self.bos_id = none_if_negative(self._sp.bos_id())
+        self.eos_id = none_if_negative(self._sp.eos_id())
+        self.pad_id = none_if_negative(self._sp.pad_id())
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def _state(self, directory: Path) -> dict[str, Any]:
+        target = directory / self.MODEL_FILE
+        if self.model_path.resolve() != target.resolve():
+            shutil.copyfile(self.model_path, target)
+        return {"model_file": self.MODEL_FILE}
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """A tokenizer saved with `Tokenizer.save`."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"No {META_FILE} in {directory}: not a saved lightjax tokenizer.")
+    meta = json.loads(meta_path.read_text())
+    if meta["kind"] == "char":
+        return CharTokenizer(meta["chars"])
+    if meta["kind"] == "byte":
+        return ByteTokenizer()
+    if meta["kind"] == "spm":
+        return SentencePieceTokenizer(directory / meta["model_file"])
+    raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r}; known: 'char', 'byte', 'spm'.")
+
+
+def make_tokenizer(spec: str, train_text: str | None = None) -> Tokenizer:
+    """From `config.data.tokenizer`: 'char' (built from `train_text`), 'byte', or 'spm:PATH'."""
+    if spec == "char":
+        if train_text is None:
+            raise ValueError("The 'char' tokenizer is built from the training split's text; none was given.")
+        return CharTokenizer.from_text(train_text)
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("spm:"):
+        return SentencePieceTokenizer(spec[len("spm:"):])
+    raise ValueError(f"config.data.tokenizer={spec!r} is not one of 'char', 'byte', 'spm:PATH'.")
+
+
+def train_sentencepiece(text_files: list[str | Path], model_prefix: str | Path, vocab_size: int,
+                        model_type: str = "bpe", character_coverage: float = 0.9995) -> SentencePieceTokenizer:
+    """Train a SentencePiece model whose encode/decode round-trips text exactly: no normalisation,
+    whitespace kept as is, no dummy prefix, and unknown characters spelled as bytes."""
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type={model_type!r} is not one of 'bpe', 'unigram'.")
+    for f in text_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"Tokenizer training file {f} does not exist.")
+    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=[str(f) for f in text_files], model_prefix=str(model_prefix), vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=1 << 16,
+        minloglevel=2,
+    )
+    return SentencePieceTokenizer(f"{model_prefix}.model")
