@@ -88,3 +88,33 @@ def format_result(r: dict[str, Any]) -> str:
             f"GFLOP/s/device [{r['peak_source']}] | XLA/model FLOPs {xla} | per device: args "
             f"{mib(r['argument_bytes_per_device'])}, temp {mib(r['temp_bytes_per_device'])}, "
             f"out {mib(r['output_bytes_per_device'])}")
+
+
+def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[str, Any]:
+    """Tokens/s that the training pipeline delivers for the configured data settings (one process)."""
+    from lightjax.data.pipeline import train_iterator
+    from lightjax.data.sources import load_split
+    from lightjax.data.tokenizers import make_tokenizer
+
+    d, t = config.data, config.train
+    docs = load_split(d, "train")
+    tokenizer = make_tokenizer(d.tokenizer, docs)
+    it = train_iterator(docs, tokenizer, d.seq_len, t.global_batch_size, t.seed, num_workers,
+                        shuffle_window=d.shuffle_window)
+    start = time.perf_counter()
+    next(it)  # start-up: workers, the first shuffle window
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches):
+        np.asarray(next(it)["tokens"])
+    elapsed = time.perf_counter() - start
+    if hasattr(it, "close"):
+        it.close()
+    tokens = batches * t.global_batch_size * (d.seq_len + 1)
+    return {"source": d.source, "tokenizer": d.tokenizer, "num_workers": num_workers, "first_batch_s": first_s,
+            "batches": batches, "tokens_per_s": tokens / elapsed}
+
+
+def format_data_result(r: dict[str, Any]) -> str:
+    return (f"data {r['source']} tokenizer={r['tokenizer']} workers={r['num_workers']} | first batch "
+            f"{r['first_batch_s']:.2f} s | {r['tokens_per_s']:,.0f} tok/s over {r['batches']} batches")

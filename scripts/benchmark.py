@@ -4,7 +4,10 @@
     python scripts/benchmark.py --config configs/baseline.py --host_devices=8 --meshes=8,1,1:1,8,1:2,2,2
     python scripts/benchmark.py --config configs/baseline.py --config.train.dtype=bfloat16 --json
 
-Prints one line per mesh setting (or one JSON object per line with --json).
+    python scripts/benchmark.py --config configs/baseline.py --data --config.data.local_path=input.txt
+
+Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
+data pipeline's tokens/s with 0 and 2 worker processes instead.
 """
 
 import json
@@ -19,6 +22,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per setting instead of a text line.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
+_DATA = flags.DEFINE_bool("data", False, "Benchmark the data pipeline instead (0 and 2 workers).")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
 
@@ -28,10 +32,18 @@ def main(argv):
     if _HOST_DEVICES.value:  # before JAX initialises its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
-    from lightjax.benchmark import benchmark_train_step, format_result
+    from lightjax.benchmark import benchmark_data, benchmark_train_step, format_data_result, format_result
     from lightjax.run_config import ConfigError
 
     config = _CONFIG.value
+    if _DATA.value:
+        for workers in (0, 2):
+            try:
+                result = benchmark_data(config, workers)
+            except (OSError, ValueError) as e:
+                sys.exit(f"benchmark: {e}")
+            print(json.dumps(result) if _JSON.value else format_data_result(result), flush=True)
+        return
     try:
         settings = [tuple(int(x) for x in s.split(",")) for s in _MESHES.value.split(":") if s]
         assert all(len(s) == 3 for s in settings)

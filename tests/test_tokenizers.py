@@ -82,7 +82,7 @@ def test_train_tokenizer_script(tmp_path):
 
 
 def test_make_tokenizer_specs(splits):
-    assert make_tokenizer("char", "ab").vocab_size == 2
+    assert make_tokenizer("char", ["ab", "bc"]).vocab_size == 3
     assert make_tokenizer("byte").vocab_size == 257
     with pytest.raises(ValueError, match=r"config.data.tokenizer='gpt2' is not one of 'char', 'byte', 'spm:PATH'"):
         make_tokenizer("gpt2")

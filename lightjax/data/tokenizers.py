@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = none_if_negative(self._sp.eos_id())
         self.pad_id = none_if_negative(self._sp.pad_id())
 
+    def __getstate__(self) -> dict[str, Any]:  # Grain workers get a pickled copy: reload the model there
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["model_path"])
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
 
@@ -147,12 +153,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r}; known: 'char', 'byte', 'spm'.")
 
 
-def make_tokenizer(spec: str, train_text: str | None = None) -> Tokenizer:
-    """From `config.data.tokenizer`: 'char' (built from `train_text`), 'byte', or 'spm:PATH'."""
+def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokenizer:
+    """From `config.data.tokenizer`: 'char' (built from the training documents), 'byte', or 'spm:PATH'."""
     if spec == "char":
-        if train_text is None:
+        if train_docs is None:
             raise ValueError("The 'char' tokenizer is built from the training split's text; none was given.")
-        return CharTokenizer.from_text(train_text)
+        return CharTokenizer.from_text("".join(set().union(*(set(train_docs[i]) for i in range(len(train_docs))))))
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("spm:"):

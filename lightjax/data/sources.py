@@ -1,0 +1,134 @@
+"""Sources of documents: each gives, per split, a random-access sequence of `str` documents.
+
+- `tiny_shakespeare`: our own TFDS builder (ArrayRecord, no TensorFlow) with TFDS's URL, checksum and
+  90/5/5 character split; it downloads once, or reads `config.data.local_path` (offline machines).
+- `tfds:NAME`: any TFDS dataset prepared in ArrayRecord format, read with `tfds.data_source`.
+- `text:GLOB`: local `.txt` files (one document each) or `.jsonl` files (a `text` field per line).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightjax.data import tiny_shakespeare
+
+SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB")
+SPLITS = ("train", "validation")
+
+
+class TextField(Sequence):
+    """Documents of a TFDS data source: the `field` of each record, decoded from UTF-8.
+    Picklable (Grain workers receive it), random access, decoded lazily."""
+
+    def __init__(self, source: Any, field: str, name: str):
+        self.source, self.field, self.name = source, field, name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        record = self.source[index]
+        if self.field not in record:
+            raise KeyError(f"{self.name}: record {index} has no field {self.field!r} (fields: {sorted(record)}); "
+                           "set config.data.text_field.")
+        value = record[self.field]
+        try:
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.name}: record {index} is not valid UTF-8 at byte offset {e.start}.") from None
+
+
+def _tiny_shakespeare_builder():
+    import tensorflow_datasets as tfds
+
+    class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """TFDS's tiny_shakespeare without TensorFlow: one document per split, split by characters."""
+
+        name = "lightjax_tiny_shakespeare"
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, local_path: str = "", **kwargs: Any):
+            self._local_path = local_path
+            super().__init__(**kwargs)
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+                homepage="https://github.com/karpathy/char-rnn", disable_shuffling=True)
+
+        def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+            path = self._local_path or dl_manager.download(tiny_shakespeare.URL)
+            parts = tiny_shakespeare.split(tiny_shakespeare.read_verified(path))
+            return {name: self._generate_examples(text) for name, text in parts.items()}
+
+        def _generate_examples(self, text: str):
+            yield 0, {"text": text}
+
+    return TinyShakespeare
+
+
+def _read_text_file(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 at byte offset {e.start}.") from None
+
+
+def _text_documents(pattern: str, text_field: str) -> list[str]:
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not files:
+        raise FileNotFoundError(f"config.data.source='text:{pattern}' matches no file.")
+    docs: list[str] = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            for line_no, line in enumerate(_read_text_file(f).splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if text_field not in record:
+                        raise ValueError(f"{f}:{line_no} has no field {text_field!r}; set config.data.text_field.")
+                    docs.append(record[text_field])
+        else:
+            docs.append(_read_text_file(f))
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError(f"config.data.source='text:{pattern}': the corpus is empty ({len(files)} files, no text).")
+    return docs
+
+
+def split_documents(docs: list[str], val_fraction: float) -> dict[str, list[str]]:
+    """Deterministic train/validation split: the last `val_fraction` of the documents; a single
+    document is split by characters instead (its last `val_fraction`)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"config.data.val_fraction={val_fraction} must be in (0, 1).")
+    if len(docs) == 1:
+        cut = int(len(docs[0]) * (1 - val_fraction))
+        return {"train": [docs[0][:cut]], "validation": [docs[0][cut:]]}
+    n_val = max(1, round(len(docs) * val_fraction))
+    return {"train": docs[:-n_val], "validation": docs[-n_val:]}
+
+
+def load_split(data: Any, split: str) -> Sequence[str]:
+    """The documents of `split` ('train' or 'validation') of `config.data`."""
+    source = data.source
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+    if source == "tiny_shakespeare":
+        builder = _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
+                                              file_format="array_record")
+        builder.download_and_prepare()
+        return TextField(builder.as_data_source(split), "text", "tiny_shakespeare")
+    if source.startswith("tfds:"):
+        import tensorflow_datasets as tfds
+
+        name = source[len("tfds:"):]
+        tfds_split = data.val_split if split == "validation" else "train"
+        src = tfds.data_source(name, split=tfds_split, data_dir=data.data_dir or None, download=False)
+        return TextField(src, data.text_field, f"tfds:{name}[{tfds_split}]")
+    if source.startswith("text:"):
+        return split_documents(_text_documents(source[len("text:"):], data.text_field), data.val_fraction)[split]
+    raise ValueError(f"config.data.source={source!r} is not one of {', '.join(SOURCES)}.")
