@@ -21,7 +21,8 @@ from lightjax.train_step import setup_training, synthetic_batch
 
 def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
                          devices: list[jax.Device] | None = None) -> dict[str, Any]:
-    training, state = setup_training(config, devices)
+    training = setup_training(config, devices)
+    state = training.init_state()
     cfg, mesh = training.model_config, training.mesh
     t, seq = config.train, config.data.seq_len
     local_batch = t.global_batch_size // jax.process_count()

@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.max_steps = 3000
     c.train.max_tokens = 0  # 0: no limit
     c.train.max_time_s = 0.0  # 0: no limit
+    c.train.stop_after = 0  # end this invocation after this step (saving); the schedule still ends at max_steps
     c.train.dtype = "float32"  # compute dtype
     c.train.param_dtype = "float32"
     c.train.remat = "none"

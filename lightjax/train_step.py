@@ -187,11 +187,25 @@ class Training:
     shardings: TrainState
     train_step: Step
     eval_step: Step
+    seed: int
+    seq_len: int
+
+    def init_state(self) -> TrainState:
+        """A freshly initialised train state, created directly in its shards."""
+        state, _ = create_train_state(self.model, self.tx, self.mesh, self.rules, self.seed, self.seq_len)
+        return state
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state, allocating nothing: a restore target."""
+        init = _init_fn(self.model, self.tx, _init_batch(self.mesh), self.seq_len)
+        with with_mesh(self.mesh, self.rules):
+            shapes = jax.eval_shape(lambda rng: nn.unbox(init(rng)), jax.random.PRNGKey(0))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings)
 
 
-def setup_training(config: Any, devices: list[jax.Device] | None = None) -> tuple[Training, TrainState]:
-    """Validate the run config, then build mesh, model, optimizer, a freshly initialised sharded
-    train state and the jitted steps. Raises ConfigError (one line, naming the key) on bad settings."""
+def setup_training(config: Any, devices: list[jax.Device] | None = None) -> Training:
+    """Validate the run config, then build mesh, model, optimizer, the state's shardings and the
+    jitted steps. Raises ConfigError (one line, naming the key) on bad settings."""
     devices = list(jax.devices() if devices is None else devices)
     cfg = validate(config, len(devices))
     mesh = make_mesh(config.mesh, devices)
@@ -199,8 +213,9 @@ def setup_training(config: Any, devices: list[jax.Device] | None = None) -> tupl
     model = build_model(cfg, config.train)
     tx = make_optimizer(config.optim, config.train.max_steps)
     schedule = lr_schedule(config.optim, config.train.max_steps)
-    state, shardings = create_train_state(model, tx, mesh, rules, config.train.seed, config.data.seq_len)
+    shardings = state_shardings(model, tx, mesh, rules, config.data.seq_len)
     train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, config.train.grad_accum_steps,
                                  config.train.z_loss)
     eval_step = make_eval_step(model, mesh, rules, shardings)
-    return Training(cfg, mesh, rules, model, tx, schedule, shardings, train_step, eval_step), state
+    return Training(cfg, mesh, rules, model, tx, schedule, shardings, train_step, eval_step, config.train.seed,
+                    config.data.seq_len)

@@ -22,7 +22,8 @@ def test_model_flops_agree_with_xla_cost_analysis():
     config = tiny_run_config("llama")
     config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 128, 256, 32
     config.model.block_size = 32
-    training, state = setup_training(config, jax.devices()[:1])
+    training = setup_training(config, jax.devices()[:1])
+    state = training.init_state()
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 32, 96), training.mesh)
     compiled = training.train_step.lower(state, batch).compile()
     xla = compiled.cost_analysis()

@@ -18,7 +18,8 @@ MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
 
 def run_steps(config, n_steps=3, seed=0):
     devices = jax.devices()[: int(np.prod([config.mesh.data, config.mesh.fsdp, config.mesh.tensor]))]
-    training, state = setup_training(config, devices)
+    training = setup_training(config, devices)
+    state = training.init_state()
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(n_steps):
@@ -93,7 +94,8 @@ def test_tensor_parallel_splits_outputs_then_inputs():
 
 
 def _argument_bytes(config):
-    training, state = setup_training(config)
+    training = setup_training(config)
+    state = training.init_state()
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size,
                                         config.data.seq_len, training.model_config.vocab_size), training.mesh)
     return training.train_step.lower(state, batch).compile().memory_analysis().argument_size_in_bytes
@@ -126,7 +128,8 @@ def test_bfloat16_compute_tracks_float32():
     def ten_steps(dtype):
         c = tiny_run_config(dtype=dtype)
         c.optim.lr = 3e-3
-        training, state = setup_training(c, jax.devices()[:1])
+        training = setup_training(c, jax.devices()[:1])
+        state = training.init_state()
         # A learnable stream (a repeating pattern), so the loss moves over the 10 steps.
         tokens = np.tile(np.arange(17, dtype=np.int32) % 11, (8, 1))
         batch = shard_batch({"tokens": tokens}, training.mesh)

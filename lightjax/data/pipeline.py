@@ -9,6 +9,7 @@ Training (endless, shuffled, checkpointable):
           otherwise give consecutive windows of the text in every batch)
       --> batch of global_batch_size / process_count rows --> optional worker processes
 
+`shard` is (process index, process count), by default this JAX process's (ShardByJaxProcess).
 Its iterator has `get_state()`/`set_state()` (small JSON): a restored iterator continues with exactly
 the batches the original would have produced.
 
@@ -46,18 +47,18 @@ def process_shard() -> tuple[int, int]:
     return options.shard_index, options.shard_count
 
 
-def shard_documents(docs: Sequence[str], shard: tuple[int, int]) -> grain.MapDataset:
+def shard_documents(docs: Sequence[str], shard: tuple[int, int] | None = None) -> grain.MapDataset:
     """This process's documents: every count-th one. A corpus of fewer documents than processes
     (Tiny Shakespeare's single training document) is first cut into `count` contiguous pieces per
     document, so that the shards are still disjoint and together the whole split."""
-    index, count = shard
+    index, count = shard or process_shard()
     if len(docs) < count:
         docs = [doc[len(doc) * p // count: len(doc) * (p + 1) // count] for doc in docs for p in range(count)]
     return grain.MapDataset.source(docs)[index::count]
 
 
 def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-                  shard: tuple[int, int] = (0, 1), shuffle_window: int = 4096) -> grain.IterDataset:
+                  shard: tuple[int, int] | None = None, shuffle_window: int = 4096) -> grain.IterDataset:
     """The training batches of one process: dicts with `tokens` [batch_size, seq_len + 1] int32."""
     ds = shard_documents(docs, shard)
     ds = ds.seed(seed).shuffle().repeat(None)  # a new order every epoch
@@ -69,7 +70,7 @@ def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch
 
 
 def train_iterator(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-                   num_workers: int = 0, shard: tuple[int, int] = (0, 1),
+                   num_workers: int = 0, shard: tuple[int, int] | None = None,
                    shuffle_window: int = 4096) -> grain.DatasetIterator:
     ds = train_dataset(docs, tokenizer, seq_len, batch_size, seed, shard, shuffle_window)
     if num_workers > 0:
@@ -78,7 +79,7 @@ def train_iterator(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batc
 
 
 def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 shard: tuple[int, int] = (0, 1), max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 shard: tuple[int, int] | None = None, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of one pass over a split: `tokens` [batch_size, seq_len + 1] and `mask`
     [batch_size, seq_len] (1 for targets that count). Every process yields the same number of batches
     (all take part in each global batch), padding with fully masked rows."""
@@ -87,7 +88,7 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_
         raise ValueError(f"config.data.seq_len={seq_len} is longer than the validation split "
                          f"({len(tokens)} tokens); it needs at least seq_len + 1.")
     n_rows = -(-(len(tokens) - 1) // seq_len)
-    index, count = shard
+    index, count = shard or process_shard()
     n_batches = -(-n_rows // (batch_size * count))
     if max_batches:
         n_batches = min(n_batches, max_batches)

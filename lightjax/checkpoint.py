@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a run: train state + data-iterator position + metadata, saved together.
+
+WORKDIR/checkpoints/<step>/ holds one composite checkpoint:
+  state      the TrainState (params, optimizer state, step, rng), each array saved in its shards
+  data_iter  the Grain iterator's position (a small JSON per process)
+  meta       step, tokens_seen, elapsed_s, lightjax version, the run's resolved config
+
+Saves are asynchronous (the loop goes on while arrays are written) and atomic: Orbax writes into a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoints intact and the partial one is ignored and cleaned up. The last `keep` checkpoints are
+kept, plus the one with the best validation loss.
+
+Restoring builds its target from the current run's abstract state and shardings, so a checkpoint
+written on any mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+import lightjax
+
+log = logging.getLogger(__name__)
+
+# Keys whose change would make a resumed run a different experiment. Anything else (logging, eval and
+# checkpoint cadence, max_steps, data paths, workers) may change between a run and its resumption.
+FROZEN_KEYS = ("model.", "data.source", "data.tokenizer", "data.seq_len", "data.text_field", "data.val_split",
+               "data.val_fraction", "train.seed", "train.global_batch_size", "train.param_dtype", "optim.")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every frozen key that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if k.startswith(FROZEN_KEYS) and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        preservation = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            # The lowest validation loss; checkpoints saved without one fall to LatestN alone.
+            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save, preservation_policy=preservation,
+            cleanup_tmp_directories=True,  # partial saves of a killed run
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
+        )
+
+    def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any], val_loss: float | None = None) -> None:
+        meta = {**meta, "step": step, "lightjax_version": lightjax.__version__}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                                    meta=ocp.args.JsonSave(meta)),
+            metrics=None if val_loss is None else {"val_loss": float(val_loss)},
+            force=True,
+        )
+
+    def steps(self) -> list[int]:
+        """Complete checkpoints, oldest first (Orbax lists only finished ones)."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of checkpoint `step`, the state placed per `abstract_state`'s shardings and
+        the data iterator moved to the saved position."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
+
+    def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, dict[str, Any]] | None:
+        """The newest checkpoint that restores; a corrupted one is reported with its path and the
+        previous one tried. None when there is none."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, abstract_state, data_iter)
+            except Exception as e:  # noqa: BLE001 (any failure to read means: fall back)
+                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.",
+                            self.directory / str(step), type(e).__name__, str(e).splitlines()[0][:200])
+                print(f"Checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}); "
+                      "falling back to the previous one.", flush=True)
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
