@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -109,10 +112,18 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_state, data_iter)
             except Exception as e:  # noqa: BLE001 (any failure to read means: fall back)
-                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.",
-                            self.directory / str(step), type(e).__name__, str(e).splitlines()[0][:200])
-                print(f"Checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}); "
-                      "falling back to the previous one.", flush=True)
+                path = self.directory / str(step)
+                # Moved aside, not deleted: the run must be able to save this step again, and the
+                # bytes stay for whoever wants to look at them.
+                aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
+                log.warning("Checkpoint %s is unreadable (%s: %s).", path, type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "")
+                print(f"Checkpoint {path} is unreadable ({type(e).__name__}); moved to {aside}, falling back "
+                      "to the previous one.", flush=True)
+                if jax.process_index() == 0:
+                    aside.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(path), aside)
+                self.manager.reload()
         return None
 
     def wait(self) -> None:

@@ -1,0 +1,190 @@
+"""Checkpoints and resumption: exact resume, kill -9, corruption, SIGTERM, another mesh, config changes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lightjax.checkpoint import Checkpointer, CheckpointError
+from lightjax.data.pipeline import train_iterator
+from lightjax.data.tokenizers import ByteTokenizer
+from lightjax.sharding import shard_batch
+from lightjax.train_step import setup_training, synthetic_batch
+from lightjax.trainer import train
+from tests.helpers import tiny_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TINY = dict(n_layer=1, n_embd=64, n_head=4, vocab_size=65, padding_multiple=64, block_size=32)
+CLI_TINY = [f"--config.model.{k}={v}" for k, v in TINY.items()] + [
+    "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.optim.warmup_steps=2",
+    "--config.train.log_every=1", "--config.train.eval_every=0", f"--config.data.local_path={SHAKESPEARE}"]
+
+
+def run_config(tmp_path, max_steps=12, save_every=6, **train_kw):
+    c = tiny_run_config()
+    c.model.name = "baseline-tiny"
+    for k, v in TINY.items():
+        setattr(c.model, k, v)
+    c.model.n_head, c.model.n_query_groups = 4, None
+    c.data.local_path, c.data.data_dir, c.data.seq_len = str(SHAKESPEARE), str(tmp_path / "tfds"), 32
+    c.train.max_steps, c.train.log_every, c.train.eval_every = max_steps, 1, 0
+    c.checkpoint.save_every = save_every
+    c.mesh.data = -1
+    for k, v in train_kw.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def losses(workdir):
+    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_params(workdir):
+    steps = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+    return ocp.StandardCheckpointer().restore(Path(workdir).absolute() / "checkpoints" / str(steps[-1]) / "state")
+
+
+def assert_same_run(a, b):
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys()
+    np.testing.assert_allclose([lb[k] for k in sorted(lb)], [la[k] for k in sorted(la)], atol=1e-6, rtol=0)
+    jax.tree.map(np.testing.assert_array_equal, final_params(b)["params"], final_params(a)["params"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    train(run_config(workdir), workdir / "run")
+    return workdir / "run"
+
+
+def test_exact_resume(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    first = train(run_config(tmp_path, stop_after=6), workdir)
+    assert first["step"] == 6 and sorted(losses(workdir)) == list(range(1, 7))
+    train(run_config(tmp_path), workdir)  # the same run, resumed
+    assert_same_run(uninterrupted, workdir)
+    assert (workdir / "tokenizer" / "tokenizer.json").exists() and (workdir / "config.json").exists()
+
+
+def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train(run_config(tmp_path), workdir)
+    newest = workdir / "checkpoints" / "12" / "state"
+    victims = [p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    for p in victims:
+        p.write_bytes(p.read_bytes()[:100])  # truncated array data
+    metrics = workdir / "metrics.jsonl"
+    train(run_config(tmp_path, max_steps=12), workdir)
+    out = capsys.readouterr().out
+    assert f"Checkpoint {(workdir / 'checkpoints' / '12').absolute()} is unreadable" in out
+    assert "Resumed from" in out and "(step 6)" in out
+    assert metrics.exists()
+    assert_same_run(uninterrupted, workdir)
+
+
+def test_changed_model_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    train(run_config(tmp_path, max_steps=2, save_every=2), workdir)
+    c = run_config(tmp_path, max_steps=4, save_every=2)
+    c.model.n_layer = 2
+    with pytest.raises(CheckpointError, match=r"model.n_layer: 1 -> 2"):
+        train(c, workdir)
+    c = run_config(tmp_path, max_steps=4, save_every=2)  # max_steps may change
+    assert train(c, workdir)["step"] == 4
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    def setup(mesh):
+        c = run_config(tmp_path)
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+        devices = jax.devices()[: int(np.prod(mesh))]
+        return setup_training(c, devices), c
+
+    training, config = setup((8, 1, 1))
+    state = training.init_state()
+    rng = np.random.default_rng(0)
+    batches = [synthetic_batch(rng, 8, 32, 65) for _ in range(5)]
+    for b in batches[:2]:
+        state, _ = training.train_step(state, shard_batch(b, training.mesh))
+    it = train_iterator(["some text"] * 4, ByteTokenizer(), 8, 2, seed=0, shuffle_window=0)
+    ckpt = Checkpointer(tmp_path / "saved", async_save=True)
+    ckpt.save(2, state, it, {"config": {}})
+    ckpt.wait()
+    saved_params = jax.device_get(state.params)
+    want = []  # continuing on the original mesh (the step donates `state`: it is not used after this)
+    for b in batches[2:]:
+        state, m = training.train_step(state, shard_batch(b, training.mesh))
+        want.append(float(m["loss"]))
+    for mesh in [(1, 4, 2), (1, 1, 1)]:
+        other, _ = setup(mesh)
+        restored, meta = Checkpointer(tmp_path / "saved").restore(2, other.abstract_state(), it)
+        assert meta["step"] == 2
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved_params)
+        leaf = restored.params["h_0"]["mlp"]["fc"]["kernel"]
+        assert leaf.sharding.mesh.shape == other.mesh.shape
+        got = []
+        for b in batches[2:]:
+            restored, m = other.train_step(restored, shard_batch(b, other.mesh))
+            got.append(float(m["loss"]))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _cli(workdir, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return [sys.executable, "scripts/train.py", "--config", "configs/baseline.py", f"--workdir={workdir}",
+            *CLI_TINY, f"--config.data.data_dir={Path(workdir).parent / 'tfds'}", *extra], env
+
+
+def _wait_for_rows(workdir, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read() if proc.stdout else "exited")
+        path = Path(workdir) / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    workdir = tmp_path / "run"
+    cmd, env = _cli(workdir, "--config.train.max_steps=10000", "--config.checkpoint.save_every=0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_rows(workdir, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 5
+    assert f"SIGTERM: saved step {steps[0]} to " in out
+    assert max(losses(workdir)) == steps[0]
+
+
+def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
+    common = ["--config.train.max_steps=40", "--config.checkpoint.save_every=4"]
+    full_cmd, env = _cli(tmp_path / "full", *common)
+    subprocess.run(full_cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    workdir = tmp_path / "killed"
+    cmd, env = _cli(workdir, *common)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_rows(workdir, int(np.random.default_rng().integers(6, 30)), proc)
+    time.sleep(float(np.random.default_rng().uniform(0, 0.3)))  # anywhere, also inside an async save
+    proc.kill()
+    proc.wait()
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]  # partial saves cleaned
+    assert_same_run(tmp_path / "full", workdir)
