@@ -119,3 +119,45 @@ def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[st
 def format_data_result(r: dict[str, Any]) -> str:
     return (f"data {r['source']} tokenizer={r['tokenizer']} workers={r['num_workers']} | first batch "
             f"{r['first_batch_s']:.2f} s | {r['tokens_per_s']:,.0f} tok/s over {r['batches']} batches")
+
+
+def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> dict[str, Any]:
+    """How long an (async) save blocks the loop, and the mean step time with and without saving
+    every `save_every` steps (synthetic batches, so only the model and the saves are timed)."""
+    import tempfile
+
+    from lightjax.checkpoint import Checkpointer
+    from lightjax.data.pipeline import train_iterator
+    from lightjax.data.tokenizers import ByteTokenizer
+
+    training = setup_training(config)
+    state = training.init_state()
+    cfg, seq = training.model_config, config.data.seq_len
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size, seq,
+                                        cfg.vocab_size), training.mesh)
+    data_iter = train_iterator(["x" * 64] * 4, ByteTokenizer(), 8, 2, seed=0, shuffle_window=0)
+    state, metrics = training.train_step(state, batch)  # compile
+    jax.block_until_ready(metrics)
+
+    def run(n: int, checkpointer: Checkpointer | None) -> tuple[float, list[float]]:
+        nonlocal state
+        blocked = []
+        start = time.perf_counter()
+        for i in range(1, n + 1):
+            state, metrics = training.train_step(state, batch)
+            if checkpointer is not None and i % save_every == 0:
+                t0 = time.perf_counter()
+                checkpointer.save(i, state, data_iter, {"config": {}})
+                blocked.append(time.perf_counter() - t0)
+            jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / n, blocked
+
+    plain_s, _ = run(steps, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpointer = Checkpointer(tmp, keep=2, async_save=config.checkpoint.async_save)
+        saving_s, blocked = run(steps, checkpointer)
+        checkpointer.wait()
+        checkpointer.close()
+    return {"model": cfg.name, "async_save": config.checkpoint.async_save, "steps": steps,
+            "save_every": save_every, "step_ms_without_saves": plain_s * 1e3,
+            "step_ms_with_saves": saving_s * 1e3, "save_blocking_ms": [b * 1e3 for b in blocked]}

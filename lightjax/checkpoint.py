@@ -131,3 +131,52 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def export_params(workdir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32") -> Path:
+    """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
+    OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
+    import jax.numpy as jnp
+
+    from lightjax.run_config import model_config
+
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    ckpt = Checkpointer(workdir, async_save=False)
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"No complete checkpoint under {ckpt.directory}.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"No checkpoint for step {step} under {ckpt.directory}; there are {steps}.")
+    meta = ckpt.read_meta(step)
+    state = ocp.StandardCheckpointer().restore(ckpt.directory / str(step) / "state")
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), state["params"])
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    import ml_collections
+
+    cfg = model_config(ml_collections.ConfigDict(meta["config"]))
+    (out / "model_config.json").write_text(json.dumps({"step": step, "dtype": dtype, **cfg.to_dict()}, indent=1))
+    tokenizer = Path(workdir) / "tokenizer"
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    ckpt.close()
+    return out
+
+
+def load_exported(directory: str | Path) -> tuple[Any, Any]:
+    """(ModelConfig, params) from an `export_params` directory."""
+    from lightjax.config import ModelConfig
+
+    directory = Path(directory).absolute()
+    fields = json.loads((directory / "model_config.json").read_text())
+    fields.pop("step"), fields.pop("dtype")
+    params = ocp.StandardCheckpointer().restore(directory / "params")
+    return ModelConfig(**fields), params

@@ -23,6 +23,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per setting instead of a text line.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
 _DATA = flags.DEFINE_bool("data", False, "Benchmark the data pipeline instead (0 and 2 workers).")
+_CHECKPOINT = flags.DEFINE_bool("checkpoint", False, "Measure how long saves block the loop, and step time "
+                                 "with and without saving every 10 steps.")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
 
@@ -36,6 +38,15 @@ def main(argv):
     from lightjax.run_config import ConfigError
 
     config = _CONFIG.value
+    if _CHECKPOINT.value:
+        from lightjax.benchmark import benchmark_checkpoint
+
+        r = benchmark_checkpoint(config, steps=max(_STEPS.value, 10))
+        print(json.dumps(r) if _JSON.value else
+              f"{r['model']} async_save={r['async_save']} | step {r['step_ms_without_saves']:.1f} ms without saves, "
+              f"{r['step_ms_with_saves']:.1f} ms saving every {r['save_every']} steps | each save blocked the loop "
+              + ", ".join(f"{b:.0f} ms" for b in r["save_blocking_ms"]), flush=True)
+        return
     if _DATA.value:
         for workers in (0, 2):
             try:

@@ -188,3 +188,21 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]  # partial saves cleaned
     assert_same_run(tmp_path / "full", workdir)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_params(uninterrupted, tmp_path, dtype):
+    from lightjax.checkpoint import export_params, load_exported
+    from lightjax.model import GPT
+
+    out = export_params(uninterrupted, tmp_path / "export", dtype=dtype)
+    cfg, params = load_exported(out)
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size) == (1, 64, 65)
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {dtype}
+    want = final_params(uninterrupted)["params"]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(dtype))), params, want)
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    tokens = np.zeros((1, 8), np.int32)
+    assert GPT(cfg).apply({"params": jax.tree.map(lambda x: x.astype("float32"), params)}, tokens).shape == (1, 8, 128)
+    with pytest.raises(CheckpointError, match=r"No checkpoint for step 5 under .*; there are \[6, 12\]"):
+        export_params(uninterrupted, tmp_path / "x", step=5)
