@@ -126,6 +126,10 @@ class Checkpointer:
                 self.manager.reload()
         return None
 
+    def preempted(self, step: int) -> bool:
+        """True once JAX's preemption service (multi-host TPU) says every host must save now."""
+        return jax.process_count() > 1 and self.manager.reached_preemption(step)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

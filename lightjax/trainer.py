@@ -191,6 +191,8 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
                 print(f"step {step:6d} | val_loss {val_loss:.4f} | val_ppl {ev['val_ppl']:.2f}", flush=True)
             if config.checkpoint.save_every and step % config.checkpoint.save_every == 0:
                 save(step)
+            if checkpointer.preempted(step):
+                stop.received = "preemption notice"
         if stop.received or done(step):
             if step != last_saved:
                 save(step)

@@ -206,3 +206,14 @@ def test_export_params(uninterrupted, tmp_path, dtype):
     assert GPT(cfg).apply({"params": jax.tree.map(lambda x: x.astype("float32"), params)}, tokens).shape == (1, 8, 128)
     with pytest.raises(CheckpointError, match=r"No checkpoint for step 5 under .*; there are \[6, 12\]"):
         export_params(uninterrupted, tmp_path / "x", step=5)
+
+
+def test_keeps_the_last_n_and_the_best_by_validation_loss(tmp_path):
+    training = setup_training(run_config(tmp_path), jax.devices()[:1])
+    state = training.init_state()
+    it = train_iterator(["some text"] * 4, ByteTokenizer(), 8, 2, seed=0, shuffle_window=0)
+    ckpt = Checkpointer(tmp_path / "run", keep=2, async_save=False)
+    for step, val in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0], strict=True):
+        ckpt.save(step, state, it, {"config": {}}, val_loss=val)
+    ckpt.wait()
+    assert ckpt.steps() == [2, 4, 5]  # the best (val 1.0) and the last two
