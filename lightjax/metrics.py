@@ -19,8 +19,10 @@ recomputed FLOPs are the hardware's cost, not the model's.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -109,3 +111,88 @@ def compiled_flops(compiled: Any) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers: metrics.jsonl (always), TensorBoard (no TensorFlow needed), Weights & Biases (optional).
+# ------------------------------------------------------------------------------------------------
+
+
+class MetricWriters:
+    """Every logged row goes to WORKDIR/metrics.jsonl and, when enabled, TensorBoard and W&B.
+    Only process 0 writes; the other processes of a multi-host run keep quiet."""
+
+    def __init__(self, workdir: Path, resume_step: int, tensorboard: bool = True, wandb_project: str = "",
+                 config: dict[str, Any] | None = None):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self._tb = self._wandb = self._file = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # rows after the restored step were never checkpointed: drop them
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(f"config.logging.wandb_project={wandb_project!r} needs the wandb package "
+                                 "(pip install wandb).") from None
+            self._wandb = wandb.init(project=wandb_project, dir=str(workdir), config=config, resume="allow",
+                                     id=workdir.name)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        step = row["step"]
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        for closer in (self._file, self._tb, self._wandb):
+            if closer is not None:
+                closer.close() if closer is not self._wandb else closer.finish()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_losses(workdir: str | Path) -> Path | None:
+    """WORKDIR/loss.png: training loss per step and validation loss at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(Path(workdir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(workdir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -8,6 +8,7 @@ value is a one-line message rather than a traceback from deep inside JAX.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """Every key with its default; the defaults are the baseline run (configs/baseline.py)."""
     c = ml_collections.ConfigDict()
 
     # config.model.name is a preset (ModelConfig.names()); every other key is a ModelConfig field,
@@ -54,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
     c.optim.min_lr = 1e-4
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 200
     c.optim.schedule = "cosine"
     c.optim.decay_fraction = 0.2  # wsd: the share of steps spent decaying at the end
     c.optim.b1 = 0.9
@@ -77,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.remat = "none"
     c.train.scan_layers = False
     c.train.z_loss = 0.0
+    c.train.skip_nonfinite = False  # skip an update whose loss is not finite, instead of stopping
     c.train.log_every = 10
     c.train.eval_every = 250
     c.train.eval_batches = 20
@@ -118,41 +121,68 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"config.model: {e}") from None
 
 
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}={value!r} {why}.")
-
-
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> ModelConfig:
-    """Check everything that can be checked before building anything; returns the ModelConfig."""
-    cfg = model_config(config)
-    o, t, d = config.optim, config.train, config.data
-    _check(o.lr > 0, "optim.lr", o.lr, "must be positive")
-    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
-    _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"is not one of {', '.join(SCHEDULES)}")
-    _check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps", o.warmup_steps,
-           f"must be in [0, train.max_steps={t.max_steps})")
-    _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
-    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 turns clipping off)")
-    _check(t.max_steps > 0, "train.max_steps", t.max_steps, "must be positive")
-    _check(t.dtype in DTYPES, "train.dtype", t.dtype, f"is not one of {', '.join(DTYPES)}")
-    _check(t.param_dtype in DTYPES, "train.param_dtype", t.param_dtype, f"is not one of {', '.join(DTYPES)}")
-    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
-    _check(t.remat in REMAT_POLICIES, "train.remat", t.remat, f"is not one of {', '.join(REMAT_POLICIES)}")
-    _check(0 < d.seq_len <= cfg.block_size, "data.seq_len", d.seq_len,
-           f"must be in [1, model block_size={cfg.block_size}]")
+    """Check everything that can be checked before building anything; returns the ModelConfig.
 
-    shape = mesh_shape(config.mesh, device_count)
-    batch_shards = shape["data"] * shape["fsdp"]
-    per_step = batch_shards * t.grad_accum_steps
-    _check(t.global_batch_size > 0 and t.global_batch_size % per_step == 0, "train.global_batch_size",
-           t.global_batch_size,
-           f"must be divisible by mesh.data*mesh.fsdp*train.grad_accum_steps = {shape['data']}*{shape['fsdp']}"
-           f"*{t.grad_accum_steps} = {per_step}")
-    tp = shape["tensor"]
-    _check(cfg.n_head % tp == 0, "mesh.tensor", tp, f"must divide the model's n_head={cfg.n_head}")
-    _check(cfg.n_query_groups % tp == 0, "mesh.tensor", tp,
-           f"must divide the model's n_query_groups={cfg.n_query_groups}")
+    Every problem found is reported, in one ConfigError whose message names each key."""
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            problems.append(f"config.{key}={value!r} {why}")
+
+    o, t, d, ck = config.optim, config.train, config.data, config.checkpoint
+    check(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    check(0 <= o.min_lr <= max(o.lr, 0), "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"is not one of {', '.join(SCHEDULES)}")
+    check(0 <= o.warmup_steps < t.max_steps, "optim.warmup_steps", o.warmup_steps,
+          f"must be in [0, train.max_steps={t.max_steps})")
+    check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+    check(0 <= o.b1 < 1, "optim.b1", o.b1, "must be in [0, 1)")
+    check(0 <= o.b2 < 1, "optim.b2", o.b2, "must be in [0, 1)")
+    check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 turns clipping off)")
+    check(t.max_steps > 0, "train.max_steps", t.max_steps, "must be positive")
+    check(t.dtype in DTYPES, "train.dtype", t.dtype, f"is not one of {', '.join(DTYPES)}")
+    check(t.param_dtype in DTYPES, "train.param_dtype", t.param_dtype, f"is not one of {', '.join(DTYPES)}")
+    check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    check(t.remat in REMAT_POLICIES, "train.remat", t.remat, f"is not one of {', '.join(REMAT_POLICIES)}")
+    check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: no evaluation)")
+    check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    check(d.tokenizer in ("char", "byte") or d.tokenizer.startswith("spm:"), "data.tokenizer", d.tokenizer,
+          "is not one of 'char', 'byte', 'spm:PATH'")
+    check(d.source == "tiny_shakespeare" or d.source.startswith(("tfds:", "text:")), "data.source", d.source,
+          "is not one of 'tiny_shakespeare', 'tfds:NAME', 'text:GLOB'")
+    check(not d.local_path or Path(d.local_path).is_file(), "data.local_path", d.local_path, "does not exist")
+    check(ck.save_every >= 0, "checkpoint.save_every", ck.save_every, "must be >= 0 (0: only at the end)")
+    check(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
+
+    cfg = None
+    try:
+        cfg = model_config(config)
+    except ConfigError as e:
+        problems.append(str(e).rstrip("."))
+    if cfg is not None:
+        check(0 < d.seq_len <= cfg.block_size, "data.seq_len", d.seq_len,
+              f"must be in [1, model block_size={cfg.block_size}]")
+    try:
+        shape = mesh_shape(config.mesh, device_count)
+    except ValueError as e:
+        problems.append(str(e).rstrip("."))
+        shape = None
+    if shape is not None:
+        per_step = shape["data"] * shape["fsdp"] * t.grad_accum_steps
+        check(t.global_batch_size > 0 and t.global_batch_size % per_step == 0, "train.global_batch_size",
+              t.global_batch_size,
+              f"must be divisible by mesh.data*mesh.fsdp*train.grad_accum_steps = {shape['data']}*{shape['fsdp']}"
+              f"*{t.grad_accum_steps} = {per_step}")
+        if cfg is not None:
+            tp = shape["tensor"]
+            check(cfg.n_head % tp == 0, "mesh.tensor", tp, f"must divide the model's n_head={cfg.n_head}")
+            check(cfg.n_query_groups % tp == 0, "mesh.tensor", tp,
+                  f"must divide the model's n_query_groups={cfg.n_query_groups}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
     return cfg

@@ -107,8 +107,10 @@ def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]
 
 
 def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
-                    rules: Rules, shardings: TrainState, grad_accum_steps: int = 1, z_loss: float = 0.0) -> Step:
-    """step(state, batch) -> (state, metrics); metrics: loss, grad_norm, lr, tokens (all scalars)."""
+                    rules: Rules, shardings: TrainState, grad_accum_steps: int = 1, z_loss: float = 0.0,
+                    skip_nonfinite: bool = False) -> Step:
+    """step(state, batch) -> (state, metrics); metrics: loss, grad_norm, lr, tokens (all scalars), and
+    `skipped` with skip_nonfinite (an update whose loss or gradients are not finite is not applied)."""
     use_dropout = model.config.dropout > 0
 
     def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, tuple]:
@@ -145,6 +147,11 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                    "tokens": count}
+        if skip_nonfinite:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+            metrics["skipped"] = ~ok
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -215,7 +222,7 @@ def setup_training(config: Any, devices: list[jax.Device] | None = None) -> Trai
     schedule = lr_schedule(config.optim, config.train.max_steps)
     shardings = state_shardings(model, tx, mesh, rules, config.data.seq_len)
     train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, config.train.grad_accum_steps,
-                                 config.train.z_loss)
+                                 config.train.z_loss, config.train.skip_nonfinite)
     eval_step = make_eval_step(model, mesh, rules, shardings)
     return Training(cfg, mesh, rules, model, tx, schedule, shardings, train_step, eval_step, config.train.seed,
                     config.data.seq_len)

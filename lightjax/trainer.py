@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,10 @@ import jax
 import numpy as np
 
 from lightjax.checkpoint import Checkpointer, CheckpointError, config_changes
-from lightjax.data.pipeline import check_vocab, eval_batches, train_iterator
+from lightjax.data.pipeline import check_vocab, eval_batches, eval_tokens, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
-from lightjax.metrics import flops_per_token, mfu, peak_flops_per_device
+from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
 
@@ -45,25 +46,6 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-class MetricsWriter:
-    """WORKDIR/metrics.jsonl, one JSON object per logged step (and per evaluation)."""
-
-    def __init__(self, workdir: Path, resume_step: int):
-        self.path = workdir / "metrics.jsonl"
-        if self.path.exists():  # rows after the restored step were never checkpointed: drop them
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def _tokenizer(config: Any, workdir: Path, train_docs: Any) -> Tokenizer:
     """The run's tokenizer: the one saved in WORKDIR/tokenizer/ when resuming, else built and saved."""
     saved = workdir / "tokenizer"
@@ -75,7 +57,10 @@ def _tokenizer(config: Any, workdir: Path, train_docs: Any) -> Tokenizer:
     return tokenizer
 
 
-def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, config: Any) -> dict[str, float]:
+def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, config: Any,
+             tokens_per_char: float) -> dict[str, float]:
+    """Validation loss (nats per token), perplexity and bits per character over `eval_batches`
+    batches (0: the whole split). Bits per character compare across tokenizers."""
     nll, count = 0.0, 0.0
     local_batch = config.train.global_batch_size // jax.process_count()
     for batch in eval_batches(docs, tokenizer, config.data.seq_len, local_batch,
@@ -83,7 +68,7 @@ def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, c
         out = training.eval_step(params, shard_batch(batch, training.mesh))
         nll, count = nll + float(out["nll_sum"]), count + float(out["tokens"])
     loss = nll / max(count, 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpc": loss / math.log(2) * tokens_per_char}
 
 
 def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Training,
@@ -117,6 +102,40 @@ def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Tr
     return state, meta
 
 
+class _Progress:
+    """A progress bar (loss, tokens/s, MFU, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, enabled: bool, start_step: int, max_steps: int):
+        self.bar = None
+        if enabled and sys.stdout.isatty() and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step(self, row: dict[str, Any] | None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if row is not None:
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}",
+                                     mfu=f"{100 * row['mfu']:.1f}%")
+        elif row is not None and jax.process_index() == 0:
+            print(f"step {row['step']:6d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad_norm "
+                  f"{row['grad_norm']:.3f} | {row['tokens_per_sec']:,.0f} tok/s | MFU {100 * row['mfu']:.1f}%",
+                  flush=True)
+
+    def message(self, text: str) -> None:
+        if jax.process_index() != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Run (or resume) training as configured; returns a summary of the run."""
     workdir = Path(workdir)
@@ -124,42 +143,69 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
     training = setup_training(config)
     cfg, t = training.model_config, config.train
     config_dict = json.loads(config.to_json_best_effort())
-    (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
 
     train_docs, val_docs = load_split(config.data, "train"), load_split(config.data, "validation")
     tokenizer = _tokenizer(config, workdir, train_docs)
     check_vocab(tokenizer, cfg.vocab_size)
+    val_chars = sum(len(val_docs[i]) for i in range(len(val_docs)))
+    tokens_per_char = len(eval_tokens(val_docs, tokenizer)) / max(val_chars, 1)
     local_batch = t.global_batch_size // jax.process_count()
     data_iter = train_iterator(train_docs, tokenizer, config.data.seq_len, local_batch, t.seed,
                                config.data.num_workers, shuffle_window=config.data.shuffle_window)
 
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     state, meta = _resume(config, workdir, checkpointer, training, data_iter, config_dict)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     step = int(meta.get("step", 0))
-    tokens_seen = int(meta.get("tokens_seen", 0))
+    tokens_seen = tokens_at_start = int(meta.get("tokens_seen", 0))
     elapsed_before = float(meta.get("elapsed_s", 0.0))
-    writer = MetricsWriter(workdir, step)
+    writers = MetricWriters(workdir, step, config.logging.tensorboard, config.logging.wandb_project, config_dict)
+    progress = _Progress(config.logging.progress, step, t.max_steps)
     stop = _StopSignal()
 
     flops_tok = flops_per_token(cfg, config.data.seq_len)
     peak, _ = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype)
     tokens_per_step = t.global_batch_size * config.data.seq_len
     start = time.perf_counter()
-    last_log_time, last_log_step = start, step
+    window = {"time": start, "step": step}  # throughput is measured between logged steps
     best_val, val_loss, last_saved = math.inf, None, step
+    first_step = step
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def done(step: int) -> bool:
+        return bool(step >= t.max_steps or (t.max_tokens and tokens_seen >= t.max_tokens)
+                    or (t.max_time_s and elapsed() >= t.max_time_s) or (t.stop_after and step >= t.stop_after))
+
+    def read_back(step: int, metrics: Any, log: bool) -> dict[str, Any] | None:
+        """The metrics of `step`, fetched from the device; stops the run on a non-finite loss."""
+        m = jax.device_get(metrics)
+        if not np.isfinite(m["loss"]) and not t.skip_nonfinite:
+            raise FloatingPointError(f"Non-finite loss ({m['loss']}) at step {step}; stopped without saving it "
+                                     f"(the last checkpoint is step {last_saved}). Lower optim.lr, or set "
+                                     "train.skip_nonfinite=True to skip such updates.")
+        if not log:
+            return None
+        now = time.perf_counter()
+        tok_s = (step - window["step"]) * tokens_per_step / max(now - window["time"], 1e-9)
+        window.update(time=now, step=step)
+        row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+               "tokens_per_sec": tok_s, "mfu": mfu(tok_s, flops_tok, peak, training.mesh.size),
+               "tokens_seen": tokens_at_start + (step - first_step) * tokens_per_step, "elapsed_s": elapsed()}
+        if t.skip_nonfinite:
+            row["skipped"] = bool(m["skipped"])
+        writers.write(row)
+        return row
 
     def save(step: int) -> None:
         nonlocal last_saved
-        elapsed = elapsed_before + time.perf_counter() - start
-        checkpointer.save(step, state, data_iter, {"tokens_seen": tokens_seen, "elapsed_s": elapsed,
+        checkpointer.save(step, state, data_iter, {"tokens_seen": tokens_seen, "elapsed_s": elapsed(),
                                                     "config": config_dict}, val_loss=val_loss)
         last_saved = step
 
-    def done(step: int) -> bool:
-        elapsed = elapsed_before + time.perf_counter() - start
-        return (step >= t.max_steps or (t.max_tokens and tokens_seen >= t.max_tokens)
-                or (t.max_time_s and elapsed >= t.max_time_s) or (t.stop_after and step >= t.stop_after))
-
+    pending = None  # (step, metrics) of the step before the one just dispatched
     try:
         while not done(step) and not stop.received:
             batch = shard_batch(next(data_iter), training.mesh)
@@ -167,44 +213,44 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
             step += 1
             tokens_seen += tokens_per_step
             val_loss = None
-            if step % t.log_every == 0 or done(step):
-                now = time.perf_counter()
-                m = jax.device_get(metrics)
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"Non-finite loss {m['loss']} at step {step}; nothing was saved "
-                                             "from it. Lower optim.lr or enable clipping.")
-                tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
-                row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                       "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tok_s,
-                       "mfu": mfu(tok_s, flops_tok, peak, training.mesh.size), "tokens_seen": tokens_seen,
-                       "elapsed_s": elapsed_before + now - start}
-                writer.write(row)
-                print(f"step {step:6d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {tok_s:,.0f} tok/s",
-                      flush=True)
-                last_log_time, last_log_step = now, step
-            if t.eval_every and (step % t.eval_every == 0 or done(step)):
-                ev = evaluate(training, state.params, val_docs, tokenizer, config)
+            if pending is not None:  # read back one step late: the device is already busy with `step`
+                p_step, p_metrics = pending
+                progress.step(read_back(p_step, p_metrics, p_step % t.log_every == 0))
+            pending = (step, metrics)
+            evaluate_now = t.eval_every and (step % t.eval_every == 0 or done(step))
+            save_now = config.checkpoint.save_every and step % config.checkpoint.save_every == 0
+            if evaluate_now or save_now or done(step) or stop.received or checkpointer.preempted(step):
+                progress.step(read_back(step, metrics, step % t.log_every == 0 or done(step)))
+                pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
+            if evaluate_now:
+                ev = evaluate(training, state.params, val_docs, tokenizer, config, tokens_per_char)
                 val_loss = ev["val_loss"]
                 best_val = min(best_val, val_loss)
-                writer.write({"step": step, **ev, "tokens_seen": tokens_seen,
-                              "elapsed_s": elapsed_before + time.perf_counter() - start})
-                print(f"step {step:6d} | val_loss {val_loss:.4f} | val_ppl {ev['val_ppl']:.2f}", flush=True)
-            if config.checkpoint.save_every and step % config.checkpoint.save_every == 0:
+                writers.write({"step": step, **ev, "tokens_seen": tokens_seen, "elapsed_s": elapsed()})
+                progress.message(f"step {step:6d} | val_loss {val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
+                                 f"val_bpc {ev['val_bpc']:.4f}")
+            if save_now:
                 save(step)
             if checkpointer.preempted(step):
                 stop.received = "preemption notice"
-        if stop.received or done(step):
-            if step != last_saved:
-                save(step)
-            checkpointer.wait()
-            if stop.received:
-                print(f"{stop.received}: saved step {step} to {checkpointer.directory / str(step)}.", flush=True)
+        if pending is not None:
+            progress.step(read_back(*pending, log=True))
+        if step != last_saved:
+            save(step)
+        checkpointer.wait()
+        if stop.received:
+            progress.message(f"{stop.received}: saved step {step} to {checkpointer.directory / str(step)}.")
     finally:
         stop.restore()
+        progress.close()
         checkpointer.wait()
         checkpointer.close()
-        writer.close()
+        writers.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
-    return {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
-            "elapsed_s": elapsed_before + time.perf_counter() - start, "workdir": str(workdir)}
+    if jax.process_index() == 0:
+        plot_losses(workdir)
+    run_s = time.perf_counter() - start
+    return {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed(),
+            "tokens_per_sec": (step - first_step) * tokens_per_step / max(run_s, 1e-9), "workdir": str(workdir),
+            "stopped_by": stop.received}

@@ -18,6 +18,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>-<timestamp>).")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                                 "(arguments from the TPU/SLURM environment).")
 
 
 def main(argv):
@@ -25,6 +27,10 @@ def main(argv):
     if _HOST_DEVICES.value:  # before JAX initialises its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     from lightjax.checkpoint import CheckpointError
     from lightjax.trainer import train
 
@@ -34,8 +40,17 @@ def main(argv):
         summary = train(_CONFIG.value, workdir)
     except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"train: {e}")
-    print(f"Done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['elapsed_s']:.1f} s, "
-          f"best val loss {summary['best_val_loss']:.4f}; files in {summary['workdir']}.", flush=True)
+    if jax_process_index() == 0:
+        best = summary["best_val_loss"]
+        print(f"Done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['elapsed_s']:.1f} s "
+              f"in all, {summary['tokens_per_sec']:,.0f} tok/s in this invocation, best val loss "
+              f"{'n/a' if best == float('inf') else f'{best:.4f}'}; files in {summary['workdir']}.", flush=True)
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 if __name__ == "__main__":

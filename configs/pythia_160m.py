@@ -1,0 +1,29 @@
+"""Pythia-160M (GPT-NeoX) pretraining for real hardware: bf16 compute with float32 parameters, FSDP
+over all devices, sequences of 2048 from a TFDS text corpus prepared in ArrayRecord format.
+
+    python scripts/train.py --config configs/pythia_160m.py --config.data.data_dir=gs://BUCKET/tfds
+
+Byte-level tokens by default (no download needed); point data.tokenizer at a SentencePiece model
+for subwords. Sized for one GPU or a TPU v5e-8: 256 x 2048 = 524k tokens per step.
+"""
+
+from lightjax.run_config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.name = "pythia-160m"
+    c.data.source = "tfds:c4/en"
+    c.data.tokenizer = "byte"
+    c.data.seq_len = 2048
+    c.data.num_workers = 8
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.b2 = 6e-4, 6e-5, 1000, 0.95
+    c.train.global_batch_size = 256
+    c.train.max_steps = 20000
+    c.train.dtype, c.train.param_dtype = "bfloat16", "float32"
+    c.train.remat = "dots_with_no_batch_dims_saveable"
+    c.train.scan_layers = True
+    c.train.eval_every, c.train.eval_batches, c.train.log_every = 1000, 50, 50
+    c.checkpoint.save_every = 1000
+    return c

@@ -1,0 +1,138 @@
+"""The front door, end to end: scripts/train.py in subprocesses, and every config in configs/."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightjax.run_config import ConfigError, validate
+from lightjax.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen", "elapsed_s"}
+EVAL_KEYS = {"step", "val_loss", "val_ppl", "val_bpc", "tokens_seen", "elapsed_s"}
+
+
+def _run(workdir, *args, config="configs/smoke.py", devices=1, popen=False):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "scripts/train.py", "--config", config, f"--workdir={workdir}",
+           f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={Path(workdir).parent / 'tfds'}",
+           *([f"--host_devices={devices}"] if devices > 1 else []), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _rows(workdir):
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_smoke_config_end_to_end(tmp_path, devices):
+    workdir = tmp_path / "run"
+    extra = ["--config.mesh.fsdp=8", "--config.mesh.data=1"] if devices == 8 else []
+    out = _run(workdir, "--config.train.max_steps=40", "--config.train.eval_every=20", *extra, devices=devices)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for name in ("config.json", "metrics.jsonl", "loss.png", "tokenizer/tokenizer.json"):
+        assert (workdir / name).is_file(), name
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    rows = _rows(workdir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert all(set(r) == ROW_KEYS for r in train_rows) and all(set(r) == EVAL_KEYS for r in eval_rows)
+    assert [r["step"] for r in train_rows] == [10, 20, 30, 40] and [r["step"] for r in eval_rows] == [20, 40]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3
+    assert eval_rows[-1]["val_loss"] < eval_rows[0]["val_loss"]
+    assert json.loads((workdir / "config.json").read_text())["mesh"]["fsdp"] == (8 if devices == 8 else 1)
+    assert "Done: 40 steps, 40,960 tokens" in out.stdout
+
+
+def test_sigterm_then_restart_writes_the_same_losses(tmp_path):
+    common = ["--config.train.max_steps=40", "--config.train.log_every=1", "--config.train.eval_every=0",
+              "--config.checkpoint.save_every=0"]
+    full = _run(tmp_path / "full", *common)
+    assert full.returncode == 0, full.stderr[-2000:]
+    workdir = tmp_path / "stopped"
+    proc = _run(workdir, *common, popen=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        path = workdir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "SIGTERM: saved step" in out, out[-2000:]
+    assert 20 <= max(r["step"] for r in _rows(workdir)) < 40
+    again = _run(workdir, *common)
+    assert again.returncode == 0, again.stderr[-2000:]
+    want = {r["step"]: r["loss"] for r in _rows(tmp_path / "full")}
+    got = {r["step"]: r["loss"] for r in _rows(workdir)}
+    assert sorted(got) == list(range(1, 41)) and got == want
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.max_stepz=10", "max_stepz"),
+    ("--config.train.max_steps=ten", "max_steps"),
+    ("--config.optim.lr=-0.001", "config.optim.lr=-0.001 must be positive"),
+    ("--config.optim.warmup_steps=500", "config.optim.warmup_steps=500 must be in [0, train.max_steps=60)"),
+    ("--config.data.local_path=/no/such/input.txt", "config.data.local_path='/no/such/input.txt' does not exist"),
+])
+def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
+    out = _run(tmp_path / "run", override)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert message in last, out.stderr[-1500:]
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__doc__ and len(module.__doc__) > 80, f"{path.name} needs a docstring saying what it is for"
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_validates(path):
+    config = _load(path)
+    validate(config, device_count=8)
+
+
+@pytest.mark.parametrize("name", ["pythia_160m", "llama_1b"])
+def test_hardware_configs_run_one_step_at_reduced_size(tmp_path, name):
+    config = _load(ROOT / "configs" / f"{name}.py")
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i} " * 200)
+    config.data.source, config.data.num_workers = f"text:{tmp_path}/corpus/*.txt", 0
+    config.data.seq_len, config.train.global_batch_size = 32, 8
+    config.model.n_layer, config.model.n_embd, config.model.intermediate_size = 2, 64, None
+    config.model.n_head = 4
+    if name == "llama_1b":
+        config.model.n_query_groups, config.model.intermediate_size = 2, 128
+    config.model.vocab_size, config.model.padded_vocab_size = 257, 320
+    config.train.max_steps, config.optim.warmup_steps, config.train.eval_batches = 1, 0, 1
+    config.logging.progress = False
+    summary = train(config, tmp_path / "run")
+    assert summary["step"] == 1 and (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+
+def test_validate_reports_every_problem_at_once():
+    config = _load(ROOT / "configs" / "smoke.py")
+    config.optim.lr, config.train.log_every = -1.0, 0
+    with pytest.raises(ConfigError, match=r"config.optim.lr=-1.0 must be positive; .*config.train.log_every=0"):
+        validate(config, device_count=1)
