@@ -55,4 +55,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from lightjax.cli import one_line_flags_parser
+
+    app.run(main, flags_parser=one_line_flags_parser("prepare_data"))

@@ -54,4 +54,6 @@ def jax_process_index() -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from lightjax.cli import one_line_flags_parser
+
+    app.run(main, flags_parser=one_line_flags_parser("train"))

@@ -39,7 +39,8 @@ def _rows(workdir):
 def test_smoke_config_end_to_end(tmp_path, devices):
     workdir = tmp_path / "run"
     extra = ["--config.mesh.fsdp=8", "--config.mesh.data=1"] if devices == 8 else []
-    out = _run(workdir, "--config.train.max_steps=40", "--config.train.eval_every=20", *extra, devices=devices)
+    out = _run(workdir, "--config.train.max_steps=40", "--config.train.eval_every=20",
+               "--config.checkpoint.save_every=20", *extra, devices=devices)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for name in ("config.json", "metrics.jsonl", "loss.png", "tokenizer/tokenizer.json"):
         assert (workdir / name).is_file(), name
@@ -81,8 +82,8 @@ def test_sigterm_then_restart_writes_the_same_losses(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.train.max_stepz=10", "max_stepz"),
-    ("--config.train.max_steps=ten", "max_steps"),
+    ("--config.train.max_stepz=10", "unknown config key 'max_stepz' Did you mean \"max_steps\""),
+    ("--config.train.max_steps=ten", "flag --config.train.max_steps=ten: invalid literal for int()"),
     ("--config.optim.lr=-0.001", "config.optim.lr=-0.001 must be positive"),
     ("--config.optim.warmup_steps=500", "config.optim.warmup_steps=500 must be in [0, train.max_steps=60)"),
     ("--config.data.local_path=/no/such/input.txt", "config.data.local_path='/no/such/input.txt' does not exist"),
@@ -109,7 +110,9 @@ def _load(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads_and_validates(path):
     config = _load(path)
-    validate(config, device_count=8)
+    validate(config, device_count=1)  # as on this CPU
+    if path.stem in ("pythia_160m", "llama_1b"):
+        validate(config, device_count=8)  # and on the 8-device machines they are for
 
 
 @pytest.mark.parametrize("name", ["pythia_160m", "llama_1b"])

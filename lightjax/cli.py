@@ -1,0 +1,30 @@
+"""What the scripts share: flag parsing whose errors are one line, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+
+
+def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
+    """A flags parser for `absl.app.run(main, flags_parser=...)`: an unknown config key, a value of the
+    wrong type or a malformed flag exits with `program: <what is wrong>` and status 2."""
+
+    def parse(argv: list[str]) -> Any:
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            message = str(e)
+            if isinstance(e, (AttributeError, KeyError)):  # ml_collections wraps a KeyError's text in reprs
+                inner = e.args[0] if e.args else e
+                while isinstance(inner, BaseException) and inner.args:
+                    inner = inner.args[0]
+                message = f"unknown config key {inner}"
+            message = " ".join(message.split())
+            sys.stderr.write(f"{program}: {message}\n")
+            sys.exit(2)
+
+    return parse
