@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,3 +29,11 @@ def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
             sys.exit(2)
 
     return parse
+
+
+def simulate_host_devices(count: int) -> None:
+    """Make the CPU backend expose `count` devices (a laptop's stand-in for 8 accelerators).
+    Only effective before JAX initialises its backends, so scripts call it first thing in main()."""
+    if count:
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()

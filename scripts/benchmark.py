@@ -11,11 +11,12 @@ data pipeline's tokens/s with 0 and 2 worker processes instead.
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from lightjax.cli import simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
@@ -31,9 +32,7 @@ _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor'
 
 def main(argv):
     del argv
-    if _HOST_DEVICES.value:  # before JAX initialises its backends
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
+    simulate_host_devices(_HOST_DEVICES.value)
     from lightjax.benchmark import benchmark_data, benchmark_train_step, format_data_result, format_result
     from lightjax.run_config import ConfigError
 

@@ -7,13 +7,14 @@
 Re-running the same command with the same --workdir resumes from its latest checkpoint.
 """
 
-import os
 import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from lightjax.cli import simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>-<timestamp>).")
@@ -24,9 +25,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call jax.dis
 
 def main(argv):
     del argv
-    if _HOST_DEVICES.value:  # before JAX initialises its backends
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
+    simulate_host_devices(_HOST_DEVICES.value)
     if _DISTRIBUTED.value:
         import jax
 
