@@ -139,3 +139,26 @@ def test_validate_reports_every_problem_at_once():
     config.optim.lr, config.train.log_every = -1.0, 0
     with pytest.raises(ConfigError, match=r"config.optim.lr=-1.0 must be positive; .*config.train.log_every=0"):
         validate(config, device_count=1)
+
+
+def _smoke_config(tmp_path, **train_kw):
+    config = _load(ROOT / "configs" / "smoke.py")
+    config.data.local_path, config.data.data_dir = str(SHAKESPEARE), str(tmp_path / "tfds")
+    config.train.max_steps, config.train.log_every, config.train.eval_every = 6, 1, 0
+    config.checkpoint.save_every, config.logging.progress = 3, False
+    config.optim.lr, config.optim.min_lr, config.optim.warmup_steps = 1e30, 0.0, 0  # diverges at once
+    for k, v in train_kw.items():
+        setattr(config.train, k, v)
+    return config
+
+
+def test_non_finite_loss_stops_without_saving_it(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss \(\w+\) at step \d; stopped without saving"):
+        train(_smoke_config(tmp_path), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_skip_nonfinite_skips_the_update(tmp_path):
+    summary = train(_smoke_config(tmp_path, skip_nonfinite=True), tmp_path / "run")
+    rows = [r for r in _rows(tmp_path / "run") if "loss" in r]
+    assert summary["step"] == 6 and any(r["skipped"] for r in rows)
