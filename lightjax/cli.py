@@ -7,16 +7,20 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from absl import flags
+from absl import flags, logging
 
 
 def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
     """A flags parser for `absl.app.run(main, flags_parser=...)`: an unknown config key, a value of the
-    wrong type or a malformed flag exits with `program: <what is wrong>` and status 2."""
+    wrong type or a malformed flag exits with `program: <what is wrong>` and status 2. Library INFO
+    logs are hidden unless --verbosity is given."""
 
     def parse(argv: list[str]) -> Any:
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
+            if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+                logging.set_verbosity(logging.WARNING)  # TFDS and Orbax log progress at INFO level
+            return rest
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
             message = str(e)
             if isinstance(e, (AttributeError, KeyError)):  # ml_collections wraps a KeyError's text in reprs

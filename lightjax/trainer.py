@@ -186,9 +186,11 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
             raise FloatingPointError(f"Non-finite loss ({m['loss']}) at step {step}; stopped without saving it "
                                      f"(the last checkpoint is step {last_saved}). Lower optim.lr, or set "
                                      "train.skip_nonfinite=True to skip such updates.")
-        if not log:
-            return None
         now = time.perf_counter()
+        if not log:
+            if step == first_step + 1:  # compilation ends with the first step: time throughput from here
+                window.update(time=now, step=step)
+            return None
         tok_s = (step - window["step"]) * tokens_per_step / max(now - window["time"], 1e-9)
         window.update(time=now, step=step)
         row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),

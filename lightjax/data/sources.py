@@ -120,7 +120,11 @@ def load_split(data: Any, split: str) -> Sequence[str]:
     if source == "tiny_shakespeare":
         builder = _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
                                               file_format="array_record")
-        builder.download_and_prepare()
+        if not builder.is_prepared():
+            import tensorflow_datasets as tfds
+
+            tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
+            builder.download_and_prepare()
         return TextField(builder.as_data_source(split), "text", "tiny_shakespeare")
     if source.startswith("tfds:"):
         import tensorflow_datasets as tfds
