@@ -18,6 +18,7 @@ recomputed FLOPs are the hardware's cost, not the model's.
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
@@ -196,3 +197,33 @@ def plot_losses(workdir: str | Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+CSV_COLUMNS = ("step", "train_loss", "val_loss", "tokens_per_sec", "elapsed_s")
+
+
+def write_metrics_csv(workdir: str | Path, out: str | Path | None = None) -> Path | None:
+    """A small CSV of the run (default WORKDIR/metrics.csv), a row per logged or evaluated step:
+    step, train loss, validation loss, tokens/s, elapsed seconds (blank where not measured)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in read_metrics(workdir):
+        row = by_step.setdefault(r["step"], {"step": r["step"]})
+        row.update({k: v for k, v in (("train_loss", r.get("loss")), ("val_loss", r.get("val_loss")),
+                                       ("tokens_per_sec", r.get("tokens_per_sec")), ("elapsed_s", r.get("elapsed_s")))
+                    if v is not None})
+    if not by_step:
+        return None
+    out = Path(out) if out else Path(workdir) / "metrics.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        for step in sorted(by_step):
+            writer.writerow({k: _csv_value(by_step[step].get(k)) for k in CSV_COLUMNS})
+    return out
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v

@@ -106,11 +106,9 @@ def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]
     return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
-def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
-                    rules: Rules, shardings: TrainState, grad_accum_steps: int = 1, z_loss: float = 0.0,
-                    skip_nonfinite: bool = False) -> Step:
-    """step(state, batch) -> (state, metrics); metrics: loss, grad_norm, lr, tokens (all scalars), and
-    `skipped` with skip_nonfinite (an update whose loss or gradients are not finite is not applied)."""
+def make_loss_fn(model: GPT, z_loss: float = 0.0) -> Callable:
+    """loss_fn(params, batch, rng) -> (objective, (nll_sum, counted_tokens)): sums, not means, so that
+    micro-batches and devices add up exactly; dropout is active when the model has any."""
     use_dropout = model.config.dropout > 0
 
     def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, tuple]:
@@ -123,7 +121,15 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
         objective = nll_sum + z_loss * jnp.sum(jnp.square(lse) * mask)
         return objective, (nll_sum, jnp.sum(mask))
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
+                    rules: Rules, shardings: TrainState, grad_accum_steps: int = 1, z_loss: float = 0.0,
+                    skip_nonfinite: bool = False) -> Step:
+    """step(state, batch) -> (state, metrics); metrics: loss, grad_norm, lr, tokens (all scalars), and
+    `skipped` with skip_nonfinite (an update whose loss or gradients are not finite is not applied)."""
+    grad_fn = jax.value_and_grad(make_loss_fn(model, z_loss), has_aux=True)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)

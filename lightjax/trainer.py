@@ -24,7 +24,7 @@ from lightjax.checkpoint import Checkpointer, CheckpointError, config_changes
 from lightjax.data.pipeline import check_vocab, eval_batches, eval_tokens, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
-from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses
+from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
 
@@ -252,6 +252,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
             data_iter.close()
     if jax.process_index() == 0:
         plot_losses(workdir)
+        write_metrics_csv(workdir)
     run_s = time.perf_counter() - start
     return {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed(),
             "tokens_per_sec": (step - first_step) * tokens_per_step / max(run_s, 1e-9), "workdir": str(workdir),

@@ -1,4 +1,11 @@
-"""Tiny model and run configs shared by the tests: one per block layout the model supports."""
+"""What the tests share: tiny model and run configs (one per block layout the model supports), the
+local data path, config loading and script running."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from lightjax.config import ModelConfig
 from lightjax.run_config import default_config
@@ -35,3 +42,26 @@ def tiny_run_config(family="pythia", mesh=(1, 1, 1), **train):
     for k, v in train.items():
         setattr(c.train, k, v)
     return c
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def load_config(name: str, local_data: bool = True):
+    """configs/<name>.py's get_config(), pointed at the local Tiny Shakespeare copy."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if local_data:
+        config.data.local_path = str(SHAKESPEARE)
+    return config
+
+
+def run_script(script: str, *args: str, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """scripts/<script> in a subprocess with its own device count (XLA_FLAGS is not inherited)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, f"scripts/{script}", *args, *([f"--host_devices={devices}"] if devices > 1 else [])]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

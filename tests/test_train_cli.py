@@ -1,5 +1,6 @@
 """The front door, end to end: scripts/train.py in subprocesses, and every config in configs/."""
 
+import csv
 import importlib.util
 import json
 import os
@@ -42,7 +43,7 @@ def test_smoke_config_end_to_end(tmp_path, devices):
     out = _run(workdir, "--config.train.max_steps=40", "--config.train.eval_every=20",
                "--config.checkpoint.save_every=20", *extra, devices=devices)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    for name in ("config.json", "metrics.jsonl", "loss.png", "tokenizer/tokenizer.json"):
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "loss.png", "tokenizer/tokenizer.json"):
         assert (workdir / name).is_file(), name
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -55,6 +56,11 @@ def test_smoke_config_end_to_end(tmp_path, devices):
     assert eval_rows[-1]["val_loss"] < eval_rows[0]["val_loss"]
     assert json.loads((workdir / "config.json").read_text())["mesh"]["fsdp"] == (8 if devices == 8 else 1)
     assert "Done: 40 steps, 40,960 tokens" in out.stdout
+    csv_rows = list(csv.DictReader((workdir / "metrics.csv").open()))
+    assert [r["step"] for r in csv_rows] == ["10", "20", "30", "40"]
+    assert [bool(r["val_loss"]) for r in csv_rows] == [False, True, False, True]
+    assert float(csv_rows[-1]["val_loss"]) == pytest.approx(eval_rows[-1]["val_loss"], rel=1e-5)
+    assert float(csv_rows[0]["train_loss"]) == pytest.approx(train_rows[0]["loss"], rel=1e-5)
 
 
 def test_sigterm_then_restart_writes_the_same_losses(tmp_path):
@@ -85,7 +91,7 @@ def test_sigterm_then_restart_writes_the_same_losses(tmp_path):
     ("--config.train.max_stepz=10", "unknown config key 'max_stepz' Did you mean \"max_steps\""),
     ("--config.train.max_steps=ten", "flag --config.train.max_steps=ten: invalid literal for int()"),
     ("--config.optim.lr=-0.001", "config.optim.lr=-0.001 must be positive"),
-    ("--config.optim.warmup_steps=500", "config.optim.warmup_steps=500 must be in [0, train.max_steps=60)"),
+    ("--config.optim.warmup_steps=500", "config.optim.warmup_steps=500 must be in [0, train.max_steps=100)"),
     ("--config.data.local_path=/no/such/input.txt", "config.data.local_path='/no/such/input.txt' does not exist"),
 ])
 def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):

@@ -1,0 +1,264 @@
+"""Verification tools: the smoke test (overfit one batch, gradient flow) and the determinism checks
+of the reproducibility audit. `scripts/smoke_test.py` and `scripts/reproducibility_audit.py` are thin
+command lines over these functions; the tests call them on tiny configs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightjax.data.pipeline import train_iterator
+from lightjax.data.sources import load_split
+from lightjax.data.tokenizers import make_tokenizer
+from lightjax.metrics import read_metrics
+from lightjax.model import unstack_layers
+from lightjax.sharding import shard_batch
+from lightjax.train_step import Step, Training, make_loss_fn, setup_training
+
+
+@dataclasses.dataclass
+class SmokeResult:
+    losses: list[float]  # loss before each update, the first one at the initial parameters
+    seconds: float
+    leaves_checked: int  # parameter leaves, counted per layer
+    dead_leaves: list[str]  # leaves whose first gradient is zero or not finite
+    min_reduction: float
+
+    @property
+    def initial_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1]
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.final_loss / self.initial_loss
+
+    @property
+    def passed(self) -> bool:
+        return self.reduction >= self.min_reduction and not self.dead_leaves and np.isfinite(self.final_loss)
+
+    def table(self) -> str:
+        rows = [("initial loss", f"{self.initial_loss:.4f}"), ("final loss", f"{self.final_loss:.4f}"),
+                ("reduction", f"{self.reduction:.1%} (needs >= {self.min_reduction:.0%})"),
+                ("steps", f"{len(self.losses) - 1}"), ("seconds", f"{self.seconds:.1f}"),
+                ("leaves checked", f"{self.leaves_checked} ({len(self.dead_leaves)} without gradient)")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def fixed_batch(config: Any) -> dict[str, np.ndarray]:
+    """The first training batch of the configured data, tokenizer and seed."""
+    docs = load_split(config.data, "train")
+    tokenizer = make_tokenizer(config.data.tokenizer, docs)
+    it = train_iterator(docs, tokenizer, config.data.seq_len, config.train.global_batch_size // jax.process_count(),
+                        config.train.seed, num_workers=0, shuffle_window=config.data.shuffle_window)
+    try:
+        return {k: np.asarray(v) for k, v in next(it).items()}
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def _per_layer(tree: Any) -> dict[str, Any]:
+    """Flat {path: array} with a scanned layer stack split back into its layers."""
+    tree = unstack_layers(tree) if "h" in tree else tree
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def gradient_flow(training: Training, params: Any, batch: Any) -> tuple[int, list[str]]:
+    """(leaves checked, names of leaves whose gradient is all zero or not finite) for one batch."""
+    loss_fn = make_loss_fn(training.model)
+
+    def grads(params: Any, batch: Any) -> Any:
+        return jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0))[0])(params)
+
+    fn = Step(jax.jit(grads, in_shardings=(training.shardings.params, None)), training.mesh, training.rules)
+    norms = {k: float(jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))))
+             for k, g in _per_layer(fn(params, batch)).items()}
+    return len(norms), sorted(k for k, n in norms.items() if not (np.isfinite(n) and n > 0))
+
+
+def overfit_one_batch(config: Any, steps: int | None = None, min_reduction: float = 0.95,
+                      devices: list[jax.Device] | None = None) -> SmokeResult:
+    """Train `steps` (default config.train.max_steps) updates on one fixed batch; check that every
+    parameter leaf, layer by layer, gets a non-zero finite gradient on the first."""
+    steps = config.train.max_steps if steps is None else steps
+    training = setup_training(config, devices)
+    batch = shard_batch(fixed_batch(config), training.mesh)
+    state = training.init_state()
+    start = time.perf_counter()
+    checked, dead = gradient_flow(training, state.params, batch)
+    losses = []
+    for _ in range(steps):
+        state, metrics = training.train_step(state, batch)
+        # The loss before this update. Reading it back each step also bounds the steps in flight: on
+        # simulated CPU devices a deep queue of collective programs can starve XLA's rendezvous.
+        losses.append(float(metrics["loss"]))
+    final = float(training.eval_step(state.params, batch)["nll_sum"]) / batch["tokens"][:, 1:].size
+    return SmokeResult(losses + [final], time.perf_counter() - start, checked, dead, min_reduction)
+
+
+def _train_losses(config: Any, workdir: Path) -> tuple[list[float], float]:
+    """(train loss at every step, final loss) of a fresh run; the final loss is the last validation
+    loss when the run evaluates (less noisy than one batch), else the last train loss."""
+    from lightjax.trainer import train  # the loop imports checkpointing; only the audit needs it
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the audit prints its own summary
+        train(config, workdir)
+    rows = read_metrics(workdir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    return losses, (vals[-1] if vals else losses[-1])
+
+
+def determinism_check(config: Any, second_seed: int | None = None, tolerance: float = 0.01,
+                      workdir: str | Path | None = None) -> dict[str, Any]:
+    """Run the config twice with its seed and once with another: the first two loss sequences must be
+    identical, the third's final loss within `tolerance` (relative) of the first's."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.train.log_every = 1  # compare the loss of every step
+        config.checkpoint.resume = "never"
+        config.logging.progress = False
+        config.logging.tensorboard = False
+        config.logging.wandb_project = ""
+    seed = config.train.seed
+    second_seed = seed + 1 if second_seed is None else second_seed
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        runs = {}
+        for name, s in (("seed_a", seed), ("seed_a_again", seed), ("seed_b", second_seed)):
+            c = copy.deepcopy(config)
+            c.train.seed = s
+            start = time.perf_counter()
+            losses, final = _train_losses(c, Path(tmp) / name)
+            runs[name] = {"seed": s, "steps": len(losses), "final_loss": final, "seconds": time.perf_counter() - start,
+                          "losses": losses}
+    a, again, b = runs["seed_a"], runs["seed_a_again"], runs["seed_b"]
+    diffs = [abs(x - y) for x, y in zip(a["losses"], again["losses"], strict=False)]
+    identical = a["losses"] == again["losses"]
+    relative = abs(b["final_loss"] - a["final_loss"]) / abs(a["final_loss"])
+    return {"same_seed_identical": identical, "same_seed_max_abs_diff": max(diffs, default=0.0),
+            "seed_relative_diff": relative, "seed_tolerance": tolerance, "seed_within_tolerance": relative <= tolerance,
+            "passed": identical and relative <= tolerance, "runs": runs}
+
+
+# --- The reproducibility audit's record of the environment -------------------------------------------
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "sentencepiece",
+            "numpy", "ml-collections")
+# Environment variables that change what XLA compiles, which devices it sees or how numbers come out.
+ENV_PREFIXES = ("XLA_", "JAX_", "TPU_", "LIBTPU", "CUDA_", "NCCL_", "TF_CPP_", "OMP_", "MKL_", "PYTHONHASHSEED")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def config_digest(config: Any) -> tuple[dict[str, Any], str]:
+    """(the config as plain JSON, sha256 of its canonical form)."""
+    as_dict = json.loads(config.to_json_best_effort())
+    canonical = json.dumps(as_dict, sort_keys=True, separators=(",", ":"))
+    return as_dict, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def environment(config: Any) -> dict[str, Any]:
+    """What a run's numbers depend on besides its config: software, hardware, flags, code version."""
+    devices = jax.devices()
+    kinds: dict[str, int] = {}
+    for d in devices:
+        kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
+    status = _git("status", "--porcelain")
+    config_dict, digest = config_digest(config)
+    return {
+        "python": sys.version.split()[0],
+        "packages": {p: _version(p) for p in PACKAGES},
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device_count": len(devices),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "device_kinds": kinds,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "config_sha256": digest,
+        "config": config_dict,
+    }
+
+
+def audit_markdown(report: dict[str, Any]) -> str:
+    """environment.md: the same facts as environment.json, for people."""
+    env = report["environment"]
+    lines = ["# Reproducibility audit", "", "## Environment", "", "| item | value |", "|---|---|"]
+    items = [("Python", env["python"]), *[(p, v or "not installed") for p, v in env["packages"].items()],
+             ("platform", env["platform"]), ("CPU", f"{env['cpu_model']} ({env['cpu_count']} cores)"),
+             ("backend", env["backend"]),
+             ("devices", ", ".join(f"{n} x {k}" for k, n in env["device_kinds"].items())
+              + f" ({env['process_count']} process(es))"),
+             ("XLA_FLAGS", f"`{env['xla_flags']}`" if env["xla_flags"] else "(unset)"),
+             ("git commit", f"{env['git_commit']}{' (dirty tree)' if env['git_dirty'] else ''}"),
+             ("config sha256", env["config_sha256"])]
+    lines += [f"| {k} | {v} |" for k, v in items]
+    lines += ["", "Environment variables: " + (", ".join(f"`{k}={v}`" for k, v in env["env"].items()) or "none set")]
+    check = report.get("determinism")
+    if check:
+        runs = check["runs"]
+        lines += ["", "## Determinism", "",
+                  "| run | seed | steps | final loss | seconds |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['seed']} | {r['steps']} | {r['final_loss']:.6f} | {r['seconds']:.1f} |"
+                  for name, r in runs.items()]
+        lines += ["", f"- Same seed twice, loss of every step identical: **{check['same_seed_identical']}** "
+                  f"(largest difference {check['same_seed_max_abs_diff']:.3g})",
+                  f"- Second seed's final loss within {check['seed_tolerance']:.0%} of the first's: "
+                  f"**{check['seed_within_tolerance']}** ({check['seed_relative_diff']:.2%} apart)",
+                  f"- Verdict: **{'PASS' if check['passed'] else 'FAIL'}**"]
+    lines += ["", "## Config", "", "```json", json.dumps(env["config"], indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
