@@ -140,6 +140,30 @@ class Checkpointer:
 DTYPE_NAMES = ("float32", "bfloat16")
 
 
+def restore_params(workdir: str | Path, step: int | None = None) -> tuple[Any, Any, int]:
+    """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
+    run's checkpoint (default: the latest); the optimizer state is not kept."""
+    import ml_collections
+
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"No complete checkpoint under {ckpt.directory}.")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"No checkpoint for step {step} under {ckpt.directory}; there are {steps}.")
+        meta = ckpt.read_meta(step)
+        # Onto this process's first device, whatever mesh wrote it: a target with that sharding.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              ckpt.manager.item_metadata(step)["state"])
+        state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    finally:
+        ckpt.close()
+    return ml_collections.ConfigDict(meta["config"]), state["params"], step
+
+
 def export_params(workdir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32") -> Path:
     """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
     OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
@@ -149,29 +173,18 @@ def export_params(workdir: str | Path, out: str | Path, step: int | None = None,
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
-    ckpt = Checkpointer(workdir, async_save=False)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"No complete checkpoint under {ckpt.directory}.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"No checkpoint for step {step} under {ckpt.directory}; there are {steps}.")
-    meta = ckpt.read_meta(step)
-    state = ocp.StandardCheckpointer().restore(ckpt.directory / str(step) / "state")
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), state["params"])
+    config, params, step = restore_params(workdir, step)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / "params", params, force=True)
     checkpointer.wait_until_finished()
-    import ml_collections
-
-    cfg = model_config(ml_collections.ConfigDict(meta["config"]))
+    cfg = model_config(config)
     (out / "model_config.json").write_text(json.dumps({"step": step, "dtype": dtype, **cfg.to_dict()}, indent=1))
     tokenizer = Path(workdir) / "tokenizer"
     if tokenizer.is_dir():
         shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
-    ckpt.close()
     return out
 
 

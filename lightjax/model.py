@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,22 +189,53 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # ------------------------------------------------------------------------------------------------
 
 
-def causal_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
-    """softmax(q k^T * scale + causal mask) v for q [B, T, n_head, hs], k and v [B, T, n_groups, hs].
+def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | None = None) -> Array:
+    """softmax(q k^T * scale + mask) v for q [B, T, n_head, hs], k and v [B, S, n_groups, hs].
 
-    `jax.nn.dot_product_attention` picks cuDNN flash attention on GPU and XLA's fused version
-    elsewhere, and handles grouped queries natively. Its softmax always runs in float32, though, so
-    float64 (used to check gradients numerically) takes the explicit path below instead.
+    Without `mask` the mask is causal (S == T); with it (bool, broadcastable to [B, 1, T, S]) it says
+    which keys each query sees, as decoding with a KV cache needs. `jax.nn.dot_product_attention`
+    picks cuDNN flash attention on GPU and XLA's fused version elsewhere, and handles grouped queries
+    natively. Its softmax always runs in float32, though, so float64 (used to check gradients
+    numerically) takes the explicit path below instead.
     """
     if q.dtype != jnp.float64:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=mask is None, mask=mask, scale=scale)
     B, T, N, hs = q.shape
     G = k.shape[2]
     qg = q.reshape(B, T, G, N // G, hs)  # query head n belongs to group n // (N // G)
     scores = jnp.einsum("btgqh,bsgh->bgqts", qg, k) * scale
-    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool)) if mask is None else mask[:, :, None]  # [B, 1, 1, T, S]
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
     return jnp.einsum("bgqts,bsgh->btgqh", probs, v).reshape(B, T, N, hs)
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Keys and values of every layer for decoding: slots [0, index) are filled. Row b's real tokens
+    start at slot start[b] (prompts are left-padded to a common length), so its RoPE position is
+    slot - start[b] and its queries never see the padding."""
+
+    k: Array  # [n_layer, B, S, n_query_groups, head_size]
+    v: Array
+    index: Array  # int32 scalar: the next free slot
+    start: Array  # int32 [B]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: Dtype, start: Array | None = None) -> KVCache:
+        shape = (cfg.n_layer, batch, length, cfg.n_query_groups, cfg.head_size)
+        start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
+
+    def mask(self, T: int) -> Array:
+        """[B, 1, T, S]: the query in slot index+t sees keys from start[b] up to its own slot. A padding
+        query sees only itself, so that its (unused) output stays finite."""
+        q_slot = self.index + jnp.arange(T)[:, None]  # [T, 1]
+        k_slot = jnp.arange(self.k.shape[2])[None, :]  # [1, S]
+        causal = k_slot <= q_slot
+        real = (k_slot[None] >= self.start[:, None, None]) | (k_slot == q_slot)[None]
+        return (causal[None] & real)[:, None]
+
+
+CACHE_AXES = ("layers", "batch", None, "act_heads", "act_kv")  # kv heads over tensor, like the qkv kernel
 
 
 def _init_stds(cfg: ModelConfig) -> tuple[float, float]:
@@ -227,7 +259,10 @@ class CausalSelfAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, kv: tuple[Array, Array] | None = None,
+                 index: Array | None = None, mask: Array | None = None) -> tuple[Array, tuple | None]:
+        """-> (output, kv): with a layer's cache `kv` ([B, S, G, hs] each), this call's keys and values
+        are written at slots index.. and the queries attend over the cache under `mask`."""
         c = self.config
         std, proj_std = _init_stds(c)
         B, T, _ = x.shape
@@ -240,12 +275,18 @@ class CausalSelfAttention(nn.Module):
         q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "act_kv"))
         k = _constrain(apply_rope(k, cos, sin), ("batch", "length", "act_heads", "act_kv"))
         v = _constrain(v, ("batch", "length", "act_heads", "act_kv"))
-        y = causal_attention(q, k, v, scale=1.0 / math.sqrt(c.head_size))
+        if kv is not None:
+            k, v = (jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+                    for cache, new in zip(kv, (k, v), strict=True))
+            kv = (_constrain(k, CACHE_AXES[1:]), _constrain(v, CACHE_AXES[1:]))
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        y = causal_attention(q, k, v, scale=1.0 / math.sqrt(c.head_size), mask=mask)
         y = _constrain(y, ("batch", "length", "act_heads", "act_kv"))
-        return Linear(
+        out = Linear(
             (c.n_head, c.head_size), (c.n_embd,), ("heads", "kv", "embed"),
             c.bias, proj_std, self.dtype, self.param_dtype, name="proj",
         )(y)
+        return out, kv
 
 
 class GptNeoxMLP(nn.Module):
@@ -296,12 +337,15 @@ class Block(nn.Module):
     deterministic: bool = True  # a field, not an argument, so that nn.scan/nn.remat see it as static
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, kv: tuple[Array, Array] | None = None,
+                 index: Array | None = None, mask: Array | None = None) -> tuple[Array, tuple | None]:
+        """-> (x, kv): the layer's output and, when decoding, its updated cache."""
         c = self.config
         dropout = lambda h: nn.Dropout(c.dropout)(h, deterministic=self.deterministic)  # noqa: E731
         mlp = MLP_CLASSES[c.mlp_class_name](c, self.dtype, self.param_dtype, name="mlp")
         x_normed = make_norm(c, self.dtype, self.param_dtype, "norm_1")(x)
-        h = dropout(CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(x_normed, cos, sin))
+        h, kv = CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(x_normed, cos, sin, kv, index, mask)
+        h = dropout(h)
         if c.parallel_residual:
             if not c.shared_attention_norm:
                 x_normed = make_norm(c, self.dtype, self.param_dtype, "norm_2")(x)
@@ -309,14 +353,7 @@ class Block(nn.Module):
         else:
             x = x + h
             x = x + dropout(mlp(make_norm(c, self.dtype, self.param_dtype, "norm_2")(x)))
-        return _constrain(x, ("batch", "length", "act_embed"))
-
-
-class _ScanBlock(Block):
-    """Block as an nn.scan body: (carry, broadcast inputs) -> (carry, per-layer outputs)."""
-
-    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
-        return super().__call__(x, cos, sin), None
+        return _constrain(x, ("batch", "length", "act_embed")), kv
 
 
 class GPT(nn.Module):
@@ -329,14 +366,19 @@ class GPT(nn.Module):
     remat: str = "none"  # a key of REMAT_POLICIES
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True) -> Array:
+    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True,
+                 cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+        """Logits for `tokens` [B, T]. With a `cache` the tokens fill its slots index..index+T-1 (their
+        positions follow from the slots), and the result is (logits, updated cache)."""
         c = self.config
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"GPT.remat={self.remat!r} is not one of {', '.join(map(repr, REMAT_POLICIES))}.")
         B, T = tokens.shape
         if c.block_size < T:
             raise ValueError(f"Sequence length {T} exceeds the model's block_size={c.block_size}.")
-        if positions is None:
+        if cache is not None:
+            positions = cache.index + jnp.arange(T)[None, :] - cache.start[:, None]
+        elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         std, _ = _init_stds(c)
 
@@ -344,7 +386,7 @@ class GPT(nn.Module):
         x = _constrain(wte(tokens), ("batch", "length", "act_embed"))
         x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
         cos, sin = rope_cos_sin(c, positions)
-        x = self._blocks(x, cos, sin, deterministic)
+        x, cache = self._blocks(x, cos, sin, deterministic, cache)
         x = make_norm(c, self.dtype, self.param_dtype, "ln_f")(x)
         if c.tie_embeddings:
             logits = wte.attend(x)
@@ -352,29 +394,47 @@ class GPT(nn.Module):
             logits = Linear((c.n_embd,), (c.padded_vocab_size,), ("embed", "vocab"), c.lm_head_bias, std,
                             self.dtype, self.param_dtype, name="lm_head")(x)
         # float32 logits for a numerically safe softmax cross-entropy, also under bfloat16 compute.
-        return _constrain(logits.astype(_compute_dtype(self.dtype)), ("batch", "length", "act_vocab"))
+        logits = _constrain(logits.astype(_compute_dtype(self.dtype)), ("batch", "length", "act_vocab"))
+        return logits if cache is None else (logits, cache)
 
-    def _blocks(self, x: Array, cos: Array, sin: Array, deterministic: bool) -> Array:
+    def _blocks(self, x: Array, cos: Array, sin: Array, deterministic: bool,
+                cache: KVCache | None) -> tuple[Array, KVCache | None]:
         c = self.config
         kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
-        block_cls = _ScanBlock if self.scan_layers else Block
+        block_cls = Block
         if self.remat != "none":
             # Inside scan, CSE cannot merge the recomputation with the forward pass, so skip the guard.
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+        decode = () if cache is None else (cache.index, cache.mask(x.shape[1]))
         if not self.scan_layers:
+            new_k, new_v = [], []
             for i in range(c.n_layer):
-                x = block_cls(**kwargs, name=f"h_{i}")(x, cos, sin)
-            return x
-        stack = nn.scan(
-            block_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=c.n_layer,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(**kwargs, name="h")(x, cos, sin)
-        return x
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, kv = block_cls(**kwargs, name=f"h_{i}")(x, cos, sin, kv, *decode)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            if cache is not None:
+                cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        else:
+            # The layer stack is one scanned block: x is the carry, a layer's cache is scanned over.
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast) + (() if cache is None else (0, nn.broadcast, nn.broadcast)),
+                length=c.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            kv = None if cache is None else (cache.k, cache.v)
+            x, kv = stack(**kwargs, name="h")(x, cos, sin, *(() if cache is None else (kv, *decode)))
+            if cache is not None:
+                cache = cache.replace(k=kv[0], v=kv[1])
+        if cache is not None:
+            T = x.shape[1]
+            cache = cache.replace(k=_constrain(cache.k, CACHE_AXES), v=_constrain(cache.v, CACHE_AXES),
+                                  index=cache.index + T)
+        return x, cache
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 
 from lightjax.checkpoint import Checkpointer, CheckpointError, config_changes
-from lightjax.data.pipeline import check_vocab, eval_batches, eval_tokens, train_iterator
+from lightjax.data.pipeline import check_vocab, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
+from lightjax.evaluate import evaluate, text_units
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
@@ -55,20 +56,6 @@ def _tokenizer(config: Any, workdir: Path, train_docs: Any) -> Tokenizer:
     if jax.process_index() == 0:
         tokenizer.save(saved)
     return tokenizer
-
-
-def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, config: Any,
-             tokens_per_char: float) -> dict[str, float]:
-    """Validation loss (nats per token), perplexity and bits per character over `eval_batches`
-    batches (0: the whole split). Bits per character compare across tokenizers."""
-    nll, count = 0.0, 0.0
-    local_batch = config.train.global_batch_size // jax.process_count()
-    for batch in eval_batches(docs, tokenizer, config.data.seq_len, local_batch,
-                              max_batches=config.train.eval_batches):
-        out = training.eval_step(params, shard_batch(batch, training.mesh))
-        nll, count = nll + float(out["nll_sum"]), count + float(out["tokens"])
-    loss = nll / max(count, 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpc": loss / math.log(2) * tokens_per_char}
 
 
 def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Training,
@@ -147,8 +134,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
     train_docs, val_docs = load_split(config.data, "train"), load_split(config.data, "validation")
     tokenizer = _tokenizer(config, workdir, train_docs)
     check_vocab(tokenizer, cfg.vocab_size)
-    val_chars = sum(len(val_docs[i]) for i in range(len(val_docs)))
-    tokens_per_char = len(eval_tokens(val_docs, tokenizer)) / max(val_chars, 1)
+    tokens_per_char = text_units(val_docs, tokenizer)["tokens_per_char"]
     local_batch = t.global_batch_size // jax.process_count()
     data_iter = train_iterator(train_docs, tokenizer, config.data.seq_len, local_batch, t.seed,
                                config.data.num_workers, shuffle_window=config.data.shuffle_window)

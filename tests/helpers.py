@@ -65,3 +65,22 @@ def run_script(script: str, *args: str, devices: int = 1, timeout: int = 600) ->
     env["PYTHONPATH"] = str(ROOT)
     cmd = [sys.executable, f"scripts/{script}", *args, *([f"--host_devices={devices}"] if devices > 1 else [])]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+VOCAB = 100  # of the random Hugging Face models
+
+
+def random_hf_model(hf, config_cls_name, model_cls_name, **config):
+    """An HF model with every tensor random, norms and biases included, so that no weight can be
+    dropped or transposed by the conversion without changing the logits."""
+    torch, transformers = hf
+    torch.manual_seed(0)
+    hf_config = getattr(transformers, config_cls_name)(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, **config)
+    model = getattr(transformers, model_cls_name)(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            p.copy_(base + 0.1 * torch.randn_like(p))
+    return model

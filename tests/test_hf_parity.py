@@ -12,29 +12,12 @@ from lightjax.config import ModelConfig
 from lightjax.convert.hf import config_from_hf, config_to_hf, load_hf_checkpoint, params_from_hf
 from lightjax.model import GPT, abstract_params, count_params
 from tests.conftest import require_hf
-
-VOCAB = 100
+from tests.helpers import VOCAB, random_hf_model
 
 
 @pytest.fixture(scope="module")
 def hf():
     return require_hf()
-
-
-def _random_hf_model(hf, config_cls_name, model_cls_name, **config):
-    """An HF model with every tensor random, norms and biases included, so that no weight can be
-    dropped or transposed by the conversion without changing the logits."""
-    torch, transformers = hf
-    torch.manual_seed(0)
-    hf_config = getattr(transformers, config_cls_name)(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, **config)
-    model = getattr(transformers, model_cls_name)(hf_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-            p.copy_(base + 0.1 * torch.randn_like(p))
-    return model
 
 
 def _assert_logits_match(hf, model, params=None, cfg=None, atol=1e-5):
@@ -56,7 +39,7 @@ def _assert_logits_match(hf, model, params=None, cfg=None, atol=1e-5):
 @pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
 @pytest.mark.parametrize("parallel_residual", [True, False])
 def test_gpt_neox_logits(hf, rotary_pct, parallel_residual):
-    model = _random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=rotary_pct,
+    model = random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=rotary_pct,
                              use_parallel_residual=parallel_residual)
     cfg = _assert_logits_match(hf, model)
     assert (cfg.rotary_percentage, cfg.parallel_residual) == (rotary_pct, parallel_residual)
@@ -78,7 +61,7 @@ LLAMA_CASES = {
 
 @pytest.mark.parametrize("case", list(LLAMA_CASES))
 def test_llama_logits(hf, case):
-    model = _random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", **LLAMA_CASES[case])
+    model = random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", **LLAMA_CASES[case])
     cfg = _assert_logits_match(hf, model)
     assert cfg.n_query_groups == model.config.num_key_value_heads
     assert cfg.tie_embeddings == model.config.tie_word_embeddings
@@ -111,7 +94,7 @@ def test_config_round_trip_through_hf(name):
 @pytest.mark.parametrize("shard", [False, True])
 def test_load_hf_checkpoint_from_safetensors(hf, tmp_path, shard):
     torch, _ = hf
-    model = _random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True)
+    model = random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True)
     model.save_pretrained(tmp_path, max_shard_size="20KB" if shard else "10GB")
     assert (tmp_path / "model.safetensors.index.json").exists() == shard
     cfg, params = load_hf_checkpoint(tmp_path)
@@ -120,7 +103,7 @@ def test_load_hf_checkpoint_from_safetensors(hf, tmp_path, shard):
 
 def test_load_bfloat16_gpt_neox_checkpoint(hf, tmp_path):
     torch, _ = hf
-    model = _random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM").to(torch.bfloat16)
+    model = random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM").to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     cfg, params = load_hf_checkpoint(tmp_path)
     qkv = model.gpt_neox.layers[1].attention.query_key_value.weight.detach().float().numpy()
@@ -137,7 +120,7 @@ def test_unsupported_architecture_lists_supported():
 
 
 def test_missing_and_unknown_weight_names_are_listed(hf):
-    model = _random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
+    model = random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
     cfg = config_from_hf(model.config.to_dict())
     state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     state_dict.pop("model.layers.1.mlp.up_proj.weight")
@@ -148,7 +131,7 @@ def test_missing_and_unknown_weight_names_are_listed(hf):
 
 
 def test_shape_mismatch_is_reported(hf):
-    model = _random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM")
+    model = random_hf_model(hf, "GPTNeoXConfig", "GPTNeoXForCausalLM")
     state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     cfg = config_from_hf(model.config.to_dict()).replace(intermediate_size=48)
     with pytest.raises(ValueError, match=r"h_0/mlp/fc/kernel: checkpoint \[\(64, 32\)\] does not fit"):

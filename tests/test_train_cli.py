@@ -18,7 +18,7 @@ from lightjax.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen", "elapsed_s"}
-EVAL_KEYS = {"step", "val_loss", "val_ppl", "val_bpc", "tokens_seen", "elapsed_s"}
+EVAL_KEYS = {"step", "val_loss", "val_ppl", "val_bpc", "val_tokens", "tokens_seen", "elapsed_s"}
 
 
 def _run(workdir, *args, config="configs/smoke.py", devices=1, popen=False):

@@ -17,7 +17,7 @@ from typing import Any
 from lightjax.data import tiny_shakespeare
 
 SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")  # text: sources have no test split
 
 
 class TextField(Sequence):
@@ -113,7 +113,7 @@ def split_documents(docs: list[str], val_fraction: float) -> dict[str, list[str]
 
 
 def load_split(data: Any, split: str) -> Sequence[str]:
-    """The documents of `split` ('train' or 'validation') of `config.data`."""
+    """The documents of `split` ('train', 'validation', or 'test' where the source has one) of `config.data`."""
     source = data.source
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}.")
@@ -130,9 +130,11 @@ def load_split(data: Any, split: str) -> Sequence[str]:
         import tensorflow_datasets as tfds
 
         name = source[len("tfds:"):]
-        tfds_split = data.val_split if split == "validation" else "train"
+        tfds_split = data.val_split if split == "validation" else split
         src = tfds.data_source(name, split=tfds_split, data_dir=data.data_dir or None, download=False)
         return TextField(src, data.text_field, f"tfds:{name}[{tfds_split}]")
     if source.startswith("text:"):
+        if split == "test":
+            raise ValueError(f"config.data.source={source!r} has only 'train' and 'validation' splits.")
         return split_documents(_text_documents(source[len("text:"):], data.text_field), data.val_fraction)[split]
     raise ValueError(f"config.data.source={source!r} is not one of {', '.join(SOURCES)}.")

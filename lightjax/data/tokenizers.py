@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: character (nanoGPT's shakespeare_char), byte, SentencePiece.
+"""Tokenizers behind one interface: character (nanoGPT's shakespeare_char), byte, SentencePiece, and
+Hugging Face `tokenizer.json` files (for imported checkpoints).
 
 Every tokenizer has `encode(text) -> int32 array`, `decode(ids) -> str`, `vocab_size`, `bos_id`,
 `eos_id`, `pad_id` (None when it has no such token), and `save(dir)`; `load_tokenizer(dir)` reads any
@@ -137,6 +138,57 @@ class SentencePieceTokenizer(Tokenizer):
         return {"model_file": self.MODEL_FILE}
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (fast tokenizer), read with the `tokenizers` package. Special
+    ids come from the checkpoint's config.json when it is beside the file."""
+
+    kind = "hf"
+    SAVED_FILE = "hf_tokenizer.json"  # `tokenizer.json` is lightjax's own metadata file
+
+    def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        try:
+            from tokenizers import Tokenizer as FastTokenizer
+        except ImportError:
+            raise ValueError(f"{path} needs the `tokenizers` package (pip install tokenizers).") from None
+        self.path = Path(path)
+        self._tok = FastTokenizer.from_file(str(self.path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "ids": (self.bos_id, self.eos_id, self.pad_id)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], *state["ids"])
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _state(self, directory: Path) -> dict[str, Any]:
+        target = directory / self.SAVED_FILE
+        if self.path.resolve() != target.resolve():
+            shutil.copyfile(self.path, target)
+        return {"file": self.SAVED_FILE, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+
+def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face checkpoint directory: `tokenizer.model` (SentencePiece) or
+    `tokenizer.json` (with the `tokenizers` package)."""
+    directory = Path(directory)
+    if (directory / SentencePieceTokenizer.MODEL_FILE).is_file():
+        return SentencePieceTokenizer(directory / SentencePieceTokenizer.MODEL_FILE)
+    if (directory / "tokenizer.json").is_file():
+        config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+        ids = [config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+        ids = [i[0] if isinstance(i, list) else i for i in ids]  # some models list several EOS ids
+        return HFTokenizer(directory / "tokenizer.json", *ids)
+    raise FileNotFoundError(f"No tokenizer.model or tokenizer.json in {directory}.")
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """A tokenizer saved with `Tokenizer.save`."""
     directory = Path(directory)
@@ -150,7 +202,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return ByteTokenizer()
     if meta["kind"] == "spm":
         return SentencePieceTokenizer(directory / meta["model_file"])
-    raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r}; known: 'char', 'byte', 'spm'.")
+    if meta["kind"] == "hf":
+        return HFTokenizer(directory / meta["file"], meta["bos_id"], meta["eos_id"], meta["pad_id"])
+    raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r}; known: 'char', 'byte', 'spm', 'hf'.")
 
 
 def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokenizer:

@@ -1,0 +1,71 @@
+"""Evaluation over a split: loss (nats per token), perplexity, bits per character and per byte.
+
+`evaluate` is what the trainer runs every `eval_every` steps; `evaluate_run` evaluates a saved run's
+checkpoint over a whole split (what `scripts/evaluate.py` prints and appends to the run's metrics).
+Bits per character and per byte divide out the tokenizer, so runs with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lightjax.checkpoint import restore_params
+from lightjax.data.pipeline import eval_batches, eval_tokens
+from lightjax.data.sources import load_split
+from lightjax.data.tokenizers import Tokenizer, load_tokenizer
+from lightjax.sharding import shard_batch
+from lightjax.train_step import Training, setup_training
+
+
+def text_units(docs: Any, tokenizer: Tokenizer) -> dict[str, float]:
+    """Tokens per character and per UTF-8 byte of a split, to turn nats per token into bits per unit."""
+    texts = [docs[i] for i in range(len(docs))]
+    tokens = len(eval_tokens(docs, tokenizer))
+    chars, nbytes = sum(len(t) for t in texts), sum(len(t.encode("utf-8")) for t in texts)
+    return {"tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1)}
+
+
+def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, config: Any,
+             tokens_per_char: float, max_batches: int | None = None) -> dict[str, float]:
+    """Validation loss, perplexity and bits per character over `max_batches` batches (default
+    config.train.eval_batches; 0: the whole split). Padding rows of the last batch are masked out."""
+    nll, count = 0.0, 0.0
+    local_batch = config.train.global_batch_size // jax.process_count()
+    max_batches = config.train.eval_batches if max_batches is None else max_batches
+    for batch in eval_batches(docs, tokenizer, config.data.seq_len, local_batch, max_batches=max_batches):
+        out = training.eval_step(params, shard_batch(batch, training.mesh))
+        nll, count = nll + float(out["nll_sum"]), count + float(out["tokens"])
+    loss = nll / max(count, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpc": loss / math.log(2) * tokens_per_char,
+            "val_tokens": count}
+
+
+def evaluate_run(workdir: str | Path, split: str = "validation", step: int | None = None, max_batches: int = 0,
+                 local_path: str | None = None, write: bool = True) -> dict[str, Any]:
+    """Evaluate a run's checkpoint (default: the latest) over a split with the run's own tokenizer,
+    sequence length and batch size, on this machine's devices (data parallel). With `write`, appends
+    a row to WORKDIR/metrics.jsonl: step, split, eval_loss, eval_ppl, eval_bpc, eval_bpb, eval_tokens."""
+    workdir = Path(workdir)
+    config, params, step = restore_params(workdir, step)
+    with config.unlocked():
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+        if local_path:
+            config.data.local_path = local_path
+    training = setup_training(config)
+    params = jax.device_put(params, training.shardings.params)
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    docs = load_split(config.data, split)
+    units = text_units(docs, tokenizer)
+    ev = evaluate(training, params, docs, tokenizer, config, units["tokens_per_char"], max_batches)
+    row = {"step": step, "split": split, "eval_loss": ev["val_loss"], "eval_ppl": ev["val_ppl"],
+           "eval_bpc": ev["val_bpc"], "eval_bpb": ev["val_loss"] / math.log(2) * units["tokens_per_byte"],
+           "eval_tokens": int(ev["val_tokens"])}
+    if write and jax.process_index() == 0:
+        with open(workdir / "metrics.jsonl", "a") as f:  # appended: the training rows stay as they are
+            f.write(json.dumps(row) + "\n")
+    return row

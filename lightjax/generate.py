@@ -1,0 +1,150 @@
+"""Sampling from a GPT with a KV cache: one jitted program per (batch, prompt bucket, cache bucket).
+
+Prompts of different lengths are left-padded to a common bucketed length, so that every row's next
+token lands in the same cache slot; each row's RoPE positions start at its first real token and its
+queries never see the padding (see `KVCache`). The prompt is processed in one forward pass (prefill),
+then a `lax.while_loop` decodes a token per iteration, feeding one token per row through the model
+against the cache, until `max_new_tokens` or until every row has produced `eos_id`.
+
+Sampling follows LitGPT's order: top-k, then temperature, then top-p (nucleus); temperature 0 is
+greedy. The sampling settings and max_new_tokens are traced values, so changing them does not
+recompile; only the batch size and the two length buckets do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightjax.model import GPT, KVCache
+from lightjax.sharding import Rules, with_mesh
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The next power of two >= n (at least `minimum`): lengths that share a compiled program."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def top_k_filter(logits: jax.Array, k: jax.Array) -> jax.Array:
+    """Keep the k largest logits of each row (k <= 0: all), the rest -inf. Ties with the k-th are kept."""
+    vocab = logits.shape[-1]
+    k = jnp.where(k <= 0, vocab, jnp.minimum(k, vocab))
+    kth = jnp.take(-jnp.sort(-logits, axis=-1), k - 1, axis=-1)[..., None]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: jax.Array) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (at least one)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = -jnp.sort(-probs, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = mass_before < p  # a token is needed while the more likely ones hold less than p
+    cutoff = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(probs < cutoff, -jnp.inf, logits)
+
+
+def sample(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """Next tokens [B] from logits [B, V] (float32): top-k, temperature, top-p, then a draw; greedy
+    (argmax) when temperature is 0."""
+    logits = top_k_filter(logits.astype(jnp.float32), top_k)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    scaled = jnp.where(top_p < 1.0, top_p_filter(scaled, top_p), scaled)
+    drawn = jax.random.categorical(rng, scaled, axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_len"))
+def _generate(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng: jax.Array, max_new: jax.Array,
+              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, eos_id: jax.Array,
+              cache_len: int) -> tuple[jax.Array, jax.Array]:
+    """(new tokens [B, cache_len - P], how many were produced) for left-padded prompts [B, P]."""
+    cfg = model.config
+    B, P = prompt.shape
+    vocab_mask = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size  # never sample the padding rows
+
+    def next_token(logits: jax.Array, i: jax.Array) -> jax.Array:
+        logits = jnp.where(vocab_mask, logits[:, -1], -jnp.inf)
+        return sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+
+    cache = KVCache.empty(cfg, B, cache_len, model.dtype, start)
+    logits, cache = model.apply({"params": params}, prompt, cache=cache)
+    token = next_token(logits, 0)
+    out = jnp.zeros((B, cache_len - P), jnp.int32).at[:, 0].set(token)
+    done = token == eos_id
+
+    def cond(carry: tuple) -> jax.Array:
+        i, _, _, _, done = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry: tuple) -> tuple:
+        i, token, cache, out, done = carry
+        logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+        token = jnp.where(done, eos_id, next_token(logits, i))  # finished rows repeat EOS
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, token, cache, out, done | (token == eos_id)
+
+    n, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, done))
+    return out, n
+
+
+def compiled_programs() -> int:
+    """How many decode programs have been compiled so far in this process (for tests and benchmarks)."""
+    return _generate._cache_size()
+
+
+def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+             seed: int = 0, mesh: Any = None, rules: Rules | None = None) -> list[list[int]]:
+    """New tokens for each prompt (token ids), up to `max_new_tokens` each, cut before `eos_id`.
+    With `mesh` (and its `rules`), runs under it: params may be sharded, the cache is laid out like
+    the activations (batch over data/fsdp, kv heads over tensor)."""
+    cfg = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("Every prompt needs at least one token.")
+    longest = max(len(p) for p in prompts)
+    if max_new_tokens < 1 or longest + max_new_tokens > cfg.block_size:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is not in [1, {cfg.block_size - longest}]: the longest "
+                         f"prompt has {longest} tokens and the model's block_size is {cfg.block_size}.")
+    if not 0.0 <= top_p <= 1.0 or temperature < 0:
+        raise ValueError(f"top_p={top_p} must be in [0, 1] and temperature={temperature} >= 0.")
+    # Prompts pad to a bucket, the cache to a bucket of that plus the new tokens; near block_size the
+    # prompt bucket shrinks so that the new tokens still fit (>= longest, checked above).
+    width = min(bucket(longest), cfg.block_size - max_new_tokens)
+    cache_len = min(cfg.block_size, bucket(width + max_new_tokens))
+    prompt = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        prompt[row, width - len(p):] = p
+    start = np.array([width - len(p) for p in prompts], np.int32)
+    eos = -1 if eos_id is None else eos_id
+    args = (params, prompt, start, jax.random.PRNGKey(seed), np.int32(max_new_tokens), np.float32(temperature),
+            np.int32(top_k), np.float32(top_p), np.int32(eos))
+    with with_mesh(mesh, rules or ()) if mesh is not None else contextlib.nullcontext():
+        out, n = _generate(model, *args, cache_len=cache_len)
+    out, n = np.asarray(out), int(n)
+    results = []
+    for row in out[:, :n].tolist():
+        results.append(row[: row.index(eos)] if eos in row else row)
+    return results
+
+
+def generate_text(model: GPT, params: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                  stop: Sequence[str] = (), **kwargs: Any) -> list[str]:
+    """Completions of text prompts: encoded with `tokenizer`, generated (stopping at its EOS), decoded
+    and cut before the first of the `stop` strings."""
+    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    return [cut_at_stop(tokenizer.decode(t), stop) for t in generate(model, params, ids, max_new_tokens, **kwargs)]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any of the stop strings."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]

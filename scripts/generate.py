@@ -1,0 +1,82 @@
+"""Sample text from a trained run, or from a Hugging Face checkpoint converted on the fly.
+
+    python scripts/generate.py --workdir runs/baseline --prompt "ROMEO:" --num_samples 3
+    python scripts/generate.py --workdir runs/baseline --step 1000 --prompt "ROMEO:" --prompt "JULIET:"
+    python scripts/generate.py --hf_dir path/to/hf_model --prompt "The capital of France is" --temperature 0
+
+Prints each sample, then decoding tokens/s (the first call compiles; it is timed separately).
+"""
+
+import sys
+import time
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint, or --step).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face checkpoint directory instead of --workdir.")
+_PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt text; repeat the flag for several prompts.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt (generated together as one batch).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate per sample (0: as many as the model's "
+                                "block_size leaves after the longest prompt).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this probability mass.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Cut each sample before this string (repeatable).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def load(workdir, step, hf_dir):
+    """(model, params, tokenizer, description)."""
+    from lightjax.model import GPT
+
+    if hf_dir:
+        from lightjax.convert.hf import load_hf_checkpoint
+        from lightjax.data.tokenizers import load_hf_tokenizer
+
+        cfg, params = load_hf_checkpoint(hf_dir)
+        return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})"
+    from lightjax.checkpoint import restore_params
+    from lightjax.data.tokenizers import load_tokenizer
+    from lightjax.run_config import model_config
+    from lightjax.train_step import build_model
+
+    config, params, step = restore_params(workdir, step)
+    model = build_model(model_config(config), config.train)
+    return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}"
+
+
+def main(argv):
+    del argv
+    if bool(_WORKDIR.value) == bool(_HF_DIR.value):
+        sys.exit("generate: give exactly one of --workdir and --hf_dir.")
+    from lightjax.checkpoint import CheckpointError
+    from lightjax.generate import cut_at_stop, generate
+
+    try:
+        model, params, tokenizer, source = load(_WORKDIR.value, _STEP.value, _HF_DIR.value)
+        prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
+        ids = [tokenizer.encode(p).tolist() for p in prompts]
+        max_new = _MAX_NEW.value or model.config.block_size - max(len(i) for i in ids)
+        kwargs = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                      eos_id=tokenizer.eos_id, seed=_SEED.value)
+        start = time.perf_counter()
+        generate(model, params, ids, max_new, **kwargs)  # compiles the decode program, timed apart
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        new = generate(model, params, ids, max_new, **kwargs)
+        seconds = time.perf_counter() - start
+    except (OSError, ValueError, KeyError, CheckpointError) as e:
+        sys.exit(f"generate: {e}")
+    print(f"# {source}")
+    for prompt, tokens in zip(prompts, new, strict=True):
+        print(f"--- {prompt!r}\n{prompt}{cut_at_stop(tokenizer.decode(tokens), _STOP.value)}")
+    count = sum(len(t) for t in new)
+    print(f"--- {count} new tokens in {seconds:.2f} s: {count / seconds:,.1f} tokens/s decoding a batch of "
+          f"{len(prompts)} (compiling and a first run took {compile_s:.1f} s)")
+
+
+if __name__ == "__main__":
+    from lightjax.cli import one_line_flags_parser
+
+    app.run(main, flags_parser=one_line_flags_parser("generate"))

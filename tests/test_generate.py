@@ -1,0 +1,127 @@
+"""Generation with the KV cache: exactness against recomputation and against Hugging Face, sampling
+filters, compilation count, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lightjax.convert.hf import config_from_hf, params_from_hf
+from lightjax.generate import compiled_programs, generate, top_k_filter, top_p_filter
+from lightjax.model import GPT, stack_layers
+from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh
+from tests.conftest import require_hf
+from tests.helpers import VOCAB, random_hf_model, tiny_config
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]  # different lengths in one batch
+
+
+def _model(family, seed=1, **overrides):
+    cfg = tiny_config(family, **overrides)
+    model = GPT(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+    # Larger weights give peaked next-token distributions, so greedy choices are far from ties.
+    return model, jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
+
+
+def _greedy_without_cache(model, params, prompt, n):
+    """The reference: recompute the whole prefix for every new token."""
+    tokens = list(prompt)
+    for _ in range(n):
+        logits = model.apply({"params": params}, jnp.array([tokens]))
+        tokens.append(int(jnp.argmax(logits[0, -1, : model.config.vocab_size])))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("family", ["pythia", "llama"])
+def test_cached_greedy_equals_recomputing_the_prefix(family):
+    model, params = _model(family)
+    want = [_greedy_without_cache(model, params, p, 12) for p in PROMPTS]
+    assert generate(model, params, PROMPTS, 12) == want
+    scanned = GPT(model.config, scan_layers=True)
+    assert generate(scanned, stack_layers(params, model.config.n_layer), PROMPTS, 12) == want
+    assert [generate(model, params, [p], 12)[0] for p in PROMPTS] == want  # batching changes nothing
+
+
+def test_generation_on_a_2x2x2_mesh_matches_one_device():
+    model, params = _model("llama")
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
+    rules = RULE_SETS["default"]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    sharded = jax.device_put(params, logical_to_sharding(boxed, mesh, rules))
+    prompts = PROMPTS + [[3, 3], [9]] * 2 + [[2, 4, 6]]  # 8 rows: the batch splits over data x fsdp
+    assert generate(model, sharded, prompts, 10, mesh=mesh, rules=rules) == generate(model, params, prompts, 10)
+
+
+@pytest.mark.parametrize("family,config_cls,model_cls,extra", [
+    ("gpt-neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25)),
+    ("llama-gqa", "LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+])
+def test_greedy_generation_equals_transformers(family, config_cls, model_cls, extra):
+    torch, _ = require_hf()
+    hf_model = random_hf_model((torch, __import__("transformers")), config_cls, model_cls, **extra)
+    hf_model.generation_config.eos_token_id = None  # generate all the tokens on both sides
+    cfg = config_from_hf(hf_model.config.to_dict())
+    params = params_from_hf({k: v.detach().numpy() for k, v in hf_model.state_dict().items()}, cfg)
+    prompt = np.random.default_rng(0).integers(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    want = want[0, prompt.shape[1]:].tolist()
+    assert len(want) == 20
+    assert generate(GPT(cfg), params, prompt.tolist(), 20) == [want]
+
+
+def test_top_k_1_is_greedy_and_a_seed_reproduces_samples():
+    model, params = _model("pythia")
+    greedy = generate(model, params, PROMPTS, 10)
+    assert generate(model, params, PROMPTS, 10, temperature=1.5, top_k=1, seed=3) == greedy
+    a = generate(model, params, PROMPTS, 10, temperature=1.0, seed=7)
+    assert generate(model, params, PROMPTS, 10, temperature=1.0, seed=7) == a
+    assert generate(model, params, PROMPTS, 10, temperature=1.0, seed=8) != a
+    assert all(0 <= t < model.config.vocab_size for row in a for t in row)  # never a padding-vocab row
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.05, 0.5, 0.1, 0.2, 0.15]])
+    logits = jnp.log(probs)
+    kept = lambda p: set(np.flatnonzero(np.isfinite(np.asarray(top_p_filter(logits, p)))[0]))  # noqa: E731
+    assert kept(0.3) == {1}  # 0.5 alone reaches 0.3
+    assert kept(0.5) == {1}  # exactly p
+    assert kept(0.6) == {1, 3}  # 0.5 + 0.2
+    assert kept(0.8) == {1, 3, 4}  # 0.85
+    assert kept(0.9) == {1, 3, 4, 2}
+    assert kept(1.0) == {0, 1, 2, 3, 4}
+    kept_k = lambda k: set(np.flatnonzero(np.isfinite(np.asarray(top_k_filter(logits, k)))[0]))  # noqa: E731
+    assert kept_k(1) == {1} and kept_k(2) == {1, 3} and kept_k(0) == kept_k(9) == {0, 1, 2, 3, 4}
+
+
+def test_sampling_draws_follow_the_filtered_distribution():
+    model, params = _model("pythia", seed=2)
+    draws = [generate(model, params, [[1, 2]], 1, temperature=1.0, top_p=0.5, seed=s)[0][0] for s in range(30)]
+    logits = model.apply({"params": params}, jnp.array([[1, 2]]))[0, -1, : model.config.vocab_size]
+    allowed = set(np.flatnonzero(np.isfinite(np.asarray(top_p_filter(logits[None], 0.5)))[0]))
+    assert set(draws) <= allowed
+
+
+def test_decode_loop_compiles_once_per_batch_and_length_bucket():
+    model, params = _model("llama", seed=3)
+    generate(model, params, [[1, 2, 3], [4, 5]], 5)
+    before = compiled_programs()
+    generate(model, params, [[7], [8, 9, 10, 11]], 3, temperature=0.7, top_k=5, top_p=0.9)  # same buckets
+    generate(model, params, [[1, 2, 3, 4, 5], [6]], 6, eos_id=3, seed=4)
+    assert compiled_programs() == before
+    generate(model, params, [[1, 2, 3]] * 3, 5)  # another batch size: one more program
+    assert compiled_programs() == before + 1
+
+
+def test_stops_at_eos_and_bounds_max_new_tokens():
+    model, params = _model("pythia")
+    full = generate(model, params, [PROMPTS[1]], 12)[0]
+    eos = full[4]
+    assert eos not in full[:4]
+    assert generate(model, params, [PROMPTS[1]], 12, eos_id=eos)[0] == full[:4]
+    with pytest.raises(ValueError, match=r"max_new_tokens=26 is not in \[1, 25\].*7 tokens.*block_size is 32"):
+        generate(model, params, PROMPTS, 26)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, params, [[]], 3)
