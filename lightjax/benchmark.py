@@ -11,6 +11,7 @@ import statistics
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -162,3 +163,31 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
     return {"model": cfg.name, "async_save": config.checkpoint.async_save, "steps": steps,
             "save_every": save_every, "step_ms_without_saves": plain_s * 1e3,
             "step_ms_with_saves": saving_s * 1e3, "save_blocking_ms": [b * 1e3 for b in blocked]}
+
+
+def benchmark_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128,
+                       repeats: int = 3) -> dict[str, Any]:
+    """Decode speed of the config's model (random weights: speed does not depend on them): new
+    tokens/s for `batch` prompts of `prompt_len` tokens, median of `repeats` after a compiling run."""
+    from lightjax.generate import generate
+    from lightjax.run_config import validate
+    from lightjax.train_step import build_model
+
+    cfg = validate(config, 1)
+    model = build_model(cfg, config.train)
+    params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))()
+    new_tokens = min(new_tokens, cfg.block_size - prompt_len)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+    start = time.perf_counter()
+    generate(model, params, prompts, new_tokens)
+    first_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = generate(model, params, prompts, new_tokens)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    produced = sum(len(o) for o in out)
+    return {"model": cfg.name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "seconds": seconds, "tokens_per_sec": produced / seconds, "ms_per_step": 1e3 * seconds / new_tokens,
+            "first_call_s": first_s, "device_kind": jax.devices()[0].device_kind}

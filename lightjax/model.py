@@ -192,20 +192,20 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | None = None) -> Array:
     """softmax(q k^T * scale + mask) v for q [B, T, n_head, hs], k and v [B, S, n_groups, hs].
 
-    Without `mask` the mask is causal (S == T); with it (bool, broadcastable to [B, 1, T, S]) it says
-    which keys each query sees, as decoding with a KV cache needs. `jax.nn.dot_product_attention`
-    picks cuDNN flash attention on GPU and XLA's fused version elsewhere, and handles grouped queries
-    natively. Its softmax always runs in float32, though, so float64 (used to check gradients
-    numerically) takes the explicit path below instead.
+    Without `mask` the mask is causal (S == T) and `jax.nn.dot_product_attention` computes it: cuDNN
+    flash attention on GPU, XLA's fused version elsewhere, grouped queries natively. With `mask` (bool,
+    broadcastable to [B, 1, T, S]: which keys each query sees, as decoding with a KV cache needs) the
+    explicit path below runs instead, measured 2.6x faster for one query against a cache on CPU. So
+    does float64 (used to check gradients numerically): the fused version's softmax is float32.
     """
-    if q.dtype != jnp.float64:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=mask is None, mask=mask, scale=scale)
+    if mask is None and q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     B, T, N, hs = q.shape
-    G = k.shape[2]
+    S, G = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, G, N // G, hs)  # query head n belongs to group n // (N // G)
-    scores = jnp.einsum("btgqh,bsgh->bgqts", qg, k) * scale
-    mask = jnp.tril(jnp.ones((T, T), dtype=bool)) if mask is None else mask[:, :, None]  # [B, 1, 1, T, S]
-    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    scores = jnp.einsum("btgqh,bsgh->bgqts", qg, k).astype(_compute_dtype(q.dtype)) * scale
+    mask = jnp.tril(jnp.ones((T, S), dtype=bool)) if mask is None else mask[:, :, None]  # [B, 1, 1, T, S]
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(v.dtype)
     return jnp.einsum("bgqts,bsgh->btgqh", probs, v).reshape(B, T, N, hs)
 
 
@@ -407,15 +407,11 @@ class GPT(nn.Module):
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         decode = () if cache is None else (cache.index, cache.mask(x.shape[1]))
         if not self.scan_layers:
-            new_k, new_v = [], []
             for i in range(c.n_layer):
                 kv = None if cache is None else (cache.k[i], cache.v[i])
                 x, kv = block_cls(**kwargs, name=f"h_{i}")(x, cos, sin, kv, *decode)
-                if kv is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
-            if cache is not None:
-                cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v))
+                if cache is not None:  # written back layer by layer: XLA updates the buffer in place
+                    cache = cache.replace(k=cache.k.at[i].set(kv[0]), v=cache.v.at[i].set(kv[1]))
         else:
             # The layer stack is one scanned block: x is the carry, a layer's cache is scanned over.
             stack = nn.scan(

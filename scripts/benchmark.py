@@ -5,9 +5,10 @@
     python scripts/benchmark.py --config configs/baseline.py --config.train.dtype=bfloat16 --json
 
     python scripts/benchmark.py --config configs/baseline.py --data --config.data.local_path=input.txt
+    python scripts/benchmark.py --config configs/baseline.py --generate=1,8
 
 Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
-data pipeline's tokens/s with 0 and 2 worker processes instead.
+data pipeline's tokens/s with 0 and 2 worker processes instead; --generate=1,8 decoding tokens/s.
 """
 
 import json
@@ -26,6 +27,8 @@ _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU 
 _DATA = flags.DEFINE_bool("data", False, "Benchmark the data pipeline instead (0 and 2 workers).")
 _CHECKPOINT = flags.DEFINE_bool("checkpoint", False, "Measure how long saves block the loop, and step time "
                                  "with and without saving every 10 steps.")
+_GENERATE = flags.DEFINE_string("generate", "", "Benchmark decoding instead: batch sizes separated by ',' "
+                                "(e.g. 1,8); 128 new tokens after 16-token prompts.")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
 
@@ -37,6 +40,16 @@ def main(argv):
     from lightjax.run_config import ConfigError
 
     config = _CONFIG.value
+    if _GENERATE.value:
+        from lightjax.benchmark import benchmark_generate
+
+        for batch in [int(b) for b in _GENERATE.value.split(",")]:
+            r = benchmark_generate(config, batch)
+            print(json.dumps(r) if _JSON.value else
+                  f"{r['model']} decode batch {r['batch']} | {r['new_tokens']} new tokens after {r['prompt_len']} | "
+                  f"{r['tokens_per_sec']:,.0f} tok/s ({r['ms_per_step']:.2f} ms per step) | first call "
+                  f"{r['first_call_s']:.1f} s", flush=True)
+        return
     if _CHECKPOINT.value:
         from lightjax.benchmark import benchmark_checkpoint
 
