@@ -32,6 +32,7 @@ from lightjax.metrics import read_metrics
 from lightjax.model import unstack_layers
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Step, Training, make_loss_fn, setup_training
+from lightjax.trainer import train
 
 
 @dataclasses.dataclass
@@ -123,8 +124,6 @@ def overfit_one_batch(config: Any, steps: int | None = None, min_reduction: floa
 def _train_losses(config: Any, workdir: Path) -> tuple[list[float], float]:
     """(train loss at every step, final loss) of a fresh run; the final loss is the last validation
     loss when the run evaluates (less noisy than one batch), else the last train loss."""
-    from lightjax.trainer import train  # the loop imports checkpointing; only the audit needs it
-
     with contextlib.redirect_stdout(io.StringIO()):  # the audit prints its own summary
         train(config, workdir)
     rows = read_metrics(workdir)

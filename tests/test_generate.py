@@ -26,11 +26,16 @@ def _model(family, seed=1, **overrides):
 
 
 def _greedy_without_cache(model, params, prompt, n):
-    """The reference: recompute the whole prefix for every new token."""
+    """The reference: recompute the whole prefix for every new token. The prefix sits at the start of
+    a block_size buffer (causal attention: what follows it cannot change its logits), so that one
+    compiled forward pass serves every length."""
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
     tokens = list(prompt)
     for _ in range(n):
-        logits = model.apply({"params": params}, jnp.array([tokens]))
-        tokens.append(int(jnp.argmax(logits[0, -1, : model.config.vocab_size])))
+        buffer = np.zeros((1, model.config.block_size), np.int32)
+        buffer[0, : len(tokens)] = tokens
+        logits = forward(buffer)[0, len(tokens) - 1, : model.config.vocab_size]
+        tokens.append(int(jnp.argmax(logits)))
     return tokens[len(prompt):]
 
 
