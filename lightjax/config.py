@@ -15,9 +15,18 @@ import dataclasses
 import difflib
 from typing import Any, Literal
 
+from lightjax.presets import PRESETS
+
 NORM_CLASSES = ("LayerNorm", "RMSNorm")
-MLP_CLASSES = ("GptNeoxMLP", "LLaMAMLP")
+MLP_CLASSES = ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE")
 GELU_APPROXIMATIONS = ("none", "tanh")
+NORM_QK_TYPES = ("default", "olmo2")
+# rope_adjustments key sets: linear position interpolation, Llama 3.1, YaRN (required keys; YaRN's
+# optional ones follow Hugging Face's rope_parameters).
+_ROPE_LINEAR = {"factor"}
+_ROPE_LLAMA3 = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
+_ROPE_YARN = {"factor", "original_max_seq_len", "beta_fast", "beta_slow"}
+_ROPE_YARN_OPTIONAL = {"attention_factor", "mscale", "mscale_all_dim", "truncate"}
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -42,18 +51,44 @@ class ModelConfig:
     rope_base: int | float = 10000
     rope_condense_ratio: int = 1
     # Llama 3.1 style: {factor, low_freq_factor, high_freq_factor, original_max_seq_len};
-    # linear scaling: {factor} alone.
+    # linear scaling: {factor} alone; YaRN: {factor, original_max_seq_len, beta_fast, beta_slow}.
     rope_adjustments: dict[str, float] | None = None
+    # Rotate channel pairs (0, 1), (2, 3), ... instead of halves (0, n/2), (1, n/2 + 1), ...
+    rope_interleave: bool = False
+    # Gemma 3: layers with rope_indices[i] == 1 use base rope_local_base_freq, unscaled.
+    rope_local_base_freq: float | None = None
+    rope_indices: tuple[int, ...] | None = None
     # Block layout.
     parallel_residual: bool = True
     shared_attention_norm: bool = False
-    bias: bool = True
+    bias: bool = True  # every linear layer but lm_head
+    attn_bias: bool = False  # the qkv projection only (Qwen2)
     lm_head_bias: bool = False
     norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_eps: float = 1e-5
-    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP"] = "GptNeoxMLP"
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), the weight starting at 0
+    norm_1: bool = True  # the norm before attention (OLMo 2 has none)
+    norm_2: bool = True  # the norm before the MLP
+    post_attention_norm: bool = False  # a norm of the attention output before the residual (Gemma 2/3, OLMo 2)
+    post_mlp_norm: bool = False
+    norm_qk: bool = False  # RMSNorm of queries and keys: per head ("default") or per projection ("olmo2")
+    norm_qk_type: Literal["default", "olmo2"] = "default"
+    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE"] = "GptNeoxMLP"
     intermediate_size: int | None = None
     gelu_approximate: str = "none"
+    # Mixture of experts (LLaMAMoE): each token goes through n_expert_per_token of n_expert SwiGLU MLPs.
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: int | None = None
+    # Attention: scores scale 1/sqrt(attention_scores_scalar or head_size); tanh soft-capping of the
+    # scores and of the final logits (Gemma 2); a causal window of sliding_window_size keys (itself
+    # included) on the layers with sliding_window_indices[i] == 1 (all layers when None).
+    attention_scores_scalar: int | None = None
+    attention_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window_size: int | None = None
+    sliding_window_indices: tuple[int, ...] | None = None
+    scale_embeddings: bool = False  # multiply the embeddings by sqrt(n_embd) (Gemma)
     tie_embeddings: bool = False
     dropout: float = 0.0
     # Derived in __post_init__.
@@ -80,6 +115,12 @@ class ModelConfig:
             # As in LitGPT: a preset may pin the padded size; the usable vocabulary cannot exceed it.
             set_("vocab_size", min(self.vocab_size, self.padded_vocab_size))
 
+        for field in ("sliding_window_indices", "rope_indices"):  # lists from a JSON or command line
+            if isinstance(getattr(self, field), list):
+                set_(field, tuple(getattr(self, field)))
+        if self.mlp_class_name == "LLaMAMoE" and self.moe_intermediate_size is None:
+            set_("moe_intermediate_size", self.intermediate_size)
+
         if self.n_query_groups is None:
             set_("n_query_groups", self.n_head)
         _require(self, "n_query_groups", 0 < self.n_query_groups <= self.n_head, "must be in [1, n_head]")
@@ -101,6 +142,7 @@ class ModelConfig:
                  f"gives rope_n_elem={rope_n_elem} for head_size={self.head_size}; it must be even")
         set_("rope_n_elem", rope_n_elem)
         _validate_rope_adjustments(self)
+        _validate_extensions(self)
         _require(self, "shared_attention_norm", not self.shared_attention_norm or self.parallel_residual,
                  "requires parallel_residual=True (a sequential block has no single input to share a norm of)")
         _require(self, "dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
@@ -110,6 +152,17 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         """Query heads that share one key/value head (1 for MHA, n_head for MQA)."""
         return self.n_head // self.n_query_groups
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of layer `layer` (None: the whole causal context)."""
+        if self.sliding_window_size is None:
+            return None
+        use = self.sliding_window_indices is None or self.sliding_window_indices[layer] == 1
+        return self.sliding_window_size if use else None
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` uses the local RoPE base (Gemma 3)."""
+        return self.rope_indices is not None and self.rope_indices[layer] == 1
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -153,56 +206,39 @@ def _validate_rope_adjustments(cfg: ModelConfig) -> None:
     adj = cfg.rope_adjustments
     if adj is None:
         return
-    llama3 = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
-    ok = isinstance(adj, dict) and set(adj) in ({"factor"}, llama3)
-    _require(cfg, "rope_adjustments", ok, f"must have the keys {{'factor'}} (linear) or {sorted(llama3)} (Llama 3.1)")
+    keys = set(adj) if isinstance(adj, dict) else set()
+    ok = keys in (_ROPE_LINEAR, _ROPE_LLAMA3) or _ROPE_YARN <= keys <= _ROPE_YARN | _ROPE_YARN_OPTIONAL
+    _require(cfg, "rope_adjustments", ok, f"must have the keys {sorted(_ROPE_LINEAR)} (linear), {sorted(_ROPE_LLAMA3)} "
+             f"(Llama 3.1) or {sorted(_ROPE_YARN)} (YaRN, optionally {sorted(_ROPE_YARN_OPTIONAL)})")
     _require(cfg, "rope_adjustments", adj["factor"] > 0, "needs factor > 0")
     if "low_freq_factor" in adj:
         _require(cfg, "rope_adjustments", adj["high_freq_factor"] > adj["low_freq_factor"],
                  "needs high_freq_factor > low_freq_factor")
 
 
-# ------------------------------------------------------------------------------------------------
-# Presets, under LitGPT's names. Each is the set of fields that differ from the defaults above.
-# ------------------------------------------------------------------------------------------------
-
-_PYTHIA = dict(padding_multiple=128)  # GPT-NeoX defaults otherwise: rotary 0.25, parallel residual, bias
-_LLAMA = dict(
-    rotary_percentage=1.0, parallel_residual=False, bias=False,
-    norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # EleutherAI Pythia (GPT-NeoX architecture).
-    "pythia-14m": dict(_PYTHIA, block_size=512, n_layer=6, n_embd=128, n_head=4),
-    "pythia-31m": dict(_PYTHIA, block_size=1024, n_layer=6, n_embd=256, n_head=8),
-    "pythia-70m": dict(_PYTHIA, block_size=2048, n_layer=6, n_embd=512, n_head=8),
-    "pythia-160m": dict(_PYTHIA, block_size=2048, n_layer=12, n_embd=768, n_head=12),
-    "pythia-410m": dict(_PYTHIA, block_size=2048, n_layer=24, n_embd=1024, n_head=16),
-    "pythia-1b": dict(_PYTHIA, block_size=2048, n_layer=16, n_embd=2048, n_head=8),
-    # Llama family.
-    "tiny-llama-1.1b": dict(
-        _LLAMA, block_size=2048, vocab_size=32000, padding_multiple=64, n_layer=22, n_head=32,
-        n_embd=2048, n_query_groups=4, intermediate_size=5632, norm_eps=1e-5,
-    ),
-    "SmolLM2-135M": dict(
-        _LLAMA, block_size=8192, vocab_size=49152, padded_vocab_size=49152, n_layer=30, n_head=9,
-        n_embd=576, n_query_groups=3, intermediate_size=1536, rope_base=100000, norm_eps=1e-5,
-        tie_embeddings=True,
-    ),
-    "Llama-3.2-1B": dict(
-        _LLAMA, block_size=131072, vocab_size=128000, padded_vocab_size=128256, n_layer=16, n_head=32,
-        n_embd=2048, n_query_groups=8, intermediate_size=8192, rope_base=500000, norm_eps=1e-5,
-        tie_embeddings=True,
-        rope_adjustments=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
-    ),
-    # The seed project's baseline: a nanoGPT-sized model with Pythia's block layout, trained
-    # char-level on Tiny Shakespeare (65 symbols; the vocabulary is padded to 128 for the MXU/tensor cores).
-    "baseline-tiny": dict(
-        block_size=256, vocab_size=65, padding_multiple=64, n_layer=6, n_head=6, n_embd=384,
-        rotary_percentage=0.25, parallel_residual=True, bias=True,
-        norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
-    ),
-}
-for _name, _fields in PRESETS.items():
-    _fields["name"] = _name
+def _validate_extensions(cfg: ModelConfig) -> None:
+    """The fields beyond GPT-NeoX and Llama: each must be consistent with the rest."""
+    _require_choice(cfg, "norm_qk_type", NORM_QK_TYPES)
+    _require(cfg, "norm_unit_offset", not cfg.norm_unit_offset or cfg.norm_class_name == "RMSNorm",
+             "needs norm_class_name='RMSNorm'")
+    moe = cfg.mlp_class_name == "LLaMAMoE"
+    if moe:
+        _require(cfg, "n_expert", cfg.n_expert > 1, "must be > 1 for mlp_class_name='LLaMAMoE'")
+        _require(cfg, "n_expert_per_token", 0 < cfg.n_expert_per_token <= cfg.n_expert,
+                 f"must be in [1, n_expert={cfg.n_expert}]")
+        _require(cfg, "moe_intermediate_size", cfg.moe_intermediate_size > 0, "must be a positive integer")
+    else:
+        _require(cfg, "n_expert", cfg.n_expert == 0, f"needs mlp_class_name='LLaMAMoE' (is {cfg.mlp_class_name!r})")
+    for field in ("attention_scores_scalar", "attention_logit_softcapping", "final_logit_softcapping",
+                  "sliding_window_size", "rope_local_base_freq"):
+        value = getattr(cfg, field)
+        _require(cfg, field, value is None or value > 0, "must be positive (or None)")
+    for field, needs in (("sliding_window_indices", "sliding_window_size"), ("rope_indices", "rope_local_base_freq")):
+        flags = getattr(cfg, field)
+        if flags is None:
+            continue
+        _require(cfg, field, len(flags) == cfg.n_layer and set(flags) <= {0, 1},
+                 f"must hold one 0 or 1 per layer (n_layer={cfg.n_layer})")
+        _require(cfg, field, getattr(cfg, needs) is not None, f"needs {needs} to be set")
+    _require(cfg, "rope_interleave", not (cfg.rope_interleave and cfg.rope_condense_ratio != 1),
+             "cannot be combined with rope_condense_ratio != 1")

@@ -8,7 +8,8 @@ The model names the axes of every parameter and activation with logical names (`
 - fsdp:   fully sharded data parallelism (ZeRO-3); the batch split *and* every parameter's `embed`
           axis split, gathered on use inside the jitted step.
 - tensor: Megatron-style tensor parallelism; attention heads, MLP hidden units and the vocabulary
-          split, activations reduced after each block's output projections.
+          split, activations reduced after each block's output projections. In a mixture of
+          experts the experts are split over it instead (expert parallelism).
 
 A sharding experiment changes the mesh shape (`--config.mesh.fsdp=8`) or the rules
 (`--config.mesh.rules=...`), never the model code.
@@ -40,6 +41,8 @@ _ACTIVATIONS: Rules = (
     ("act_kv", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_expert", "tensor"),
+    ("act_expert_mlp", None),
 )
 
 RULE_SETS: dict[str, Rules] = {
@@ -47,13 +50,13 @@ RULE_SETS: dict[str, Rules] = {
     # scanned stack stays whole.
     "default": _ACTIVATIONS + (
         ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv", None), ("mlp", "tensor"),
-        ("norm", None), ("layers", None),
+        ("norm", None), ("layers", None), ("expert", "tensor"), ("expert_mlp", None),
     ),
     # Parameters replicated everywhere (pure data parallelism even on an fsdp axis): the baseline
     # that the memory savings of "default" are measured against.
     "replicated": _ACTIVATIONS + (
         ("vocab", None), ("embed", None), ("heads", None), ("kv", None), ("mlp", None),
-        ("norm", None), ("layers", None),
+        ("norm", None), ("layers", None), ("expert", None), ("expert_mlp", None),
     ),
 }
 

@@ -1,0 +1,223 @@
+"""The building blocks of the model: linear layers, embeddings, norms and rotary position embeddings.
+
+Every parameter is declared with logical axis names (`embed`, `heads`, `mlp`, ...) that
+`lightjax/sharding.py` maps onto the mesh; `constrain` does the same for activations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightjax.config import ModelConfig
+
+Dtype = Any
+Array = jax.Array
+
+
+def compute_dtype(dtype: Dtype) -> Dtype:
+    """Norms, softmax-adjacent and RoPE math run in at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+def init_stds(cfg: ModelConfig) -> tuple[float, float]:
+    """LitGPT's pretraining init: std sqrt(2 / (5 n_embd)) everywhere (the "small init" of
+    Nguyen & Salazar), and 1/sqrt(n_embd)/n_layer for the projections back into the residual stream
+    so that the residual's variance does not grow with depth."""
+    return math.sqrt(2.0 / (5 * cfg.n_embd)), 1.0 / math.sqrt(cfg.n_embd) / cfg.n_layer
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias), where the kernel may have several input and output axes.
+
+    Written with `self.param` and `dot_general` rather than `nn.DenseGeneral`, whose multi-dimensional
+    logically partitioned kernels fail under `jax.set_mesh` (see STACK_NOTES.md).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]  # logical names of in_shape + out_shape
+    use_bias: bool
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in = len(self.in_shape)
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes)
+        kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:])
+            y = y + self.param("bias", init, self.out_shape, self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Embedding(nn.Module):
+    num_embeddings: int
+    features: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, tokens: Array) -> Array:
+        # Gather the table's fsdp shards before the lookup (as FSDP does for every weight in use);
+        # looking up rows of an embed-sharded table makes XLA replicate the result and re-split it.
+        table = constrain(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits against the embedding matrix (tied input and output embeddings)."""
+        return x @ self.embedding.astype(self.dtype).T
+
+
+def _norm_param(module: nn.Module, name: str, init: Any, d: int) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (d,), module.param_dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
+        bias = _norm_param(self, "bias", nn.initializers.zeros, x.shape[-1])
+        x = x.astype(compute_dtype(self.dtype))
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the compute dtype (as LitGPT and HF do).
+    With `unit_offset` (Gemma) the stored weight w scales by (1 + w) and starts at 0."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    unit_offset: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = _norm_param(self, "scale", init, x.shape[-1]).astype(compute_dtype(self.dtype))
+        x = x.astype(compute_dtype(self.dtype))
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+        return (y * (1 + scale if self.unit_offset else scale)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, dtype: Dtype, param_dtype: Dtype, name: str, rms: bool = False) -> nn.Module:
+    """The config's norm (`rms`: an RMSNorm whatever the config's class, as q/k norms are)."""
+    if rms or cfg.norm_class_name == "RMSNorm":
+        return RMSNorm(cfg.norm_eps, dtype, param_dtype, cfg.norm_unit_offset, name=name)
+    return LayerNorm(cfg.norm_eps, dtype, param_dtype, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE): rotate-half convention (GPT-NeoX, Llama, LitGPT, HF), or
+# rotate-pairs with `rope_interleave`.
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> tuple[np.ndarray, float]:
+    """(the rope_n_elem/2 rotation frequencies, the factor cos and sin are scaled by).
+
+    Global layers use rope_base with the config's linear, Llama 3.1 or YaRN adjustments; Gemma 3's
+    local layers use rope_local_base_freq, unadjusted."""
+    n = cfg.rope_n_elem
+    base = cfg.rope_local_base_freq if local else cfg.rope_base
+    exponents = np.arange(0, n, 2, dtype=np.float32) / np.float32(n)
+    theta = 1.0 / (np.float32(base) ** exponents)
+    adj = None if local else cfg.rope_adjustments
+    if adj is None:
+        return theta.astype(np.float32), 1.0
+    factor = adj["factor"]
+    if "beta_fast" in adj:
+        return _yarn(theta, adj, n, base)
+    if "original_max_seq_len" in adj:
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        wavelen = 2 * np.pi / theta
+        ratio = adj["original_max_seq_len"] / wavelen
+        smooth = (ratio - adj["low_freq_factor"]) / (adj["high_freq_factor"] - adj["low_freq_factor"])
+        smooth = np.clip(smooth, 0.0, 1.0)
+        theta = (1 - smooth) * (theta / factor) + smooth * theta
+    else:
+        theta = theta / factor  # linear position interpolation
+    return theta.astype(np.float32), 1.0
+
+
+def _yarn(theta: np.ndarray, adj: dict, n: int, base: float) -> tuple[np.ndarray, float]:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the original
+    context are interpolated (divided by factor), those turning more than beta_fast times are kept,
+    with a linear ramp between; cos and sin are scaled by 0.1 ln(factor) + 1 ("attention factor")."""
+    factor, original = adj["factor"], adj["original_max_seq_len"]
+
+    def dim_of(rotations: float) -> float:  # the channel whose frequency turns `rotations` times
+        return n * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(adj["beta_fast"]), dim_of(adj["beta_slow"])
+    if adj.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, n - 1)
+    high = high + 0.001 if low == high else high
+    ramp = np.clip((np.arange(n // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    theta = (theta / factor) * (1 - keep) + theta * keep
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = adj.get("attention_factor")
+    if attention_factor is None:
+        if adj.get("mscale") and adj.get("mscale_all_dim"):
+            attention_factor = mscale(factor, adj["mscale"]) / mscale(factor, adj["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    return theta.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: Array, local: bool = False) -> tuple[Array, Array]:
+    """cos and sin of shape positions.shape + (rope_n_elem,), in float32."""
+    theta, scale = rope_inv_freq(cfg, local)
+    angles = (positions.astype(jnp.float32) / cfg.rope_condense_ratio)[..., None] * jnp.asarray(theta)
+    if cfg.rope_interleave:  # channels 2i and 2i+1 turn by the same angle
+        angles = jnp.repeat(angles, 2, axis=-1)
+    else:  # channels i and i + n/2 do
+        angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, interleave: bool = False) -> Array:
+    """Rotate the first cos.shape[-1] channels of x [B, T, heads, head_size]; the rest pass through."""
+    n = cos.shape[-1]
+    if n == 0:
+        return x
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    x_rope, x_pass = x[..., :n], x[..., n:]
+    x32 = x_rope.astype(compute_dtype(x.dtype))
+    if interleave:  # (x0, x1) -> (-x1, x0) for each pair
+        pairs = x32.reshape(*x32.shape[:-1], n // 2, 2)
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x32.shape)
+    else:
+        x1, x2 = jnp.split(x32, 2, axis=-1)
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
+    roped = (x32 * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([roped, x_pass], axis=-1)
