@@ -100,11 +100,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _model_placeholders() -> dict[str, Any]:
     """A typed None for each ModelConfig field, so that a locked config accepts overrides of them."""
-    types = {"rope_base": float, "rope_adjustments": dict}
+    types = {"rope_base": float, "rope_adjustments": dict, "rope_local_base_freq": float,
+             "attention_logit_softcapping": float, "final_logit_softcapping": float,
+             "sliding_window_indices": tuple, "rope_indices": tuple}
     out = {}
     for f in dataclasses.fields(ModelConfig):
         if f.init and f.name != "name":
-            default_type = type(f.default) if f.default is not None else int  # the optional fields are ints
+            default_type = type(f.default) if f.default is not None else int  # other optional fields are ints
             out[f.name] = config_dict.placeholder(types.get(f.name, default_type))
     return out
 

@@ -81,6 +81,26 @@ def random_hf_model(hf, config_cls_name, model_cls_name, **config):
     model = getattr(transformers, model_cls_name)(hf_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            is_norm = "norm" in name or ".ln_" in name or name.startswith("transformer.ln_")  # Falcon: ln_*
+            base = 1.0 if (is_norm and name.endswith("weight")) else 0.0
             p.copy_(base + 0.1 * torch.randn_like(p))
     return model
+
+
+def tiny_preset(name: str, **overrides) -> ModelConfig:
+    """Preset `name` shrunk to 2 layers of width 64, keeping every architectural switch (its windows,
+    local RoPE and expert settings shrunk to fit), for training tests of each family."""
+    cfg = ModelConfig.from_name(name)
+    small = dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, head_size=16, intermediate_size=128,
+                 vocab_size=96, padded_vocab_size=None, padding_multiple=32, block_size=32)
+    if cfg.n_expert:
+        small.update(n_expert=4, n_expert_per_token=2, moe_intermediate_size=64)
+    if cfg.sliding_window_size:
+        small["sliding_window_size"] = 4
+    if cfg.sliding_window_indices:
+        small["sliding_window_indices"] = (1, 0)
+    if cfg.rope_indices:
+        small["rope_indices"] = (1, 0)
+    if cfg.attention_scores_scalar:
+        small["attention_scores_scalar"] = 24  # not head_size, so that the scale's source is tested
+    return cfg.replace(**{**small, **overrides})

@@ -69,8 +69,7 @@ def test_llama_logits(hf, case):
         assert cfg.rope_adjustments["original_max_seq_len"] == 64
 
 
-@pytest.mark.parametrize("name", ["pythia-14m", "pythia-70m", "pythia-160m", "SmolLM2-135M",
-                                  "tiny-llama-1.1b", "Llama-3.2-1B"])
+@pytest.mark.parametrize("name", ModelConfig.names())
 def test_preset_parameter_counts_match_hf(hf, name):
     torch, transformers = hf
     cfg = ModelConfig.from_name(name)
@@ -115,8 +114,22 @@ def test_load_bfloat16_gpt_neox_checkpoint(hf, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported():
-    with pytest.raises(ValueError, match=r"model_type 'mamba' is not supported; supported: gpt_neox, llama"):
+    supported = "llama, gpt_neox, mistral, qwen2, qwen3, mixtral, gemma, gemma2, gemma3_text, olmo2, phi, falcon, phi3"
+    with pytest.raises(ValueError, match=rf"model_type 'mamba' is not supported; supported: {supported}\."):
         config_from_hf({"model_type": "mamba"})
+    with pytest.raises(ValueError, match=rf"model_type 'mamba' is not supported; supported: {supported}\."):
+        config_to_hf(ModelConfig.from_name("pythia-14m"), model_type="mamba")
+
+
+def test_export_names_what_does_not_fit():
+    cfg = ModelConfig.from_name("gemma-2-2b")
+    with pytest.raises(ValueError, match=r"does not fit HF model_type 'llama': .*post_attention_norm=True "
+                                         r"\(needs False\)"):
+        config_to_hf(cfg, model_type="llama")
+    odd = ModelConfig.from_name("pythia-14m", norm_class_name="RMSNorm")
+    with pytest.raises(ValueError, match=r"fits no supported HF architecture .* the closest, 'gpt_neox', would need: "
+                                         r"norm_class_name='RMSNorm' \(needs 'LayerNorm'\)"):
+        config_to_hf(odd)
 
 
 def test_missing_and_unknown_weight_names_are_listed(hf):
@@ -141,3 +154,15 @@ def test_shape_mismatch_is_reported(hf):
 def test_missing_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="No config.json in"):
         load_hf_checkpoint(tmp_path)
+
+
+# The parameter counts the Hugging Face Hub shows for these checkpoints (safetensors "Model size").
+PUBLISHED_COUNTS = {
+    "Llama-3.1-8B": 8_030_261_248, "Mistral-7B-v0.1": 7_241_732_096, "Mixtral-8x7B-v0.1": 46_702_792_704,
+    "falcon-7b": 6_921_720_704, "phi-2": 2_779_683_840, "gemma-2b": 2_506_172_416, "Qwen2.5-0.5B": 494_032_768,
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_COUNTS))
+def test_preset_sizes_match_the_published_checkpoints(name):
+    assert count_params(abstract_params(ModelConfig.from_name(name))) == PUBLISHED_COUNTS[name]

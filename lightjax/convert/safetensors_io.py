@@ -1,4 +1,4 @@
-"""Read safetensors files into numpy, with no torch and no `safetensors` package needed.
+"""Read and write safetensors files with numpy, with no torch and no `safetensors` package needed.
 
 The format is small: an 8-byte little-endian header length, a JSON header mapping each tensor name
 to its dtype, shape and byte range, then the raw bytes. bfloat16 comes back as `ml_dtypes.bfloat16`
@@ -36,3 +36,30 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         begin, end = info["data_offsets"]
         tensors[name] = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """One .safetensors file (as `safetensors.numpy.save_file` writes it: tensors in name order, each
+    8-byte aligned), written to a temporary name first so that an interrupted write leaves no file."""
+    names = {np.dtype(v): k for k, v in _DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        if array.dtype not in names:
+            raise ValueError(f"Tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold.")
+        blob = array.tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for blob in blobs:
+            f.write(blob)
+    tmp.replace(path)
