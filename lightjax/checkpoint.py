@@ -167,24 +167,32 @@ def restore_params(workdir: str | Path, step: int | None = None) -> tuple[Any, A
 def export_params(workdir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32") -> Path:
     """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
     OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
-    import jax.numpy as jnp
-
     from lightjax.run_config import model_config
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     config, params, step = restore_params(workdir, step)
+    out = save_exported(out, model_config(config), params, dtype, step)
+    tokenizer = Path(workdir) / "tokenizer"
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    return out
+
+
+def save_exported(out: str | Path, cfg: Any, params: Any, dtype: str = "float32", step: int = 0) -> Path:
+    """OUT/params (Orbax, cast to `dtype`, loop or scan layout as given) and OUT/model_config.json:
+    the export format, also written by `scripts/convert_hf.py import`."""
+    import jax.numpy as jnp
+
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / "params", params, force=True)
     checkpointer.wait_until_finished()
-    cfg = model_config(config)
     (out / "model_config.json").write_text(json.dumps({"step": step, "dtype": dtype, **cfg.to_dict()}, indent=1))
-    tokenizer = Path(workdir) / "tokenizer"
-    if tokenizer.is_dir():
-        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
     return out
 
 
@@ -193,6 +201,8 @@ def load_exported(directory: str | Path) -> tuple[Any, Any]:
     from lightjax.config import ModelConfig
 
     directory = Path(directory).absolute()
+    if not (directory / "model_config.json").is_file():
+        raise FileNotFoundError(f"No model_config.json in {directory}: not a lightjax export directory.")
     fields = json.loads((directory / "model_config.json").read_text())
     fields.pop("step"), fields.pop("dtype")
     params = ocp.StandardCheckpointer().restore(directory / "params")

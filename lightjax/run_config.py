@@ -153,8 +153,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: no evaluation)")
     check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
-    check(d.tokenizer in ("char", "byte") or d.tokenizer.startswith("spm:"), "data.tokenizer", d.tokenizer,
-          "is not one of 'char', 'byte', 'spm:PATH'")
+    check(d.tokenizer in ("char", "byte") or d.tokenizer.startswith(("spm:", "hf:")), "data.tokenizer", d.tokenizer,
+          "is not one of 'char', 'byte', 'spm:PATH', 'hf:DIR'")
     check(d.source == "tiny_shakespeare" or d.source.startswith(("tfds:", "text:")), "data.source", d.source,
           "is not one of 'tiny_shakespeare', 'tfds:NAME', 'text:GLOB'")
     check(not d.local_path or Path(d.local_path).is_file(), "data.local_path", d.local_path, "does not exist")

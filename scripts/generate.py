@@ -3,6 +3,7 @@
     python scripts/generate.py --workdir runs/baseline --prompt "ROMEO:" --num_samples 3
     python scripts/generate.py --workdir runs/baseline --step 1000 --prompt "ROMEO:" --prompt "JULIET:"
     python scripts/generate.py --hf_dir path/to/hf_model --prompt "The capital of France is" --temperature 0
+    python scripts/generate.py --export_dir exports/qwen3 --prompt "Hello" --temperature 0
 
 Prints each sample, then decoding tokens/s (the first call compiles; it is timed separately).
 """
@@ -15,6 +16,8 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint, or --step).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face checkpoint directory instead of --workdir.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "An export directory (scripts/export.py or convert_hf.py "
+                                  "import) instead of --workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt text; repeat the flag for several prompts.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt (generated together as one batch).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate per sample (0: as many as the model's "
@@ -26,10 +29,16 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Cut each sample before this strin
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def load(workdir, step, hf_dir):
+def load(workdir, step, hf_dir, export_dir):
     """(model, params, tokenizer, description)."""
+    from lightjax.data.tokenizers import load_tokenizer
     from lightjax.model import GPT
 
+    if export_dir:
+        from lightjax.checkpoint import load_exported
+
+        cfg, params = load_exported(export_dir)
+        return GPT(cfg), params, load_tokenizer(f"{export_dir}/tokenizer"), f"{export_dir} ({cfg.name})"
     if hf_dir:
         from lightjax.convert.hf import load_hf_checkpoint
         from lightjax.data.tokenizers import load_hf_tokenizer
@@ -37,7 +46,6 @@ def load(workdir, step, hf_dir):
         cfg, params = load_hf_checkpoint(hf_dir)
         return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})"
     from lightjax.checkpoint import restore_params
-    from lightjax.data.tokenizers import load_tokenizer
     from lightjax.run_config import model_config
     from lightjax.train_step import build_model
 
@@ -48,13 +56,13 @@ def load(workdir, step, hf_dir):
 
 def main(argv):
     del argv
-    if bool(_WORKDIR.value) == bool(_HF_DIR.value):
-        sys.exit("generate: give exactly one of --workdir and --hf_dir.")
+    if sum(map(bool, (_WORKDIR.value, _HF_DIR.value, _EXPORT_DIR.value))) != 1:
+        sys.exit("generate: give exactly one of --workdir, --hf_dir and --export_dir.")
     from lightjax.checkpoint import CheckpointError
     from lightjax.generate import cut_at_stop, generate
 
     try:
-        model, params, tokenizer, source = load(_WORKDIR.value, _STEP.value, _HF_DIR.value)
+        model, params, tokenizer, source = load(_WORKDIR.value, _STEP.value, _HF_DIR.value, _EXPORT_DIR.value)
         prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
         ids = [tokenizer.encode(p).tolist() for p in prompts]
         max_new = _MAX_NEW.value or model.config.block_size - max(len(i) for i in ids)

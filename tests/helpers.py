@@ -104,3 +104,13 @@ def tiny_preset(name: str, **overrides) -> ModelConfig:
     if cfg.attention_scores_scalar:
         small["attention_scores_scalar"] = 24  # not head_size, so that the scale's source is tested
     return cfg.replace(**{**small, **overrides})
+
+
+def preset_run_config(name: str, mesh=(1, 1, 1)):
+    """tiny_run_config's training settings around `tiny_preset(name)`."""
+    c = tiny_run_config(mesh=mesh)
+    c.model.name = name
+    for k, v in tiny_preset(name).to_dict().items():
+        if k != "name" and v is not None:
+            setattr(c.model, k, v)
+    return c

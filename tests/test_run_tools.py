@@ -1,10 +1,13 @@
-"""Tools over a finished run: scripts/evaluate.py and scripts/generate.py (also from a Hugging Face
-directory)."""
+"""Tools over a finished run: scripts/evaluate.py, scripts/generate.py (also from a Hugging Face or
+an export directory) and scripts/convert_hf.py."""
 
 import json
 
+import numpy as np
 import pytest
 
+from lightjax.convert.hf import read_hf_state_dict
+from lightjax.data.tokenizers import make_tokenizer
 from lightjax.evaluate import evaluate_run
 from lightjax.metrics import read_metrics
 from lightjax.trainer import train
@@ -52,22 +55,84 @@ def test_evaluate_and_generate_scripts(smoke_run):
     assert out.returncode == 1 and out.stderr.startswith("evaluate: No complete checkpoint under")
 
 
-def test_generate_from_a_hugging_face_directory(tmp_path):
-    torch, transformers = require_hf()
+def _char_tokenizer_json(directory):
+    """A character-level tokenizer.json (BPE without merges) over the random models' VOCAB ids."""
     from tokenizers import Tokenizer, decoders, models
 
-    model = random_hf_model((torch, transformers), "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
-    model.save_pretrained(tmp_path)
-    vocab = {chr(32 + i): i for i in range(VOCAB)}  # a character-level BPE without merges
+    vocab = {chr(32 + i): i for i in range(VOCAB)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.decoder = decoders.Fuse()  # join the pieces without spaces
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return vocab
+
+
+def _greedy_text(torch, model, prompt_ids, n):
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, len(prompt_ids):].tolist()
+    return "".join(chr(32 + i) for i in want)
+
+
+def test_generate_from_a_hugging_face_directory(tmp_path):
+    torch, transformers = require_hf()
+    model = random_hf_model((torch, transformers), "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
+    model.save_pretrained(tmp_path)
+    vocab = _char_tokenizer_json(tmp_path)
     out = run_script("generate.py", f"--hf_dir={tmp_path}", "--prompt=Hello", "--temperature=0",
                      "--max_new_tokens=12")
     assert out.returncode == 0, out.stderr[-3000:]
-    prompt = [vocab[c] for c in "Hello"]
-    with torch.no_grad():
-        want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                              eos_token_id=None)[0, 5:].tolist()
-    text = "".join(chr(32 + i) for i in want)
+    text = _greedy_text(torch, model, [vocab[c] for c in "Hello"], 12)
     assert f"--- 'Hello'\nHello{text}\n" in out.stdout
+
+
+def test_convert_hf_import_generate_export(tmp_path):
+    """HF directory -> lightjax export directory (generate and the data pipeline use its tokenizer)
+    -> HF directory again, every tensor bit-equal."""
+    torch, transformers = require_hf()
+    model = random_hf_model((torch, transformers), "Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2,
+                            head_dim=16)
+    hf_dir, lj_dir, back_dir = tmp_path / "hf", tmp_path / "lightjax", tmp_path / "back"
+    model.save_pretrained(hf_dir)
+    vocab = _char_tokenizer_json(hf_dir)
+    out = run_script("convert_hf.py", "import", f"--hf_dir={hf_dir}", f"--out={lj_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == f"Imported qwen3 (2 layers, float32) into {lj_dir}, with its tokenizer."
+
+    out = run_script("generate.py", f"--export_dir={lj_dir}", "--prompt=Hello", "--temperature=0",
+                     "--max_new_tokens=12")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"--- 'Hello'\nHello{_greedy_text(torch, model, [vocab[c] for c in 'Hello'], 12)}\n" in out.stdout
+    tokenizer = make_tokenizer(f"hf:{hf_dir}")  # config.data.tokenizer="hf:DIR" in a run
+    assert tokenizer.encode("Hello").tolist() == [vocab[c] for c in "Hello"] and tokenizer.vocab_size == VOCAB
+
+    out = run_script("convert_hf.py", "export", f"--export_dir={lj_dir}", f"--out={back_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("as HF qwen3 (float32) to " f"{back_dir}; tokenizer.json copied.")
+    original, back = read_hf_state_dict(hf_dir), read_hf_state_dict(back_dir)
+    assert sorted(back) == sorted(original)
+    assert all(np.array_equal(back[k], original[k]) and back[k].dtype == original[k].dtype for k in original)
+    assert (back_dir / "tokenizer.json").read_text() == (hf_dir / "tokenizer.json").read_text()
+
+    out = run_script("convert_hf.py", "import", f"--hf_dir={tmp_path / 'nope'}", f"--out={tmp_path / 'x'}")
+    assert out.returncode == 1
+    assert out.stderr.strip() == (f"convert_hf: No config.json in {tmp_path / 'nope'}: "
+                                  "not a Hugging Face model directory.")
+
+
+def test_convert_hf_export_of_a_training_run(smoke_run, tmp_path):
+    """A lightjax run's checkpoint -> an HF directory that transformers loads with the same logits."""
+    torch, transformers = require_hf()
+    from lightjax.checkpoint import restore_params
+    from lightjax.model import GPT
+    from lightjax.run_config import model_config
+
+    out = run_script("convert_hf.py", "export", f"--workdir={smoke_run}", f"--out={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "as HF gpt_neox (float32)" in out.stdout and "'char' tokenizer has no Hugging Face file" in out.stdout
+    config, params, _ = restore_params(smoke_run)
+    tokens = np.random.default_rng(0).integers(0, 65, (2, 16))
+    want = np.asarray(GPT(model_config(config)).apply({"params": params}, tokens))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        got = model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from lightjax.model import abstract_params
 from lightjax.run_config import ConfigError, default_config, model_config, validate
 from lightjax.sharding import make_mesh, mesh_shape, resolve_rules, shard_batch
 from lightjax.train_step import setup_training, synthetic_batch
-from tests.helpers import tiny_run_config
+from tests.helpers import preset_run_config, tiny_run_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
 
@@ -57,6 +57,19 @@ def test_every_mesh_trains_like_one_device(family, mesh):
     np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
 
     assert_params_close(params, want_params)
+
+
+# One preset per family beyond the two above, shrunk (tests/helpers.py:tiny_preset).
+FAMILY_PRESETS = ["Mistral-7B-v0.1", "Mixtral-8x7B-v0.1", "phi-2", "Phi-3-mini-4k-instruct", "gemma-2b",
+                  "gemma-2-2b", "gemma-3-1b-it", "Qwen2.5-0.5B", "Qwen3-0.6B", "OLMo-2-1124-7B", "falcon-7b"]
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_every_family_trains_on_a_2x2x2_mesh_like_one_device(preset):
+    want, _, _ = run_steps(preset_run_config(preset))
+    losses, _, _ = run_steps(preset_run_config(preset, mesh=(2, 2, 2)))
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(losses, want, atol=1e-5, rtol=0)
 
 
 def test_fsdp_splits_every_embed_axis_eight_ways():

@@ -208,7 +208,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokenizer:
-    """From `config.data.tokenizer`: 'char' (built from the training documents), 'byte', or 'spm:PATH'."""
+    """From `config.data.tokenizer`: 'char' (built from the training documents), 'byte', 'spm:PATH'
+    (a SentencePiece model), or 'hf:DIR' (a Hugging Face checkpoint's tokenizer.model or tokenizer.json)."""
     if spec == "char":
         if train_docs is None:
             raise ValueError("The 'char' tokenizer is built from the training split's text; none was given.")
@@ -217,7 +218,9 @@ def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokeni
         return ByteTokenizer()
     if spec.startswith("spm:"):
         return SentencePieceTokenizer(spec[len("spm:"):])
-    raise ValueError(f"config.data.tokenizer={spec!r} is not one of 'char', 'byte', 'spm:PATH'.")
+    if spec.startswith("hf:"):
+        return load_hf_tokenizer(spec[len("hf:"):])
+    raise ValueError(f"config.data.tokenizer={spec!r} is not one of 'char', 'byte', 'spm:PATH', 'hf:DIR'.")
 
 
 def train_sentencepiece(text_files: list[str | Path], model_prefix: str | Path, vocab_size: int,

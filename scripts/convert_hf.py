@@ -1,0 +1,112 @@
+"""Convert between a Hugging Face model directory and lightjax.
+
+    # HF -> lightjax export directory (params, model_config.json, tokenizer/, hf_config.json)
+    python scripts/convert_hf.py import --hf_dir path/to/Qwen3-0.6B --out exports/qwen3
+    # lightjax run or export directory -> HF directory (config.json, model.safetensors, tokenizer)
+    python scripts/convert_hf.py export --workdir runs/baseline --out hf/baseline
+    python scripts/convert_hf.py export --export_dir exports/qwen3 --out hf/qwen3 --dtype bfloat16
+
+An imported directory is what `scripts/generate.py --export_dir` and `checkpoint.load_exported` read;
+an exported one is what `transformers.AutoModelForCausalLM.from_pretrained` reads. Export writes the
+architecture the model was imported from (hf_config.json), else --model_type, else the first
+supported one the ModelConfig fits.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "export: a lightjax run directory (its latest checkpoint, or --step).")
+_STEP = flags.DEFINE_integer("step", None, "export --workdir: the checkpoint step (default: the latest).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: a lightjax export directory instead of --workdir.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype written.")
+_MODEL_TYPE = flags.DEFINE_string("model_type", None, "export: the HF architecture (model_type) to write.")
+COMMANDS = ("import", "export")
+
+
+def import_hf(hf_dir: str, out: str, dtype: str) -> str:
+    from lightjax.checkpoint import save_exported
+    from lightjax.convert.hf import load_hf_checkpoint, read_hf_config
+    from lightjax.data.tokenizers import load_hf_tokenizer
+
+    cfg, params = load_hf_checkpoint(hf_dir)
+    out_path = save_exported(out, cfg, params, dtype)
+    (out_path / "hf_config.json").write_text(json.dumps(read_hf_config(hf_dir), indent=1))
+    try:
+        load_hf_tokenizer(hf_dir).save(out_path / "tokenizer")
+        tokenizer = "with its tokenizer"
+    except FileNotFoundError:
+        tokenizer = "without a tokenizer (none in the HF directory)"
+    return f"Imported {cfg.name} ({cfg.n_layer} layers, {dtype}) into {out_path}, {tokenizer}."
+
+
+def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out: str, dtype: str,
+              model_type: str | None) -> str:
+    import jax
+    import jax.numpy as jnp
+
+    from lightjax.checkpoint import load_exported, restore_params
+    from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
+    from lightjax.run_config import model_config
+
+    if export_dir:
+        cfg, params = load_exported(export_dir)
+        source = Path(export_dir)
+        hf_config = source / "hf_config.json"
+        if model_type is None and hf_config.is_file():
+            model_type = json.loads(hf_config.read_text())["model_type"]
+    else:
+        config, params, step = restore_params(workdir, step)
+        cfg, source = model_config(config), Path(workdir)
+    model_type = hf_model_type(cfg, model_type)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    out_path = save_hf_checkpoint(out, params, cfg, model_type)
+    tokenizer = _export_tokenizer(source / "tokenizer", out_path)
+    return f"Exported {cfg.name} as HF {model_type} ({dtype}) to {out_path}; {tokenizer}."
+
+
+def _export_tokenizer(tokenizer_dir: Path, out: Path) -> str:
+    """The run's tokenizer in the file HF expects, where one exists."""
+    from lightjax.data.tokenizers import META_FILE
+
+    meta_path = tokenizer_dir / META_FILE
+    if not meta_path.is_file():
+        return "no tokenizer to copy"
+    meta = json.loads(meta_path.read_text())
+    if meta["kind"] == "hf":
+        shutil.copyfile(tokenizer_dir / meta["file"], out / "tokenizer.json")
+        return "tokenizer.json copied"
+    if meta["kind"] == "spm":
+        shutil.copyfile(tokenizer_dir / meta["model_file"], out / "tokenizer.model")
+        return "tokenizer.model copied"
+    return f"the {meta['kind']!r} tokenizer has no Hugging Face file: decode ids with lightjax's"
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        sys.exit(f"convert_hf: give one command, 'import' or 'export' (got {argv[1:]}).")
+    from lightjax.checkpoint import CheckpointError
+
+    try:
+        if argv[1] == "import":
+            if not _HF_DIR.value:
+                sys.exit("convert_hf: import needs --hf_dir.")
+            print(import_hf(_HF_DIR.value, _OUT.value, _DTYPE.value))
+        else:
+            if bool(_WORKDIR.value) == bool(_EXPORT_DIR.value):
+                sys.exit("convert_hf: export needs exactly one of --workdir and --export_dir.")
+            print(export_hf(_WORKDIR.value, _STEP.value, _EXPORT_DIR.value, _OUT.value, _DTYPE.value,
+                            _MODEL_TYPE.value))
+    except (OSError, ValueError, CheckpointError) as e:
+        sys.exit(f"convert_hf: {e}")
+
+
+if __name__ == "__main__":
+    from lightjax.cli import one_line_flags_parser
+
+    app.run(main, flags_parser=one_line_flags_parser("convert_hf"))
