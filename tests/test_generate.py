@@ -12,7 +12,7 @@ from lightjax.generate import compiled_programs, generate, top_k_filter, top_p_f
 from lightjax.model import GPT, stack_layers
 from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh
 from tests.conftest import require_hf
-from tests.helpers import VOCAB, random_hf_model, tiny_config
+from tests.helpers import VOCAB, random_hf_model, tiny_config, tiny_preset
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]  # different lengths in one batch
 
@@ -47,6 +47,19 @@ def test_cached_greedy_equals_recomputing_the_prefix(family):
     scanned = GPT(model.config, scan_layers=True)
     assert generate(scanned, stack_layers(params, model.config.n_layer), PROMPTS, 12) == want
     assert [generate(model, params, [p], 12)[0] for p in PROMPTS] == want  # batching changes nothing
+
+
+def test_cached_greedy_with_sliding_windows_softcaps_and_local_rope():
+    """Gemma-3-like layers (a 4-key window on layer 0 only, local RoPE there, q/k norms) plus soft-capping:
+    the cache's window mask, in both layouts (the scanned one gets each layer's window as data)."""
+    cfg = tiny_preset("gemma-3-1b-it", attention_logit_softcapping=2.0, final_logit_softcapping=5.0)
+    model = GPT(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
+    want = [_greedy_without_cache(model, params, p, 12) for p in PROMPTS]
+    assert generate(model, params, PROMPTS, 12) == want
+    scanned = GPT(cfg, scan_layers=True)
+    assert generate(scanned, stack_layers(params, cfg.n_layer), PROMPTS, 12) == want
 
 
 def test_generation_on_a_2x2x2_mesh_matches_one_device():
