@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from lightjax.checkpoint import restore_params
-from lightjax.data.pipeline import eval_batches, eval_tokens
+from lightjax.data.pipeline import count_tokens, eval_batches
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer
 from lightjax.sharding import shard_batch
@@ -24,10 +24,9 @@ from lightjax.train_step import Training, setup_training
 
 def text_units(docs: Any, tokenizer: Tokenizer) -> dict[str, float]:
     """Tokens per character and per UTF-8 byte of a split, to turn nats per token into bits per unit."""
-    texts = [docs[i] for i in range(len(docs))]
-    tokens = len(eval_tokens(docs, tokenizer))
-    chars, nbytes = sum(len(t) for t in texts), sum(len(t.encode("utf-8")) for t in texts)
-    return {"tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1)}
+    counts = count_tokens(docs, tokenizer)
+    nbytes = sum(len(docs[i].encode("utf-8")) for i in range(len(docs)))
+    return {"tokens_per_char": counts["tokens_per_char"], "tokens_per_byte": counts["tokens"] / max(nbytes, 1)}
 
 
 def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, config: Any,
