@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
+from lightjax.model import unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,30 @@ def save_exported(out: str | Path, cfg: Any, params: Any, dtype: str = "float32"
     checkpointer.wait_until_finished()
     (out / "model_config.json").write_text(json.dumps({"step": step, "dtype": dtype, **cfg.to_dict()}, indent=1))
     return out
+
+
+def load_weights(directory: str | Path) -> tuple[Any, Any]:
+    """(ModelConfig, params in loop layout) from an export directory or a Hugging Face model directory."""
+    if (Path(directory) / "model_config.json").is_file():
+        cfg, params = load_exported(directory)
+        return cfg, (unstack_layers(params) if "h" in params else params)
+    from lightjax.convert.hf import load_hf_checkpoint
+
+    return load_hf_checkpoint(directory)
+
+
+# Fields that may differ between pretrained weights and the run that starts from them.
+_FREE_WHEN_LOADING = ("name", "block_size", "dropout", "vocab_size", "padding_multiple")
+
+
+def check_same_architecture(run_cfg: Any, weights_cfg: Any, source: str) -> None:
+    """A CheckpointError naming every architecture field in which the weights differ from the run."""
+    run, weights = run_cfg.to_dict(), weights_cfg.to_dict()
+    diffs = [f"{k}: config {run[k]!r} vs weights {weights[k]!r}" for k in run
+             if k not in _FREE_WHEN_LOADING and run[k] != weights[k]]
+    if diffs:
+        raise CheckpointError(f"config.train.init_from={source!r} holds another architecture than config.model: "
+                              + "; ".join(diffs) + ".")
 
 
 def load_exported(directory: str | Path) -> tuple[Any, Any]:

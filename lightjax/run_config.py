@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.scan_layers = False
     c.train.z_loss = 0.0
     c.train.skip_nonfinite = False  # skip an update whose loss is not finite, instead of stopping
+    # Start from these weights (fine-tuning): an export directory (scripts/export.py, convert_hf.py
+    # import) or a Hugging Face model directory. Their architecture must be config.model's.
+    c.train.init_from = ""
     c.train.log_every = 10
     c.train.eval_every = 250
     c.train.eval_batches = 20
@@ -151,6 +154,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check(t.remat in REMAT_POLICIES, "train.remat", t.remat, f"is not one of {', '.join(REMAT_POLICIES)}")
     check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: no evaluation)")
+    check(not t.init_from or _is_weights_dir(t.init_from), "train.init_from", t.init_from,
+          "is not an export directory (model_config.json) or a Hugging Face one (config.json)")
     check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     check(d.tokenizer in ("char", "byte") or d.tokenizer.startswith(("spm:", "hf:")), "data.tokenizer", d.tokenizer,
@@ -188,3 +193,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
     return cfg
+
+
+def _is_weights_dir(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in ("model_config.json", "config.json"))

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lightjax.config import ModelConfig
-from lightjax.model import GPT
+from lightjax.model import GPT, stack_layers
 from lightjax.optim import lr_schedule, make_optimizer
 from lightjax.run_config import DTYPES, validate
 from lightjax.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
@@ -203,10 +203,18 @@ class Training:
     seed: int
     seq_len: int
 
-    def init_state(self) -> TrainState:
-        """A freshly initialised train state, created directly in its shards."""
+    def init_state(self, pretrained: Any = None) -> TrainState:
+        """A freshly initialised train state, created directly in its shards. `pretrained` parameters
+        (loop layout, host arrays, this model's shapes) replace the initial ones, cast to the run's
+        param_dtype and placed in the same shards; the optimizer state starts fresh either way."""
         state, _ = create_train_state(self.model, self.tx, self.mesh, self.rules, self.seed, self.seq_len)
-        return state
+        if pretrained is None:
+            return state
+        if self.model.scan_layers:
+            pretrained = stack_layers(pretrained, self.model_config.n_layer)
+        params = jax.tree.map(lambda p, like, s: jax.device_put(np.asarray(p).astype(like.dtype), s),
+                              pretrained, state.params, self.shardings.params)
+        return state.replace(params=params)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the train state, allocating nothing: a restore target."""

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightjax.checkpoint import Checkpointer, CheckpointError, config_changes
+from lightjax.checkpoint import Checkpointer, CheckpointError, check_same_architecture, config_changes, load_weights
 from lightjax.data.pipeline import check_vocab, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
@@ -60,10 +60,11 @@ def _tokenizer(config: Any, workdir: Path, train_docs: Any) -> Tokenizer:
 
 def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Training,
             data_iter: Any, config_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(state, meta): restored per config.checkpoint.resume, or freshly initialised."""
+    """(state, meta): restored per config.checkpoint.resume, or freshly initialised (from
+    config.train.init_from's weights when given)."""
     mode = config.checkpoint.resume
     if mode == "never":
-        return training.init_state(), {}
+        return _fresh_state(config, training), {}
     source = checkpointer
     if mode != "auto":
         path = Path(mode)
@@ -75,7 +76,7 @@ def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Tr
     if not steps:
         if mode != "auto":
             raise CheckpointError(f"config.checkpoint.resume={mode!r}: no complete checkpoint there.")
-        return training.init_state(), {}
+        return _fresh_state(config, training), {}
     saved_config = source.read_meta(steps[-1]).get("config", {})
     changes = config_changes(saved_config, config_dict)
     if changes:
@@ -87,6 +88,16 @@ def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Tr
     state, meta = restored
     print(f"Resumed from {source.directory / str(meta['step'])} (step {meta['step']}).", flush=True)
     return state, meta
+
+
+def _fresh_state(config: Any, training: Training) -> Any:
+    source = config.train.init_from
+    if not source:
+        return training.init_state()
+    weights_cfg, params = load_weights(source)
+    check_same_architecture(training.model_config, weights_cfg, source)
+    print(f"Starting from the weights in {source}.", flush=True)
+    return training.init_state(params)
 
 
 class _Progress:

@@ -217,3 +217,37 @@ def test_keeps_the_last_n_and_the_best_by_validation_loss(tmp_path):
         ckpt.save(step, state, it, {"config": {}}, val_loss=val)
     ckpt.wait()
     assert ckpt.steps() == [2, 4, 5]  # the best (val 1.0) and the last two
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_training_starts_from_imported_weights(tmp_path, scan_layers):
+    """config.train.init_from: a Hugging Face directory (or its lightjax export) gives the first
+    parameters of a run; a different architecture is refused, naming each field."""
+    from lightjax.checkpoint import restore_params, save_exported
+    from lightjax.convert.hf import load_hf_checkpoint
+    from lightjax.model import stack_layers
+    from tests.conftest import require_hf
+    from tests.helpers import random_hf_model
+
+    hf = require_hf()
+    random_hf_model(hf, "Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=16).save_pretrained(
+        tmp_path / "hf")
+    cfg, params = load_hf_checkpoint(tmp_path / "hf")
+    source = tmp_path / "hf"
+    if scan_layers:  # the export directory too, written in the scan layout
+        source = save_exported(tmp_path / "export", cfg, stack_layers(params, cfg.n_layer))
+    c = run_config(tmp_path, max_steps=1, save_every=1, scan_layers=scan_layers, init_from=str(source))
+    c.model.name = "Qwen3-0.6B"
+    for k, v in cfg.to_dict().items():
+        if k != "name" and v is not None:
+            setattr(c.model, k, v)
+    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-12, 0.0, 0  # one step that changes nothing visible
+    train(c, tmp_path / "run")
+    _, trained, _ = restore_params(tmp_path / "run")
+    want = stack_layers(params, cfg.n_layer) if scan_layers else params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9, rtol=0), trained, want)
+
+    c.model.n_layer, c.checkpoint.resume = 3, "never"
+    with pytest.raises(CheckpointError, match=r"holds another architecture than config.model: n_layer: config 3 "
+                                              r"vs weights 2\."):
+        train(c, tmp_path / "other")
