@@ -3,7 +3,10 @@ import pytest
 from lightjax.config import ModelConfig
 
 REQUIRED_PRESETS = ["pythia-14m", "pythia-31m", "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b",
-                    "tiny-llama-1.1b", "SmolLM2-135M", "Llama-3.2-1B", "baseline-tiny"]
+                    "tiny-llama-1.1b", "SmolLM2-135M", "Llama-3.2-1B", "baseline-tiny",
+                    "Mistral-7B-v0.1", "Mixtral-8x7B-v0.1", "phi-1_5", "phi-2", "Phi-3-mini-4k-instruct", "gemma-2b",
+                    "gemma-2-2b", "gemma-3-1b-it", "Qwen2.5-0.5B", "Qwen3-0.6B", "OLMo-2-1124-7B", "falcon-7b",
+                    "stablelm-base-alpha-3b", "Llama-3.1-8B", "Llama-3.2-3B", "SmolLM2-360M"]
 
 
 def test_presets_exist_and_build():
@@ -49,7 +52,8 @@ def test_unknown_norm():
 
 
 def test_unknown_mlp():
-    with pytest.raises(ValueError, match=r"mlp_class_name='SwiGLU' is not one of 'GptNeoxMLP', 'LLaMAMLP'"):
+    with pytest.raises(ValueError, match=r"mlp_class_name='SwiGLU' is not one of 'GptNeoxMLP', 'LLaMAMLP', 'GemmaMLP', "
+                                         r"'LLaMAMoE'"):
         ModelConfig(n_embd=64, n_head=4, mlp_class_name="SwiGLU")
 
 
@@ -75,3 +79,30 @@ def test_odd_rope_n_elem_and_bad_rope_adjustments():
         ModelConfig(n_embd=128, n_head=4, rotary_percentage=0.3)
     with pytest.raises(ValueError, match=r"rope_adjustments=\{'scale': 2\} must have the keys"):
         ModelConfig(n_embd=64, n_head=4, rope_adjustments={"scale": 2})
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(sliding_window_size=4, sliding_window_indices=(1, 0, 1)),
+     r"sliding_window_indices=\(1, 0, 1\) must hold one 0 or 1 per layer \(n_layer=2\)"),
+    (dict(sliding_window_indices=(1, 0)), r"sliding_window_indices=\(1, 0\) needs sliding_window_size to be set"),
+    (dict(rope_indices=(0, 1)), r"rope_indices=\(0, 1\) needs rope_local_base_freq to be set"),
+    (dict(mlp_class_name="LLaMAMoE", intermediate_size=64, n_expert=1, n_expert_per_token=1),
+     r"n_expert=1 must be > 1 for mlp_class_name='LLaMAMoE'"),
+    (dict(mlp_class_name="LLaMAMoE", intermediate_size=64, n_expert=4, n_expert_per_token=5),
+     r"n_expert_per_token=5 must be in \[1, n_expert=4\]"),
+    (dict(n_expert=4), r"n_expert=4 needs mlp_class_name='LLaMAMoE' \(is 'GptNeoxMLP'\)"),
+    (dict(norm_unit_offset=True), r"norm_unit_offset=True needs norm_class_name='RMSNorm'"),
+    (dict(norm_qk_type="full"), r"norm_qk_type='full' is not one of 'default', 'olmo2'"),
+    (dict(attention_logit_softcapping=-1.0), r"attention_logit_softcapping=-1.0 must be positive \(or None\)"),
+    (dict(rope_adjustments={"factor": 4.0, "beta_fast": 32}), r"rope_adjustments=.* must have the keys .*YaRN"),
+])
+def test_new_fields_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(n_layer=2, n_embd=64, n_head=4, **fields)
+
+
+def test_lists_from_json_become_tuples():
+    cfg = ModelConfig(n_layer=2, n_embd=64, n_head=4, sliding_window_size=4, sliding_window_indices=[1, 0])
+    assert cfg.sliding_window_indices == (1, 0) and cfg.sliding_window(0) == 4 and cfg.sliding_window(1) is None
+    assert hash(cfg) == hash(cfg.replace())
+

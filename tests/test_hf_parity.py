@@ -166,3 +166,18 @@ PUBLISHED_COUNTS = {
 @pytest.mark.parametrize("name", list(PUBLISHED_COUNTS))
 def test_preset_sizes_match_the_published_checkpoints(name):
     assert count_params(abstract_params(ModelConfig.from_name(name))) == PUBLISHED_COUNTS[name]
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("gemma2", {}), ("gemma3_text", {"sliding_window_pattern": 3}),
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 2}),
+])
+def test_layer_types_are_derived_like_transformers_when_absent(hf, model_type, extra):
+    """Older config.json files have no layer_types: which layers have a window follows transformers' rule."""
+    _, transformers = hf
+    config = transformers.AutoConfig.for_model(model_type, num_hidden_layers=6, sliding_window=8, **extra).to_dict()
+    want = tuple(int(t == "sliding_attention") for t in config["layer_types"])
+    assert 0 < sum(want) < 6  # some layers windowed, some not
+    assert config_from_hf(config).sliding_window_indices == want
+    legacy = {k: v for k, v in config.items() if k != "layer_types"}
+    assert config_from_hf(legacy) == config_from_hf(config)

@@ -97,9 +97,23 @@ def _rope_adjustments(rope: Mapping[str, Any]) -> dict[str, float] | None:
     raise ValueError(f"RoPE scaling type {kind!r} is not supported; supported: 'default', 'linear', 'llama3', 'yarn'.")
 
 
-def _layer_flags(hf: Mapping[str, Any], kind: str) -> tuple[int, ...] | None:
-    """Per-layer 0/1 flags from `layer_types`; None when absent or when every layer is of `kind`."""
-    types = hf.get("layer_types")
+def _layer_types(hf: Mapping[str, Any], model_type: str) -> list[str] | None:
+    """`layer_types`, or what transformers derives when a config.json has none."""
+    if hf.get("layer_types") is not None:
+        return list(hf["layer_types"])
+    n = hf["num_hidden_layers"]
+    if model_type == "gemma2":  # local and global layers alternate
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if model_type == "gemma3_text":  # five local layers, then a global one
+        period = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    if model_type in ("qwen2", "qwen3"):  # windows above max_window_layers
+        return ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention" for i in range(n)]
+    return None
+
+
+def _layer_flags(types: list[str] | None, kind: str) -> tuple[int, ...] | None:
+    """Per-layer 0/1 flags; None when there are no types or when every layer is of `kind`."""
     flags = None if types is None else tuple(int(t == kind) for t in types)
     return None if flags is not None and all(flags) else flags
 
@@ -132,7 +146,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", hf.get("layer_norm_epsilon", 1e-5))),
     )
     window = hf.get("sliding_window")
-    sliding = _layer_flags(hf, "sliding_attention")
+    sliding = _layer_flags(_layer_types(hf, model_type), "sliding_attention")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
         window = None
     if window and (sliding is None or any(sliding)):
