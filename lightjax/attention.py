@@ -22,9 +22,10 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | N
     """softmax(q k^T * scale + mask) v for q [B, T, n_head, hs], k and v [B, S, n_groups, hs].
 
     Without `mask` the mask is causal (S == T), limited to the last `window` keys when given. Then
-    `jax.nn.dot_product_attention` computes it: cuDNN flash attention on GPU, XLA's fused version
-    elsewhere, grouped queries natively. The explicit path below runs instead with `mask` (bool,
-    broadcastable to [B, 1, T, S]: which keys each query sees, as decoding with a KV cache needs;
+    `jax.nn.dot_product_attention` computes it, grouped queries natively: cuDNN flash attention on GPU
+    for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's elsewhere. The
+    explicit path below runs instead with `mask` (bool, broadcastable to [B, 1, T, S]: which keys
+    each query sees, as decoding with a KV cache needs;
     measured 2.6x faster for one query against a cache on CPU), with a traced `window` (one per
     layer of a scanned stack), with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)),
     and in float64 (gradient checks): the fused version's softmax is float32.
@@ -32,6 +33,12 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | N
     static_window = window is None or isinstance(window, int)
     if mask is None and static_window and softcap is None and q.dtype != jnp.float64:
         local = None if window is None else (window - 1, 0)
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:  # JAX's default is XLA's version, which keeps every layer's [B, N, T, S] scores for backward
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local,
+                                                    implementation="cudnn")
+            except (NotImplementedError, ValueError):  # a head size or shape cuDNN does not take
+                pass
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local)
     B, T, N, hs = q.shape
     S, G = k.shape[1], k.shape[2]

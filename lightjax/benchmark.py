@@ -75,6 +75,7 @@ def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
         "argument_bytes_per_device": mem.argument_size_in_bytes if mem else None,
         "output_bytes_per_device": mem.output_size_in_bytes if mem else None,
         "temp_bytes_per_device": mem.temp_size_in_bytes if mem else None,
+        "peak_bytes_per_device": (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
         "final_loss": float(metrics["loss"]),
     }
 
@@ -89,7 +90,8 @@ def format_result(r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% of {r['peak_flops_per_device'] / 1e9:,.0f} "
             f"GFLOP/s/device [{r['peak_source']}] | XLA/model FLOPs {xla} | per device: args "
             f"{mib(r['argument_bytes_per_device'])}, temp {mib(r['temp_bytes_per_device'])}, "
-            f"out {mib(r['output_bytes_per_device'])}")
+            f"out {mib(r['output_bytes_per_device'])}"
+            + ("" if r.get("peak_bytes_per_device") is None else f", peak in use {mib(r['peak_bytes_per_device'])}"))
 
 
 def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[str, Any]:
