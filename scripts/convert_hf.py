@@ -54,18 +54,21 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
     from lightjax.run_config import model_config
 
+    token_ids = {}
     if export_dir:
         cfg, params = load_exported(export_dir)
         source = Path(export_dir)
         hf_config = source / "hf_config.json"
-        if model_type is None and hf_config.is_file():
-            model_type = json.loads(hf_config.read_text())["model_type"]
+        if hf_config.is_file():  # imported: write the same architecture and special tokens back
+            original = json.loads(hf_config.read_text())
+            model_type = model_type or original["model_type"]
+            token_ids = original
     else:
         config, params, step = restore_params(workdir, step)
         cfg, source = model_config(config), Path(workdir)
     model_type = hf_model_type(cfg, model_type)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    out_path = save_hf_checkpoint(out, params, cfg, model_type)
+    out_path = save_hf_checkpoint(out, params, cfg, model_type, token_ids)
     tokenizer = _export_tokenizer(source / "tokenizer", out_path)
     return f"Exported {cfg.name} as HF {model_type} ({dtype}) to {out_path}; {tokenizer}."
 

@@ -88,7 +88,9 @@ def test_family_import_export(hf, tmp_path, family):
 
     # lightjax -> HF: a random lightjax model, saved, loads into transformers with the same logits.
     ours = _random_params(cfg)
-    save_hf_checkpoint(tmp_path / "export", ours, cfg, model_type)
+    save_hf_checkpoint(tmp_path / "export", ours, cfg, model_type, {"eos_token_id": 3, "vocab_size": 1})
+    written = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert written["eos_token_id"] == 3 and written["vocab_size"] == cfg.padded_vocab_size  # only token ids pass
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert type(loaded).__name__ == causal_lm
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -126,15 +126,17 @@ def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, An
 
 
 def save_hf_checkpoint(directory: str | Path, params: Mapping[str, Any], cfg: ModelConfig,
-                       model_type: str | None = None) -> Path:
+                       model_type: str | None = None, token_ids: Mapping[str, Any] | None = None) -> Path:
     """Write `config.json` and `model.safetensors` that `transformers.AutoModelForCausalLM
-    .from_pretrained(directory)` loads (and `load_hf_checkpoint` reads back)."""
+    .from_pretrained(directory)` loads (and `load_hf_checkpoint` reads back). `token_ids` (bos_token_id,
+    eos_token_id, pad_token_id) go into config.json, where generation and tokenizers look for them."""
     model_type = hf_model_type(cfg, model_type)
     state_dict = params_to_hf(params, cfg, model_type)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtypes = {str(v.dtype) for v in state_dict.values()}
     hf = dict(config_to_hf(cfg, model_type), torch_dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+    hf.update({k: v for k, v in (token_ids or {}).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     write_safetensors(directory / "model.safetensors", state_dict)
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return directory
