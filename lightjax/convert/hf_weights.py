@@ -80,7 +80,7 @@ def _qkv(cfg: ModelConfig, sources: tuple[str, ...], tgt: str, weight: bool) -> 
     return Entry(sources, (tgt,), fuse, split)
 
 
-def _gate_up(src: str, targets: tuple[str, str], d: int, m: int) -> Entry:
+def _gate_up(src: str, targets: tuple[str, str]) -> Entry:
     """Phi-3's gate_up_proj [2m, d] (gate rows first) <-> fc_1 and fc_2 kernels [d, m]."""
     return Entry((src,), targets, lambda w: tuple(p.T for p in np.split(np.asarray(w), 2, axis=0)),
                  lambda a, b: (np.concatenate([np.asarray(a).T, np.asarray(b).T], axis=0),))
@@ -134,7 +134,7 @@ def _llama_layer(cfg: ModelConfig, model_type: str, p: str, t: str) -> list[Entr
             names = tuple(f"{moe}.experts.{e}.{hf_name}.weight" for e in experts)
             entries.append(_experts(names, f"{t}/mlp/{ours}"))
     elif model_type == "phi3":
-        entries.append(_gate_up(f"{p}.mlp.gate_up_proj.weight", (f"{t}/mlp/fc_1/kernel", f"{t}/mlp/fc_2/kernel"), d, m))
+        entries.append(_gate_up(f"{p}.mlp.gate_up_proj.weight", (f"{t}/mlp/fc_1/kernel", f"{t}/mlp/fc_2/kernel")))
         entries += _dense(cfg.bias, f"{p}.mlp.down_proj", f"{t}/mlp/proj", (m,), (d,))
     else:
         entries += _dense(cfg.bias, f"{p}.mlp.gate_proj", f"{t}/mlp/fc_1", (d,), (m,))
