@@ -66,6 +66,13 @@ def test_sentencepiece_round_trips_every_split(splits, tmp_path):
     again = load_tokenizer(tok.save(tmp_path / "saved"))
     assert isinstance(again, SentencePieceTokenizer)
     np.testing.assert_array_equal(again.encode(splits["test"][:1000]), tok.encode(splits["test"][:1000]))
+    # A Hugging Face directory holding it as tokenizer.model (Llama 2, Mistral, Gemma): config.data.tokenizer=hf:DIR.
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.model").write_bytes((tmp_path / "spm.model").read_bytes())
+    from_hf = make_tokenizer(f"hf:{hf_dir}")
+    assert isinstance(from_hf, SentencePieceTokenizer) and from_hf.vocab_size == 512
+    np.testing.assert_array_equal(from_hf.encode(splits["test"][:1000]), tok.encode(splits["test"][:1000]))
 
 
 def test_train_tokenizer_script(tmp_path):
