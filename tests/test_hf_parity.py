@@ -181,3 +181,16 @@ def test_layer_types_are_derived_like_transformers_when_absent(hf, model_type, e
     assert config_from_hf(config).sliding_window_indices == want
     legacy = {k: v for k, v in config.items() if k != "layer_types"}
     assert config_from_hf(legacy) == config_from_hf(config)
+
+
+def test_falcon_config_with_its_original_key_names():
+    """tiiuae/falcon-7b's config.json keys (n_head, n_layer) read like the in-library names."""
+    hf = dict(model_type="falcon", hidden_size=4544, n_head=71, n_layer=32, vocab_size=65024, multi_query=True,
+              parallel_attn=True, bias=False, alibi=False, new_decoder_architecture=False, layer_norm_epsilon=1e-5)
+    cfg = config_from_hf(hf)
+    want = ModelConfig.from_name("falcon-7b")
+    assert (cfg.n_head, cfg.n_layer, cfg.n_query_groups, cfg.intermediate_size) == (71, 32, 1, 18176)
+    assert count_params(abstract_params(cfg)) == count_params(abstract_params(want))
+    with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm=True is not supported"):
+        config_from_hf(dict(hf, apply_residual_connection_post_layernorm=True))
+

@@ -118,9 +118,15 @@ def _layer_flags(types: list[str] | None, kind: str) -> tuple[int, ...] | None:
     return None if flags is not None and all(flags) else flags
 
 
+_ALIASES = (("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer"))
+
+
 def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     """A ModelConfig from a Hugging Face `config.json` dict."""
     hf = dict(hf_config)
+    for key, alias in _ALIASES:  # Falcon's config.json may use its original names
+        if key not in hf and alias in hf:
+            hf[key] = hf[alias]
     model_type = hf.get("model_type")
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; supported: "
@@ -180,9 +186,9 @@ def _read_llama(hf: dict, fields: dict, model_type: str) -> None:
     if model_type == "gemma3_text":
         local = _rope_params(hf, "sliding_attention")
         fields["rope_local_base_freq"] = hf.get("rope_local_base_freq") or local.get("rope_theta", 10000)
-        fields["rope_indices"] = fields["sliding_window_indices"] or (1,) * fields["n_layer"]
-        if fields["sliding_window_size"] is None:
-            raise ValueError("gemma3_text without a sliding_window is not supported.")
+        # Local RoPE goes with the sliding-window layers (none when no layer has a window).
+        if fields["sliding_window_size"] is not None:
+            fields["rope_indices"] = fields["sliding_window_indices"] or (1,) * fields["n_layer"]
     if model_type == "mixtral":
         fields.update(n_expert=hf["num_local_experts"], n_expert_per_token=hf["num_experts_per_tok"],
                       moe_intermediate_size=hf["intermediate_size"])
@@ -214,6 +220,8 @@ def _read_phi(hf: dict, fields: dict, model_type: str) -> None:
 def _read_falcon(hf: dict, fields: dict, model_type: str) -> None:
     if hf.get("alibi"):
         raise ValueError("falcon with alibi=True is not supported (lightjax uses rotary embeddings).")
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise ValueError("falcon with apply_residual_connection_post_layernorm=True is not supported.")
     _activation(hf, "gelu", {"gelu": "none"}, model_type)
     n_head, parallel = fields["n_head"], hf.get("parallel_attn", True)
     new = hf.get("new_decoder_architecture", False)
