@@ -18,28 +18,24 @@ CACHE_AXES = ("layers", "batch", None, "act_heads", "act_kv")  # kv heads over t
 
 
 def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | None = None,
-                     window: int | Array | None = None, softcap: float | None = None) -> Array:
+                     window: int | None = None, softcap: float | None = None,
+                     window_on: Array | None = None) -> Array:
     """softmax(q k^T * scale + mask) v for q [B, T, n_head, hs], k and v [B, S, n_groups, hs].
 
-    Without `mask` the mask is causal (S == T), limited to the last `window` keys when given. Then
-    `jax.nn.dot_product_attention` computes it, grouped queries natively: cuDNN flash attention on GPU
-    for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's elsewhere. The
-    explicit path below runs instead with `mask` (bool, broadcastable to [B, 1, T, S]: which keys
-    each query sees, as decoding with a KV cache needs;
-    measured 2.6x faster for one query against a cache on CPU), with a traced `window` (one per
-    layer of a scanned stack), with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)),
+    Without `mask` the mask is causal (S == T), limited to the last `window` keys when given (and,
+    with a traced bool `window_on`, only where it is true: the layers of a scanned stack differ).
+    Then `jax.nn.dot_product_attention` computes it, grouped queries natively: cuDNN flash attention
+    on GPU for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's elsewhere.
+    The explicit path below runs instead with `mask` (bool, broadcastable to [B, 1, T, S]: which
+    keys each query sees, as decoding with a KV cache needs; measured 2.6x faster for one query
+    against a cache on CPU), with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)),
     and in float64 (gradient checks): the fused version's softmax is float32.
     """
-    static_window = window is None or isinstance(window, int)
-    if mask is None and static_window and softcap is None and q.dtype != jnp.float64:
-        local = None if window is None else (window - 1, 0)
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:  # JAX's default is XLA's version, which keeps every layer's [B, N, T, S] scores for backward
-                return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local,
-                                                    implementation="cudnn")
-            except (NotImplementedError, ValueError):  # a head size or shape cuDNN does not take
-                pass
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local)
+    if mask is None and softcap is None and q.dtype != jnp.float64:
+        if window_on is None or window is None:
+            return _fused_attention(q, k, v, scale, window)
+        return jax.lax.cond(window_on, lambda: _fused_attention(q, k, v, scale, window),
+                            lambda: _fused_attention(q, k, v, scale, None))
     B, T, N, hs = q.shape
     S, G = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, G, N // G, hs)  # query head n belongs to group n // (N // G)
@@ -47,18 +43,30 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | N
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     if mask is None:
-        mask = causal_mask(jnp.arange(T), S, window)
+        mask = causal_mask(jnp.arange(T), S, window, window_on)
     probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, -jnp.inf), axis=-1).astype(v.dtype)
     return jnp.einsum("bgqts,bsgh->btgqh", probs, v).reshape(B, T, N, hs)
 
 
-def causal_mask(q_slot: Array, S: int, window: int | Array | None = None) -> Array:
+def _fused_attention(q: Array, k: Array, v: Array, scale: float, window: int | None) -> Array:
+    local = None if window is None else (window - 1, 0)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:  # JAX's default is XLA's version, which keeps every layer's [B, N, T, S] scores for backward
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local,
+                                                implementation="cudnn")
+        except (NotImplementedError, ValueError):  # a head size or shape cuDNN does not take
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local)
+
+
+def causal_mask(q_slot: Array, S: int, window: int | None = None, window_on: Array | None = None) -> Array:
     """[1, 1, T, S]: query slot q_slot[t] sees key slots <= its own, and with a window the last
-    `window` of them only (itself included, as Hugging Face counts)."""
+    `window` of them only (itself included, as Hugging Face counts), where `window_on` (if given)."""
     k_slot = jnp.arange(S)[None, :]
     mask = k_slot <= q_slot[:, None]
     if window is not None:
-        mask &= k_slot > q_slot[:, None] - window
+        inside = k_slot > q_slot[:, None] - window
+        mask &= inside if window_on is None else (inside | ~window_on)
     return mask[None, None]
 
 
@@ -104,7 +112,7 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, kv: tuple[Array, Array] | None = None,
                  index: Array | None = None, mask: Array | None = None,
-                 window: int | Array | None = None) -> tuple[Array, tuple | None]:
+                 window: int | None = None, window_on: Array | None = None) -> tuple[Array, tuple | None]:
         """-> (output, kv): with a layer's cache `kv` ([B, S, G, hs] each), this call's keys and values
         are written at slots index.. and the queries attend over the cache under `mask`."""
         c = self.config
@@ -126,9 +134,9 @@ class CausalSelfAttention(nn.Module):
             kv = (constrain(k, CACHE_AXES[1:]), constrain(v, CACHE_AXES[1:]))
             k, v = k.astype(q.dtype), v.astype(q.dtype)
             if window is not None:
-                mask = mask & causal_mask(index + jnp.arange(T), k.shape[1], window)
+                mask = mask & causal_mask(index + jnp.arange(T), k.shape[1], window, window_on)
         scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
-        y = causal_attention(q, k, v, scale, mask, window, c.attention_logit_softcapping)
+        y = causal_attention(q, k, v, scale, mask, window, c.attention_logit_softcapping, window_on)
         y = constrain(y, ACT_HEADS)
         out = Linear(
             (c.n_head, c.head_size), (c.n_embd,), ("heads", "kv", "embed"),

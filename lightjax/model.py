@@ -27,7 +27,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lightjax.attention import CACHE_AXES, CausalSelfAttention, KVCache, causal_attention
 from lightjax.config import ModelConfig
@@ -54,7 +53,6 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-_NO_WINDOW = np.iinfo(np.int32).max
 
 
 class Block(nn.Module):
@@ -76,12 +74,12 @@ class Block(nn.Module):
                  layer_flags: Array | None = None) -> tuple[Array, tuple | None]:
         """-> (x, kv): the layer's output and, when decoding, its updated cache. `rope` is (cos, sin),
         each [tables, B, T, rope_n_elem]: table 0 global, table 1 local. `layer_flags` ([2] int32:
-        window or 0, local rope or not) replaces `window`/`local_rope` in a scanned stack whose
-        layers differ."""
+        windowed or not, local rope or not) replaces `window`/`local_rope` in a scanned stack whose
+        layers differ; attention then picks its kernel per layer at run time."""
         c = self.config
-        window, table = self.window, int(self.local_rope)
+        window, table, window_on = self.window, int(self.local_rope), None
         if layer_flags is not None:
-            window, table = jnp.where(layer_flags[0] > 0, layer_flags[0], _NO_WINDOW), layer_flags[1]
+            window, window_on, table = c.sliding_window_size, layer_flags[0] > 0, layer_flags[1]
         cos, sin = rope[0][table], rope[1][table]
         dropout = lambda h: nn.Dropout(c.dropout)(h, deterministic=self.deterministic)  # noqa: E731
         norm = lambda name: make_norm(c, self.dtype, self.param_dtype, name)  # noqa: E731
@@ -89,7 +87,7 @@ class Block(nn.Module):
 
         x_normed = norm("norm_1")(x) if c.norm_1 else x
         h, kv = CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(
-            x_normed, cos, sin, kv, index, mask, window)
+            x_normed, cos, sin, kv, index, mask, window, window_on)
         if c.post_attention_norm:
             h = norm("post_attention_norm")(h)
         h = dropout(h)
@@ -182,7 +180,7 @@ class GPT(nn.Module):
             if len(set(layers)) == 1:
                 kwargs.update(window=layers[0][0], local_rope=layers[0][1])
             else:
-                flags = jnp.asarray([(w or 0, int(local)) for w, local in layers], jnp.int32)
+                flags = jnp.asarray([(int(w is not None), int(local)) for w, local in layers], jnp.int32)
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
