@@ -106,11 +106,11 @@ def tiny_preset(name: str, **overrides) -> ModelConfig:
     return cfg.replace(**{**small, **overrides})
 
 
-def preset_run_config(name: str, mesh=(1, 1, 1)):
-    """tiny_run_config's training settings around `tiny_preset(name)`."""
+def preset_run_config(name: str, mesh=(1, 1, 1), **overrides):
+    """tiny_run_config's training settings around `tiny_preset(name, **overrides)`."""
     c = tiny_run_config(mesh=mesh)
     c.model.name = name
-    for k, v in tiny_preset(name).to_dict().items():
+    for k, v in tiny_preset(name, **overrides).to_dict().items():
         if k != "name" and v is not None:
             setattr(c.model, k, v)
     return c

@@ -57,6 +57,7 @@ def test_gradient_flow_names_the_leaves_that_get_no_gradient(scan_layers):
 
 def test_determinism_check_on_a_tiny_config(tmp_path):
     config = tiny_run_config(mesh=(8, 1, 1), max_steps=6, eval_every=6)
+    config.model.n_layer = 1  # three runs: keep each compile small
     config.data.local_path, config.data.data_dir = str(SHAKESPEARE), str(tmp_path / "tfds")
     result = determinism_check(config, tolerance=0.5, workdir=tmp_path)
     runs = result["runs"]
