@@ -12,7 +12,6 @@ def get_config():
     c.model.name = "baseline-tiny"
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 2, 4, 64, 64
     c.data.seq_len = 64
-    c.data.shuffle_window = 512
     c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.schedule = 3e-3, 3e-4, 10, "cosine"
     c.train.seed = 1337
     c.train.global_batch_size = 16

@@ -95,32 +95,45 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[str, Any]:
-    """Tokens/s that the training pipeline delivers for the configured data settings (one process)."""
-    from lightjax.data.pipeline import train_iterator
+    """What preparing the training split costs (time, disk) and the tokens/s that the training
+    pipeline then delivers for the configured data settings (one process)."""
+    import tempfile
+
+    from etils import epath
+
+    from lightjax.data.pipeline import TokenRows, train_iterator, write_token_file
     from lightjax.data.sources import load_split
     from lightjax.data.tokenizers import make_tokenizer
 
     d, t = config.data, config.train
+    start = time.perf_counter()
     docs = load_split(d, "train")
     tokenizer = make_tokenizer(d.tokenizer, docs)
-    it = train_iterator(docs, tokenizer, d.seq_len, t.global_batch_size, t.seed, num_workers,
-                        shuffle_window=d.shuffle_window)
-    start = time.perf_counter()
-    next(it)  # start-up: workers, the first shuffle window
-    first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(batches):
-        np.asarray(next(it)["tokens"])
-    elapsed = time.perf_counter() - start
-    if hasattr(it, "close"):
-        it.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = epath.Path(tmp) / "train.tokens"
+        meta = write_token_file(docs, tokenizer, path)
+        prepare_s = time.perf_counter() - start
+        it = train_iterator(TokenRows(path, d.seq_len), t.global_batch_size, t.seed, num_workers)
+        start = time.perf_counter()
+        next(it)  # start-up: workers
+        first_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(batches):
+            np.asarray(next(it)["tokens"])
+        elapsed = time.perf_counter() - start
+        if hasattr(it, "close"):
+            it.close()
+        file_bytes = path.stat().length
     tokens = batches * t.global_batch_size * (d.seq_len + 1)
-    return {"source": d.source, "tokenizer": d.tokenizer, "num_workers": num_workers, "first_batch_s": first_s,
+    return {"source": d.source, "tokenizer": d.tokenizer, "num_workers": num_workers, "prepare_s": prepare_s,
+            "prepared_tokens": meta["tokens"], "prepared_bytes": file_bytes, "first_batch_s": first_s,
             "batches": batches, "tokens_per_s": tokens / elapsed}
 
 
 def format_data_result(r: dict[str, Any]) -> str:
-    return (f"data {r['source']} tokenizer={r['tokenizer']} workers={r['num_workers']} | first batch "
+    return (f"data {r['source']} tokenizer={r['tokenizer']} workers={r['num_workers']} | prepared "
+            f"{r['prepared_tokens']:,} tokens ({r['prepared_bytes'] / 2**20:,.1f} MiB) in {r['prepare_s']:.1f} s "
+            "(reading, tokenizer, file) | first batch "
             f"{r['first_batch_s']:.2f} s | {r['tokens_per_s']:,.0f} tok/s over {r['batches']} batches")
 
 
@@ -130,15 +143,12 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
     import tempfile
 
     from lightjax.checkpoint import Checkpointer
-    from lightjax.data.pipeline import train_iterator
-    from lightjax.data.tokenizers import ByteTokenizer
 
     training = setup_training(config)
     state = training.init_state()
     cfg, seq = training.model_config, config.data.seq_len
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size, seq,
                                         cfg.vocab_size), training.mesh)
-    data_iter = train_iterator(["x" * 64] * 4, ByteTokenizer(), 8, 2, seed=0, shuffle_window=0)
     state, metrics = training.train_step(state, batch)  # compile
     jax.block_until_ready(metrics)
 
@@ -151,7 +161,7 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
             if checkpointer is not None and i % save_every == 0:
                 jax.block_until_ready(state)  # time the save alone, not the step it would wait for
                 t0 = time.perf_counter()
-                checkpointer.save(i, state, data_iter, {"config": {}})
+                checkpointer.save(i, state, {"config": {}})
                 blocked.append(time.perf_counter() - t0)
             jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / n, blocked

@@ -2,8 +2,8 @@
 
 WORKDIR/checkpoints/<step>/ holds one composite checkpoint:
   state      the TrainState (params, optimizer state, step, rng), each array saved in its shards
-  data_iter  the Grain iterator's position (a small JSON per process)
-  meta       step, tokens_seen, elapsed_s, lightjax version, the run's resolved config
+  meta       step, the data position (the global batches consumed), tokens_seen, elapsed_s, the
+             lightjax version and the run's resolved config
 
 Saves are asynchronous (the loop goes on while arrays are written) and atomic: Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous
@@ -11,24 +11,25 @@ checkpoints intact and the partial one is ignored and cleaned up. The last `keep
 kept, plus the one with the best validation loss.
 
 Restoring builds its target from the current run's abstract state and shardings, so a checkpoint
-written on any mesh restores onto any other.
+written on any mesh restores onto any other; the data position is one number, the same for any
+number of processes (see data/pipeline.py), so it also restores onto any other process count.
+WORKDIR may be any path `etils.epath` knows (local, gs://...).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
+from lightjax.distributed import is_leader, print_once
 from lightjax.model import unstack_layers
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | epath.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = absolute(workdir) / "checkpoints"
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
             # The lowest validation loss; checkpoints saved without one fall to LatestN alone.
@@ -74,17 +75,14 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         )
 
-    def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any], val_loss: float | None = None) -> None:
+    def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float | None = None) -> None:
         meta = {**meta, "step": step, "lightjax_version": lightjax.__version__}
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data_iter=grain.checkpoint.CheckpointSave(data_iter),
-                                    meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics=None if val_loss is None else {"val_loss": float(val_loss)},
             force=True,
         )
@@ -97,21 +95,20 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict[str, Any]:
         return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict[str, Any]]:
-        """(state, meta) of checkpoint `step`, the state placed per `abstract_state`'s shardings and
-        the data iterator moved to the saved position."""
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of checkpoint `step`, the state placed per `abstract_state`'s shardings."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"])
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        meta = dict(restored["meta"])
+        meta.setdefault("data_position", meta["step"])  # checkpoints from before the position was saved
+        return restored["state"], meta
 
-    def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, dict[str, Any]] | None:
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
         """The newest checkpoint that restores; a corrupted one is reported with its path and the
         previous one tried. None when there is none."""
         for step in reversed(self.steps()):
             try:
-                return self.restore(step, abstract_state, data_iter)
+                return self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 (any failure to read means: fall back)
                 path = self.directory / str(step)
                 # Moved aside, not deleted: the run must be able to save this step again, and the
@@ -119,11 +116,11 @@ class Checkpointer:
                 aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
                 log.warning("Checkpoint %s is unreadable (%s: %s).", path, type(e).__name__,
                             str(e).splitlines()[0][:200] if str(e) else "")
-                print(f"Checkpoint {path} is unreadable ({type(e).__name__}); moved to {aside}, falling back "
-                      "to the previous one.", flush=True)
-                if jax.process_index() == 0:
+                print_once(f"Checkpoint {path} is unreadable ({type(e).__name__}); moved to {aside}, falling back "
+                           "to the previous one.")
+                if is_leader():
                     aside.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(path), aside)
+                    path.rename(aside)
                 self.manager.reload()
         return None
 
@@ -138,10 +135,16 @@ class Checkpointer:
         self.manager.close()
 
 
+def absolute(path: str | epath.PathLike) -> epath.Path:
+    """`path` as an absolute epath: local paths made absolute (Orbax needs them so), URLs as given."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else path.absolute()
+
+
 DTYPE_NAMES = ("float32", "bfloat16")
 
 
-def restore_params(workdir: str | Path, step: int | None = None) -> tuple[Any, Any, int]:
+def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tuple[Any, Any, int]:
     """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
     run's checkpoint (default: the latest); the optimizer state is not kept."""
     import ml_collections
@@ -165,7 +168,8 @@ def restore_params(workdir: str | Path, step: int | None = None) -> tuple[Any, A
     return ml_collections.ConfigDict(meta["config"]), state["params"], step
 
 
-def export_params(workdir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32") -> Path:
+def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None,
+                  dtype: str = "float32") -> epath.Path:
     """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
     OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
     from lightjax.run_config import model_config
@@ -174,13 +178,16 @@ def export_params(workdir: str | Path, out: str | Path, step: int | None = None,
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     config, params, step = restore_params(workdir, step)
     out = save_exported(out, model_config(config), params, dtype, step)
-    tokenizer = Path(workdir) / "tokenizer"
+    tokenizer = epath.Path(workdir) / "tokenizer"
     if tokenizer.is_dir():
-        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for f in tokenizer.iterdir():
+            f.copy(out / "tokenizer" / f.name, overwrite=True)
     return out
 
 
-def save_exported(out: str | Path, cfg: Any, params: Any, dtype: str = "float32", step: int = 0) -> Path:
+def save_exported(out: str | epath.PathLike, cfg: Any, params: Any, dtype: str = "float32",
+                  step: int = 0) -> epath.Path:
     """OUT/params (Orbax, cast to `dtype`, loop or scan layout as given) and OUT/model_config.json:
     the export format, also written by `scripts/convert_hf.py import`."""
     import jax.numpy as jnp
@@ -188,7 +195,7 @@ def save_exported(out: str | Path, cfg: Any, params: Any, dtype: str = "float32"
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
-    out = Path(out).absolute()
+    out = absolute(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / "params", params, force=True)
@@ -197,9 +204,9 @@ def save_exported(out: str | Path, cfg: Any, params: Any, dtype: str = "float32"
     return out
 
 
-def load_weights(directory: str | Path) -> tuple[Any, Any]:
+def load_weights(directory: str | epath.PathLike) -> tuple[Any, Any]:
     """(ModelConfig, params in loop layout) from an export directory or a Hugging Face model directory."""
-    if (Path(directory) / "model_config.json").is_file():
+    if (epath.Path(directory) / "model_config.json").is_file():
         cfg, params = load_exported(directory)
         return cfg, (unstack_layers(params) if "h" in params else params)
     from lightjax.convert.hf import load_hf_checkpoint
@@ -221,11 +228,11 @@ def check_same_architecture(run_cfg: Any, weights_cfg: Any, source: str) -> None
                               + "; ".join(diffs) + ".")
 
 
-def load_exported(directory: str | Path) -> tuple[Any, Any]:
+def load_exported(directory: str | epath.PathLike) -> tuple[Any, Any]:
     """(ModelConfig, params) from an `export_params` directory."""
     from lightjax.config import ModelConfig
 
-    directory = Path(directory).absolute()
+    directory = absolute(directory)
     if not (directory / "model_config.json").is_file():
         raise FileNotFoundError(f"No model_config.json in {directory}: not a lightjax export directory.")
     fields = json.loads((directory / "model_config.json").read_text())

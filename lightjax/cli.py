@@ -41,3 +41,26 @@ def simulate_host_devices(count: int) -> None:
     if count:
         flag = f"--xla_force_host_platform_device_count={count}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def define_distributed_flags() -> Callable[[], None]:
+    """--distributed and the explicit --coordinator_address / --num_processes / --process_id of a
+    multi-process job; returns the function that joins it (a no-op without --distributed)."""
+    distributed = flags.DEFINE_bool(
+        "distributed", False, "Multi-host: join JAX's distributed runtime first. Without the three flags "
+        "below, the cluster is auto-detected (TPU VMs, Slurm, ...).")
+    address = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
+    count = flags.DEFINE_integer("num_processes", None, "How many processes the job has.")
+    index = flags.DEFINE_integer("process_id", None, "This process's index, in [0, num_processes).")
+    heartbeat = flags.DEFINE_integer("heartbeat_timeout_s", 60, "A process silent this long is taken as dead "
+                                     "and the whole job stops.")
+
+    def start() -> None:
+        explicit = any(f.value is not None for f in (address, count, index))
+        if not (distributed.value or explicit):
+            return
+        from lightjax.distributed import initialize
+
+        initialize(address.value, count.value, index.value, heartbeat.value)
+
+    return start

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from lightjax.config import ModelConfig
 from lightjax.model import abstract_params, count_params
@@ -75,7 +76,7 @@ def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int =
                          device: jax.Device | None = None) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul on one device: a practical peak for CPUs,
     which publish none (about 490 GFLOP/s in float32 on the 2-core development machine)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # jax.devices()[0] may belong to another process
     a = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
@@ -92,7 +93,7 @@ def peak_flops_per_device(configured: float = 0.0, dtype: Any = jnp.float32) -> 
     table for the device kind, else a matmul measurement (CPU)."""
     if configured > 0:
         return configured, "config"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     table = lookup_peak_flops(device.device_kind)
     if table is not None:
         return table, f"table ({device.device_kind}, bf16)"
@@ -126,7 +127,7 @@ class MetricWriters:
     """Every logged row goes to WORKDIR/metrics.jsonl and, when enabled, TensorBoard and W&B.
     Only process 0 writes; the other processes of a multi-host run keep quiet."""
 
-    def __init__(self, workdir: Path, resume_step: int, tensorboard: bool = True, wandb_project: str = "",
+    def __init__(self, workdir: epath.Path, resume_step: int, tensorboard: bool = True, wandb_project: str = "",
                  config: dict[str, Any] | None = None):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
@@ -136,7 +137,7 @@ class MetricWriters:
         if self.path.exists():  # rows after the restored step were never checkpointed: drop them
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self._file = self.path.open("a")  # kept open for the run
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -169,12 +170,12 @@ class MetricWriters:
                 closer.close() if closer is not self._wandb else closer.finish()
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: str | epath.PathLike) -> list[dict[str, Any]]:
+    path = epath.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def plot_losses(workdir: str | Path) -> Path | None:
+def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
     """WORKDIR/loss.png: training loss per step and validation loss at each evaluation."""
     import matplotlib
 
@@ -192,12 +193,13 @@ def plot_losses(workdir: str | Path) -> Path | None:
         ax.plot(*zip(*val, strict=True), "o-", label="validation", markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_title(Path(workdir).name)
+    ax.set_title(epath.Path(workdir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(workdir) / "loss.png"
+    out = epath.Path(workdir) / "loss.png"
     fig.tight_layout()
-    fig.savefig(out)
+    with out.open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return out
 
@@ -205,7 +207,7 @@ def plot_losses(workdir: str | Path) -> Path | None:
 CSV_COLUMNS = ("step", "train_loss", "val_loss", "tokens_per_sec", "elapsed_s")
 
 
-def write_metrics_csv(workdir: str | Path, out: str | Path | None = None) -> Path | None:
+def write_metrics_csv(workdir: str | epath.PathLike, out: str | epath.PathLike | None = None) -> epath.Path | None:
     """A small CSV of the run (default WORKDIR/metrics.csv), a row per logged or evaluated step:
     step, train loss, validation loss, tokens/s, elapsed seconds (blank where not measured)."""
     by_step: dict[int, dict[str, Any]] = {}
@@ -216,13 +218,14 @@ def write_metrics_csv(workdir: str | Path, out: str | Path | None = None) -> Pat
                     if v is not None})
     if not by_step:
         return None
-    out = Path(out) if out else Path(workdir) / "metrics.csv"
+    out = epath.Path(out) if out else epath.Path(workdir) / "metrics.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS)
-        writer.writeheader()
-        for step in sorted(by_step):
-            writer.writerow({k: _csv_value(by_step[step].get(k)) for k in CSV_COLUMNS})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, CSV_COLUMNS)
+    writer.writeheader()
+    for step in sorted(by_step):
+        writer.writerow({k: _csv_value(by_step[step].get(k)) for k in CSV_COLUMNS})
+    out.write_text(text.getvalue())
     return out
 
 

@@ -41,7 +41,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default; gs:// works)
     c.data.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
     c.data.val_split = "validation"  # tfds:NAME: the split used for validation
-    c.data.shuffle_window = 4096  # rows of seq_len + 1 tokens shuffled together after packing
     c.data.tokenizer = "char"
     c.data.seq_len = 256
     c.data.num_workers = 0

@@ -4,7 +4,10 @@
 Grain iterator is placed on the mesh, the jitted step updates the state, and the previous step's
 metrics are read back (one step late, so the host never waits for the device it just fed). Every
 `eval_every` steps the validation split is evaluated; every `save_every` steps, at the end and on
-SIGTERM/SIGINT the state, the iterator position and the metadata are saved together.
+SIGTERM/SIGINT the state, the data position and the metadata are saved together.
+
+In a multi-process job every process runs this same loop on its slice of each global batch; process
+0 alone writes the run's files and prints (see distributed.py).
 """
 
 from __future__ import annotations
@@ -14,16 +17,25 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-from lightjax.checkpoint import Checkpointer, CheckpointError, check_same_architecture, config_changes, load_weights
-from lightjax.data.pipeline import check_vocab, train_iterator
+from lightjax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    absolute,
+    check_same_architecture,
+    config_changes,
+    load_weights,
+)
+from lightjax.data.pipeline import TokenRows, check_vocab, read_token_meta, train_iterator, write_token_file
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
+from lightjax.distributed import any_process, is_leader, print_once, run_once
 from lightjax.evaluate import evaluate, text_units
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.sharding import shard_batch
@@ -31,11 +43,15 @@ from lightjax.train_step import Training, setup_training
 
 
 class _StopSignal:
-    """First SIGTERM/SIGINT: finish the step, save, exit cleanly. Second SIGINT: abort at once."""
+    """First SIGTERM/SIGINT: finish the step, save, exit cleanly. Second SIGINT: abort at once.
+
+    With several processes SIGTERM is left to JAX's preemption service, which makes every process
+    stop at the same step (Checkpointer.preempted)."""
 
     def __init__(self) -> None:
         self.received: str | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received and signum == signal.SIGINT:
@@ -47,19 +63,44 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-def _tokenizer(config: Any, workdir: Path, train_docs: Any) -> Tokenizer:
-    """The run's tokenizer: the one saved in WORKDIR/tokenizer/ when resuming, else built and saved."""
+def _tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
+    """The run's tokenizer: the one saved in WORKDIR/tokenizer/ when resuming, else built (once, by
+    process 0, from the training split) and saved there; every process then loads the saved one."""
     saved = workdir / "tokenizer"
-    if (saved / "tokenizer.json").exists():
-        return load_tokenizer(saved)
-    tokenizer = make_tokenizer(config.data.tokenizer, train_docs)
-    if jax.process_index() == 0:
-        tokenizer.save(saved)
-    return tokenizer
+
+    def build() -> None:
+        if not (saved / "tokenizer.json").exists():
+            train_docs = load_split(config.data, "train") if config.data.tokenizer == "char" else None
+            make_tokenizer(config.data.tokenizer, train_docs).save(saved)
+
+    run_once("building the tokenizer", build)
+    return load_tokenizer(saved)
 
 
-def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Training,
-            data_iter: Any, config_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+# The data keys a prepared token file depends on; any change prepares it again.
+_TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction")
+
+
+def _train_rows(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> Sequence[np.ndarray]:
+    """The training split as rows of seq_len + 1 tokens, read from WORKDIR/data/train.tokens, which
+    process 0 writes first when it is missing or was made from other data settings."""
+    path = workdir / "data" / "train.tokens"
+    provenance = {k: config.data[k] for k in _TOKEN_FILE_KEYS}
+
+    def prepare() -> None:
+        meta = read_token_meta(path)
+        if meta is None or any(meta.get(k) != v for k, v in provenance.items()):
+            start = time.perf_counter()
+            meta = write_token_file(load_split(config.data, "train"), tokenizer, path, provenance)
+            print(f"Prepared {meta['tokens']:,} training tokens into {path} in {time.perf_counter() - start:.1f} s.",
+                  flush=True)
+
+    run_once("preparing the training tokens", prepare)
+    return TokenRows(path, config.data.seq_len)
+
+
+def _resume(config: Any, checkpointer: Checkpointer, training: Training,
+            config_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(state, meta): restored per config.checkpoint.resume, or freshly initialised (from
     config.train.init_from's weights when given)."""
     mode = config.checkpoint.resume
@@ -67,7 +108,7 @@ def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Tr
         return _fresh_state(config, training), {}
     source = checkpointer
     if mode != "auto":
-        path = Path(mode)
+        path = epath.Path(mode)
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
         if not (run_dir / "checkpoints").is_dir():
             raise CheckpointError(f"config.checkpoint.resume={mode!r}: no checkpoints/ under {run_dir}.")
@@ -82,11 +123,12 @@ def _resume(config: Any, workdir: Path, checkpointer: Checkpointer, training: Tr
     if changes:
         raise CheckpointError("Cannot resume: these settings differ from the checkpoint's run: "
                               + "; ".join(changes) + ". Use a new --workdir or --config.checkpoint.resume=never.")
-    restored = source.restore_latest(training.abstract_state(), data_iter)
+    restored = source.restore_latest(training.abstract_state())
     if restored is None:
         raise CheckpointError(f"No checkpoint under {source.directory} could be read.")
     state, meta = restored
-    print(f"Resumed from {source.directory / str(meta['step'])} (step {meta['step']}).", flush=True)
+    print_once(f"Resumed from {source.directory / str(meta['step'])} (step {meta['step']}) on "
+               f"{jax.process_count()} process(es).")
     return state, meta
 
 
@@ -96,7 +138,7 @@ def _fresh_state(config: Any, training: Training) -> Any:
         return training.init_state()
     weights_cfg, params = load_weights(source)
     check_same_architecture(training.model_config, weights_cfg, source)
-    print(f"Starting from the weights in {source}.", flush=True)
+    print_once(f"Starting from the weights in {source}.")
     return training.init_state(params)
 
 
@@ -134,27 +176,33 @@ class _Progress:
             self.bar.close()
 
 
-def train(config: Any, workdir: str | Path) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary of the run."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Tokenizer, Sequence[np.ndarray], Any]:
+    """What the loop needs before the first step: the built steps, the tokenizer, the training rows
+    and the validation documents (each file prepared once, by process 0)."""
+    if is_leader():
+        workdir.mkdir(parents=True, exist_ok=True)
     training = setup_training(config)
+    val_docs = load_split(config.data, "validation")
+    tokenizer = _tokenizer(config, workdir)
+    check_vocab(tokenizer, training.model_config.vocab_size)
+    return training, tokenizer, _train_rows(config, workdir, tokenizer), val_docs
+
+
+def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns a summary of the run."""
+    workdir = absolute(workdir)
+    training, tokenizer, rows, val_docs = _prepare(config, workdir)
     cfg, t = training.model_config, config.train
     config_dict = json.loads(config.to_json_best_effort())
-
-    train_docs, val_docs = load_split(config.data, "train"), load_split(config.data, "validation")
-    tokenizer = _tokenizer(config, workdir, train_docs)
-    check_vocab(tokenizer, cfg.vocab_size)
     tokens_per_char = text_units(val_docs, tokenizer)["tokens_per_char"]
-    local_batch = t.global_batch_size // jax.process_count()
-    data_iter = train_iterator(train_docs, tokenizer, config.data.seq_len, local_batch, t.seed,
-                               config.data.num_workers, shuffle_window=config.data.shuffle_window)
 
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-    state, meta = _resume(config, workdir, checkpointer, training, data_iter, config_dict)
-    if jax.process_index() == 0:
+    state, meta = _resume(config, checkpointer, training, config_dict)
+    if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     step = int(meta.get("step", 0))
+    position = int(meta.get("data_position", step))  # global batches consumed; any process count reads on from it
+    data_iter = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers, start_step=position)
     tokens_seen = tokens_at_start = int(meta.get("tokens_seen", 0))
     elapsed_before = float(meta.get("elapsed_s", 0.0))
     writers = MetricWriters(workdir, step, config.logging.tensorboard, config.logging.wandb_project, config_dict)
@@ -172,9 +220,21 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start
 
-    def done(step: int) -> bool:
+    def finished(step: int) -> bool:
         return bool(step >= t.max_steps or (t.max_tokens and tokens_seen >= t.max_tokens)
-                    or (t.max_time_s and elapsed() >= t.max_time_s) or (t.stop_after and step >= t.stop_after))
+                    or (t.stop_after and step >= t.stop_after))
+
+    def limits(step: int) -> tuple[bool, bool]:
+        """(a stop was asked for, the time limit is reached). Each process has its own clock and
+        signals; several processes act on them together (at logged steps), or their collectives
+        would no longer match."""
+        asked = stop.received is not None
+        time_up = bool(t.max_time_s and elapsed() >= t.max_time_s)
+        if jax.process_count() == 1:
+            return asked, time_up
+        if step % t.log_every:
+            return checkpointer.preempted(step), False
+        return any_process(asked) or checkpointer.preempted(step), any_process(time_up)
 
     def read_back(step: int, metrics: Any, log: bool) -> dict[str, Any] | None:
         """The metrics of `step`, fetched from the device; stops the run on a non-finite loss."""
@@ -200,13 +260,13 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     def save(step: int) -> None:
         nonlocal last_saved
-        checkpointer.save(step, state, data_iter, {"tokens_seen": tokens_seen, "elapsed_s": elapsed(),
-                                                    "config": config_dict}, val_loss=val_loss)
+        checkpointer.save(step, state, {"data_position": position + step - first_step, "tokens_seen": tokens_seen,
+                                        "elapsed_s": elapsed(), "config": config_dict}, val_loss=val_loss)
         last_saved = step
 
-    pending = None  # (step, metrics) of the step before the one just dispatched
+    pending, asked = None, False  # pending: (step, metrics) of the step before the one just dispatched
     try:
-        while not done(step) and not stop.received:
+        while not finished(step):
             batch = shard_batch(next(data_iter), training.mesh)
             state, metrics = training.train_step(state, batch)
             step += 1
@@ -216,10 +276,12 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
                 p_step, p_metrics = pending
                 progress.step(read_back(p_step, p_metrics, p_step % t.log_every == 0))
             pending = (step, metrics)
-            evaluate_now = t.eval_every and (step % t.eval_every == 0 or done(step))
+            asked, time_up = limits(step)
+            end = finished(step) or time_up
+            evaluate_now = t.eval_every and (step % t.eval_every == 0 or end)
             save_now = config.checkpoint.save_every and step % config.checkpoint.save_every == 0
-            if evaluate_now or save_now or done(step) or stop.received or checkpointer.preempted(step):
-                progress.step(read_back(step, metrics, step % t.log_every == 0 or done(step)))
+            if evaluate_now or save_now or end or asked:
+                progress.step(read_back(step, metrics, step % t.log_every == 0 or end or asked))
                 pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
             if evaluate_now:
                 ev = evaluate(training, state.params, val_docs, tokenizer, config, tokens_per_char)
@@ -230,15 +292,16 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
                                  f"val_bpc {ev['val_bpc']:.4f}")
             if save_now:
                 save(step)
-            if checkpointer.preempted(step):
-                stop.received = "preemption notice"
+            if end or asked:
+                break
         if pending is not None:
             progress.step(read_back(*pending, log=True))
         if step != last_saved:
             save(step)
         checkpointer.wait()
-        if stop.received:
-            progress.message(f"{stop.received}: saved step {step} to {checkpointer.directory / str(step)}.")
+        if asked:
+            reason = stop.received or "a stop signal to another process, or a preemption notice"
+            progress.message(f"{reason}: saved step {step} to {checkpointer.directory / str(step)}.")
     finally:
         stop.restore()
         progress.close()
@@ -247,10 +310,10 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
         writers.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
-    if jax.process_index() == 0:
+    if is_leader():
         plot_losses(workdir)
         write_metrics_csv(workdir)
     run_s = time.perf_counter() - start
     return {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed(),
             "tokens_per_sec": (step - first_step) * tokens_per_step / max(run_s, 1e-9), "workdir": str(workdir),
-            "stopped_by": stop.received}
+            "stopped_by": stop.received or ("preemption" if asked else None)}

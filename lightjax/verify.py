@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.data.pipeline import train_iterator
+from lightjax.data.pipeline import TokenRows, token_stream, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
 from lightjax.metrics import read_metrics
@@ -72,8 +72,8 @@ def fixed_batch(config: Any) -> dict[str, np.ndarray]:
     """The first training batch of the configured data, tokenizer and seed."""
     docs = load_split(config.data, "train")
     tokenizer = make_tokenizer(config.data.tokenizer, docs)
-    it = train_iterator(docs, tokenizer, config.data.seq_len, config.train.global_batch_size // jax.process_count(),
-                        config.train.seed, num_workers=0, shuffle_window=config.data.shuffle_window)
+    rows = TokenRows(token_stream(docs, tokenizer), config.data.seq_len)
+    it = train_iterator(rows, config.train.global_batch_size, config.train.seed)
     try:
         return {k: np.asarray(v) for k, v in next(it).items()}
     finally:

@@ -3,6 +3,7 @@
     python scripts/train.py --config configs/baseline.py
     python scripts/train.py --config configs/baseline.py --config.data.local_path=path/to/input.txt  # offline
     python scripts/train.py --config configs/baseline.py --workdir runs/mine --config.mesh.fsdp=-1
+    python scripts/train.py --config configs/baseline.py --workdir gs://bucket/run --distributed  # every TPU host
 
 Re-running the same command with the same --workdir resumes from its latest checkpoint.
 """
@@ -14,42 +15,42 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from lightjax.cli import simulate_host_devices
+from lightjax.cli import define_distributed_flags, simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>-<timestamp>).")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
-                                 "(arguments from the TPU/SLURM environment).")
+_START_DISTRIBUTED = define_distributed_flags()
 
 
 def main(argv):
     del argv
     simulate_host_devices(_HOST_DEVICES.value)
-    if _DISTRIBUTED.value:
-        import jax
+    import jax
 
-        jax.distributed.initialize()
+    from lightjax.distributed import DistributedError
+
+    try:
+        _START_DISTRIBUTED()  # before anything touches a device
+    except DistributedError as e:
+        sys.exit(f"train: {e}")
     from lightjax.checkpoint import CheckpointError
     from lightjax.trainer import train
 
+    if _WORKDIR.value is None and jax.process_count() > 1:
+        sys.exit("train: a multi-process job needs --workdir (the same on every process: each would pick its own "
+                 "timestamped default).")
     config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = _WORKDIR.value or f"runs/{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         summary = train(_CONFIG.value, workdir)
-    except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError) as e:
+    except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError, DistributedError) as e:
         sys.exit(f"train: {e}")
-    if jax_process_index() == 0:
+    if jax.process_index() == 0:
         best = summary["best_val_loss"]
         print(f"Done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['elapsed_s']:.1f} s "
               f"in all, {summary['tokens_per_sec']:,.0f} tok/s in this invocation, best val loss "
               f"{'n/a' if best == float('inf') else f'{best:.4f}'}; files in {summary['workdir']}.", flush=True)
-
-
-def jax_process_index() -> int:
-    import jax
-
-    return jax.process_index()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lightjax.checkpoint import Checkpointer, CheckpointError
-from lightjax.data.pipeline import train_iterator
-from lightjax.data.tokenizers import ByteTokenizer
 from lightjax.sharding import shard_batch
 from lightjax.train_step import setup_training, synthetic_batch
 from lightjax.trainer import train
@@ -117,9 +115,8 @@ def test_restore_onto_other_meshes(tmp_path):
     batches = [synthetic_batch(rng, 8, 32, 65) for _ in range(5)]
     for b in batches[:2]:
         state, _ = training.train_step(state, shard_batch(b, training.mesh))
-    it = train_iterator(["some text"] * 4, ByteTokenizer(), 8, 2, seed=0, shuffle_window=0)
     ckpt = Checkpointer(tmp_path / "saved", async_save=True)
-    ckpt.save(2, state, it, {"config": {}})
+    ckpt.save(2, state, {"config": {}})
     ckpt.wait()
     saved_params = jax.device_get(state.params)
     want = []  # continuing on the original mesh (the step donates `state`: it is not used after this)
@@ -128,7 +125,7 @@ def test_restore_onto_other_meshes(tmp_path):
         want.append(float(m["loss"]))
     for mesh in [(1, 4, 2), (1, 1, 1)]:
         other, _ = setup(mesh)
-        restored, meta = Checkpointer(tmp_path / "saved").restore(2, other.abstract_state(), it)
+        restored, meta = Checkpointer(tmp_path / "saved").restore(2, other.abstract_state())
         assert meta["step"] == 2
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved_params)
         leaf = restored.params["h_0"]["mlp"]["fc"]["kernel"]
@@ -211,10 +208,9 @@ def test_export_params(uninterrupted, tmp_path, dtype):
 def test_keeps_the_last_n_and_the_best_by_validation_loss(tmp_path):
     training = setup_training(run_config(tmp_path), jax.devices()[:1])
     state = training.init_state()
-    it = train_iterator(["some text"] * 4, ByteTokenizer(), 8, 2, seed=0, shuffle_window=0)
     ckpt = Checkpointer(tmp_path / "run", keep=2, async_save=False)
     for step, val in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0], strict=True):
-        ckpt.save(step, state, it, {"config": {}}, val_loss=val)
+        ckpt.save(step, state, {"config": {}}, val_loss=val)
     ckpt.wait()
     assert ckpt.steps() == [2, 4, 5]  # the best (val 1.0) and the last two
 

@@ -1,13 +1,21 @@
-"""Sources and Grain pipelines: Tiny Shakespeare via our TFDS builder, packing, resume, shards, errors."""
+"""Sources and Grain pipelines: Tiny Shakespeare via our TFDS builder, token files, the global batch order,
+resume at a step, process slices, errors."""
 
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lightjax.data.pipeline import check_vocab, eval_batches, shard_documents, train_iterator
+from lightjax.data.pipeline import (
+    TokenRows,
+    check_vocab,
+    eval_batches,
+    read_token_meta,
+    token_stream,
+    train_iterator,
+    write_token_file,
+)
 from lightjax.data.sources import load_split, split_documents
 from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer
 from lightjax.run_config import default_config
@@ -40,66 +48,108 @@ def test_tiny_shakespeare_tfds_builder(tmp_path):
     assert CharTokenizer.from_text(train[0]).vocab_size == 65
 
 
-def test_packing_loses_and_duplicates_nothing(corpus):
+def _rows(corpus, seq_len=16):
+    return TokenRows(token_stream(corpus, ByteTokenizer()), seq_len)
+
+
+def _take(it, n):
+    return [np.asarray(next(it)["tokens"]) for _ in range(n)]
+
+
+def test_an_epoch_holds_every_row_once_and_the_next_epoch_reorders_them(corpus):
     tok, seq_len = ByteTokenizer(), 16
-    it = train_iterator(corpus, tok, seq_len, batch_size=4, seed=1, shuffle_window=0)
-    epoch_tokens = sum(len(d.encode()) + 1 for d in corpus)  # + EOS per document
-    rows = []
-    while len(rows) * (seq_len + 1) < epoch_tokens:
-        batch = next(it)
-        assert batch["tokens"].shape == (4, seq_len + 1) and batch["tokens"].dtype == np.int32
-        rows.extend(batch["tokens"])
-    stream = np.concatenate(rows)[:epoch_tokens]  # the first epoch, in its shuffled document order
-    want = Counter(np.concatenate([tok.encode(d) for d in corpus]).tolist()) + Counter({tok.eos_id: len(corpus)})
-    assert Counter(stream.tolist()) == want
-    # Every document is there whole, and each ends with EOS.
-    assert stream[-1] == tok.eos_id
-    docs = [tok.decode(piece) for piece in np.split(stream, np.flatnonzero(stream == tok.eos_id) + 1)[:-1]]
-    assert sorted(docs) == sorted(corpus)
+    stream = token_stream(corpus, tok)
+    assert len(stream) == sum(len(d.encode()) + 1 for d in corpus)  # + EOS per document
+    rows = TokenRows(stream, seq_len)
+    assert len(rows) == (len(stream) - 1) // seq_len
+    # Rows overlap by one token: together they are the stream, every token a target once.
+    np.testing.assert_array_equal(np.concatenate([rows[i][:-1] for i in range(len(rows))]),
+                                  stream[: len(rows) * seq_len])
+    batch = 4
+    batches = _take(train_iterator(rows, batch, seed=1), -(-2 * len(rows) // batch))
+    assert batches[0].shape == (batch, seq_len + 1) and batches[0].dtype == np.int32
+    flat = [tuple(r) for b in batches for r in b]
+    first, second = flat[: len(rows)], flat[len(rows): 2 * len(rows)]
+    every_row = sorted(tuple(rows[i]) for i in range(len(rows)))
+    assert sorted(first) == every_row and sorted(second) == every_row
+    assert first != second and first != [tuple(rows[i]) for i in range(len(rows))]  # shuffled, anew per epoch
 
 
-def test_window_shuffle_permutes_rows_without_loss(corpus):
-    tok, seq_len, window = ByteTokenizer(), 8, 12
-    plain = train_iterator(corpus, tok, seq_len, batch_size=4, seed=1, shuffle_window=0)
-    shuffled = train_iterator(corpus, tok, seq_len, batch_size=4, seed=1, shuffle_window=window)
-    a = [tuple(r) for _ in range(3) for r in next(plain)["tokens"]]
-    b = [tuple(r) for _ in range(3) for r in next(shuffled)["tokens"]]
-    assert sorted(a) == sorted(b) and a != b  # the same 12 rows, another order
+@pytest.mark.parametrize("processes", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(corpus, processes):
+    rows, batch = _rows(corpus), 8
+    one = _take(train_iterator(rows, batch, seed=3, shard=(0, 1)), 6)
+    slices = [_take(train_iterator(rows, batch, seed=3, shard=(p, processes)), 6) for p in range(processes)]
+    for s in range(6):
+        assert all(slices[p][s].shape == (batch // processes, 17) for p in range(processes))
+        np.testing.assert_array_equal(np.concatenate([slices[p][s] for p in range(processes)]), one[s])
+
+
+def test_a_process_reads_only_its_own_rows():
+    read = []
+
+    class Labelled(TokenRows):  # row i is all i: a batch shows which rows it holds
+        def __getitem__(self, i):
+            return np.full(17, i, np.int32)
+
+    class Recording(Labelled):
+        def __getitem__(self, i):
+            read.append(i)
+            return super().__getitem__(i)
+
+    tokens = np.zeros(16 * 100_000 + 1, np.int32)  # an epoch far longer than what is read
+    global_batches = _take(train_iterator(Labelled(tokens, 16), 8, seed=3), 1000)
+    got = _take(train_iterator(Recording(tokens, 16), 8, seed=3, shard=(1, 4)), 3)
+    for s in range(3):
+        np.testing.assert_array_equal(got[s], global_batches[s][2:4])
+    own = {int(i) for b in global_batches for i in b[2:4, 0]}
+    assert read and set(read) <= own  # Grain reads ahead, but only this process's rows of later steps
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_same_next_batches(corpus, workers):
-    def make():
-        return train_iterator(corpus, ByteTokenizer(), 16, batch_size=4, seed=3, num_workers=workers,
-                              shuffle_window=10)
-
-    it = make()
-    for _ in range(7):
-        next(it)
-    state = it.get_state()
-    want = [np.asarray(next(it)["tokens"]) for _ in range(5)]
-    restored = make()
-    restored.set_state(state)
-    got = [np.asarray(next(restored)["tokens"]) for _ in range(5)]
+def test_starting_at_a_step_continues_the_same_batches(corpus, workers):
+    rows = _rows(corpus)
+    want = _take(train_iterator(rows, 4, seed=3), 12)[7:]
+    it = train_iterator(rows, 4, seed=3, num_workers=workers, start_step=7)
+    got = _take(it, 5)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
-    for i in (it, restored):
-        if hasattr(i, "close"):
-            i.close()
+    if hasattr(it, "close"):
+        it.close()
+    # Resumed on 2 processes, process 1 continues with its half of the same batches.
+    half = _take(train_iterator(rows, 4, seed=3, shard=(1, 2), start_step=7), 5)
+    for a, b in zip(half, want, strict=True):
+        np.testing.assert_array_equal(a, b[2:])
 
 
-def test_process_shards_are_disjoint_and_cover_the_split(corpus):
-    shards = [list(shard_documents(corpus, (p, 2))) for p in (0, 1)]
-    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(corpus)
-    single = ["abcdefghij" * 7]  # one document (Tiny Shakespeare): cut into contiguous pieces
-    pieces = [list(shard_documents(single, (p, 2))) for p in (0, 1)]
-    assert pieces[0][0] + pieces[1][0] == single[0] and len(pieces[0]) == len(pieces[1]) == 1
+def test_token_file_round_trip_and_rows_from_it(corpus, tmp_path):
+    import pickle
+
+    tok = ByteTokenizer()
+    meta = write_token_file(corpus, tok, tmp_path / "data" / "train.tokens", {"source": "test"})
+    stream = token_stream(corpus, tok)
+    assert meta == {"tokens": len(stream), "dtype": "uint16", "documents": len(corpus), "source": "test"}
+    assert read_token_meta(tmp_path / "data" / "train.tokens") == meta
+    assert (tmp_path / "data" / "train.tokens").stat().st_size == 2 * len(stream)
+    assert not list((tmp_path / "data").glob("*.partial"))
+    rows = TokenRows(str(tmp_path / "data" / "train.tokens"), 16)
+    copy = pickle.loads(pickle.dumps(rows))  # what Grain workers receive: the path, not the tokens
+    assert len(pickle.dumps(rows)) < 1000
+    for i in (0, 5, len(rows) - 1):
+        np.testing.assert_array_equal(copy[i], stream[i * 16: i * 16 + 17])
+    with pytest.raises(FileNotFoundError, match="not a complete token file"):
+        TokenRows(str(tmp_path / "missing.tokens"), 16)
+    with pytest.raises(ValueError, match=r"config.data.seq_len=100000 is longer than the training split"):
+        TokenRows(stream, 100_000)
 
 
 def test_same_seed_same_order_other_seed_other_order(corpus):
-    first = lambda seed: next(train_iterator(corpus, ByteTokenizer(), 16, 4, seed))["tokens"]  # noqa: E731
+    rows = _rows(corpus)
+    first = lambda seed: next(train_iterator(rows, 4, seed))["tokens"]  # noqa: E731
     np.testing.assert_array_equal(first(5), first(5))
     assert not np.array_equal(first(5), first(6))
+    with pytest.raises(ValueError, match=r"global_batch_size=6 must be divisible by the number of processes \(4\)"):
+        train_iterator(rows, 6, 5, shard=(0, 4))
 
 
 def test_eval_covers_the_split_once_and_masks_padding():
@@ -162,7 +212,7 @@ def test_pipeline_batch_becomes_a_global_array_split_over_the_batch_axes(corpus)
     from lightjax.sharding import make_mesh, shard_batch
 
     mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    batch = shard_batch(next(train_iterator(corpus, ByteTokenizer(), 16, batch_size=8, seed=0)), mesh)
+    batch = shard_batch(next(train_iterator(_rows(corpus), 8, seed=0)), mesh)
     tokens = batch["tokens"]
     assert tokens.shape == (8, 17) and len(tokens.addressable_shards) == 8
     assert {s.data.shape for s in tokens.addressable_shards} == {(1, 17)}

@@ -1,17 +1,22 @@
 """Grain pipelines: documents -> token batches [B, seq_len + 1] for the train and eval steps.
 
-Training (endless, shuffled, checkpointable):
+Training reads a run's training split as one token stream on disk, prepared once (process 0, before
+the first step):
 
-    documents --this process's shard (ShardByJaxProcess)--> seeded shuffle, reshuffled every epoch
-      --> tokenize, EOS after each document (when the tokenizer has one)
-      --> concat-then-split packing into rows of seq_len + 1 tokens (no padding, nothing dropped)
-      --> window shuffle of the rows (a corpus of one long document, like Tiny Shakespeare, would
-          otherwise give consecutive windows of the text in every batch)
-      --> batch of global_batch_size / process_count rows --> optional worker processes
+    documents --tokenize, EOS after each document (when the tokenizer has one)--> one token stream
+      --> WORKDIR/data/train.tokens (uint16 or uint32) + train.json (its length, dtype, provenance)
 
-`shard` is (process index, process count), by default this JAX process's (ShardByJaxProcess).
-Its iterator has `get_state()`/`set_state()` (small JSON): a restored iterator continues with exactly
-the batches the original would have produced.
+and cuts it into rows of seq_len + 1 tokens that overlap by one token (row i starts at token
+i * seq_len), so that every token is a target once per epoch. The rows are then ordered globally:
+
+    row order   = a seeded permutation of all rows, a new one each epoch (Grain's index shuffle:
+                  nothing is materialised, any corpus size)
+    global batch s = rows [s * B, (s + 1) * B) of that order        (B = train.global_batch_size)
+    process p of P reads rows [s * B + p * B/P, s * B + (p + 1) * B/P) of it, and nothing else
+
+So the batches are a function of the seed, the data and the step only: 1, 2 or 8 processes train on
+the same global batches, each process reading only its slice from the file, and the iterator's whole
+state is the step it starts from. A checkpoint written by any number of processes resumes on any other.
 
 Evaluation (deterministic, one pass): the split's tokens cut into rows that overlap by one token,
 so that every target token is predicted exactly once; the last rows are padded and masked out.
@@ -19,11 +24,16 @@ so that every target token is predicted exactly once; the last rows are padded a
 
 from __future__ import annotations
 
+import json
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from etils import epath
 
 from lightjax.data.tokenizers import Tokenizer
 
@@ -42,37 +52,135 @@ class _Tokenize:
 
 
 def process_shard() -> tuple[int, int]:
-    """(this process's index, the number of processes), from grain's ShardByJaxProcess."""
-    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    return options.shard_index, options.shard_count
+    """(this process's index, the number of processes)."""
+    return jax.process_index(), jax.process_count()
 
 
-def shard_documents(docs: Sequence[str], shard: tuple[int, int] | None = None) -> grain.MapDataset:
-    """This process's documents: every count-th one. A corpus of fewer documents than processes
-    (Tiny Shakespeare's single training document) is first cut into `count` contiguous pieces per
-    document, so that the shards are still disjoint and together the whole split."""
+def token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """A split as one token stream, EOS after each document when the tokenizer has one."""
+    tokenize = _Tokenize(tokenizer)
+    return np.concatenate([tokenize(docs[i])["tokens"] for i in range(len(docs))])
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epath.PathLike,
+                     provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize `docs` one at a time into the flat file `path` (and its metadata `path`.json, written
+    last: a file without it is incomplete). Returns the metadata."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype, tokenize, count = _token_dtype(tokenizer.vocab_size), _Tokenize(tokenizer), 0
+    partial = path.parent / (path.name + ".partial")
+    with partial.open("wb") as f:
+        for i in range(len(docs)):
+            ids = tokenize(docs[i])["tokens"]
+            f.write(ids.astype(dtype).tobytes())
+            count += len(ids)
+    partial.rename(path)
+    meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), **(provenance or {})}
+    _meta_path(path).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def read_token_meta(path: str | epath.PathLike) -> dict[str, Any] | None:
+    """The metadata of a complete token file, None when there is none."""
+    meta = _meta_path(epath.Path(path))
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
+def _meta_path(path: epath.Path) -> epath.Path:
+    return path.parent / (path.name + ".json")
+
+
+class _RemoteTokens:
+    """Token ranges of a file on a remote filesystem (gs://...), read on demand. Grain reads ahead
+    from several threads: each seek-and-read holds the lock."""
+
+    def __init__(self, path: str, count: int, dtype: np.dtype):
+        self.path, self.count, self.dtype, self._file = path, count, dtype, None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        stop = min(s.stop, self.count)
+        with self._lock:
+            if self._file is None:
+                self._file = epath.Path(self.path).open("rb")
+            self._file.seek(s.start * self.dtype.itemsize)
+            data = self._file.read((stop - s.start) * self.dtype.itemsize)
+        return np.frombuffer(data, self.dtype)
+
+
+class TokenRows(Sequence):
+    """Rows of seq_len + 1 tokens of a token stream, row i starting at token i * seq_len.
+
+    The stream is an array, or the path of a `write_token_file` file: memory-mapped when local, read
+    by range when remote, opened lazily (Grain worker processes receive the path, not the data)."""
+
+    def __init__(self, tokens: np.ndarray | str | epath.PathLike, seq_len: int):
+        self.seq_len = seq_len
+        if isinstance(tokens, np.ndarray):
+            self._path, self._tokens, count = None, tokens, len(tokens)
+        else:
+            meta = read_token_meta(tokens)
+            if meta is None:
+                raise FileNotFoundError(f"{tokens} is not a complete token file (no {tokens}.json).")
+            self._path, self._tokens, count = str(tokens), None, meta["tokens"]
+            self._dtype = np.dtype(meta["dtype"])
+        self.num_tokens = count
+        self._rows = (count - 1) // seq_len
+        if self._rows < 1:
+            raise ValueError(f"config.data.seq_len={seq_len} is longer than the training split ({count} tokens); "
+                             "it needs at least seq_len + 1.")
+
+    def _array(self) -> Any:
+        if self._tokens is None:
+            if "://" in self._path:
+                self._tokens = _RemoteTokens(self._path, self.num_tokens, self._dtype)
+            else:
+                self._tokens = np.memmap(self._path, dtype=self._dtype, mode="r", shape=(self.num_tokens,))
+        return self._tokens
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self._path is not None:
+            state["_tokens"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        start = i * self.seq_len
+        return np.asarray(self._array()[start: start + self.seq_len + 1], dtype=np.int32)
+
+
+def _as_example(row: np.ndarray) -> dict[str, np.ndarray]:
+    return {"tokens": row}
+
+
+def train_dataset(rows: Sequence[np.ndarray], global_batch: int, seed: int, shard: tuple[int, int] | None = None,
+                  start_step: int = 0) -> grain.IterDataset:
+    """This process's slices of the global batches from step `start_step` on: dicts with `tokens`
+    [global_batch / process count, seq_len + 1] int32."""
     index, count = shard or process_shard()
-    if len(docs) < count:
-        docs = [doc[len(doc) * p // count: len(doc) * (p + 1) // count] for doc in docs for p in range(count)]
-    return grain.MapDataset.source(docs)[index::count]
+    if global_batch % count:
+        raise ValueError(f"config.train.global_batch_size={global_batch} must be divisible by the number of "
+                         f"processes ({count}).")
+    ds = grain.MapDataset.source(rows).seed(seed).shuffle().repeat(None).map(_as_example)
+    # Blocks of B/P rows; global batch s is blocks s*P .. s*P + P-1, and block s*P + p is process p's.
+    ds = ds.batch(global_batch // count, drop_remainder=True)
+    return ds[start_step * count + index: sys.maxsize: count].to_iter_dataset()
 
 
-def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-                  shard: tuple[int, int] | None = None, shuffle_window: int = 4096) -> grain.IterDataset:
-    """The training batches of one process: dicts with `tokens` [batch_size, seq_len + 1] int32."""
-    ds = shard_documents(docs, shard)
-    ds = ds.seed(seed).shuffle().repeat(None)  # a new order every epoch
-    ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-    if shuffle_window > 1:
-        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
-    return ds.batch(batch_size, drop_remainder=True)
-
-
-def train_iterator(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-                   num_workers: int = 0, shard: tuple[int, int] | None = None,
-                   shuffle_window: int = 4096) -> grain.DatasetIterator:
-    ds = train_dataset(docs, tokenizer, seq_len, batch_size, seed, shard, shuffle_window)
+def train_iterator(rows: Sequence[np.ndarray], global_batch: int, seed: int, num_workers: int = 0,
+                   shard: tuple[int, int] | None = None, start_step: int = 0) -> grain.DatasetIterator:
+    ds = train_dataset(rows, global_batch, seed, shard, start_step)
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
@@ -83,7 +191,7 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_
     """This process's share of one pass over a split: `tokens` [batch_size, seq_len + 1] and `mask`
     [batch_size, seq_len] (1 for targets that count). Every process yields the same number of batches
     (all take part in each global batch), padding with fully masked rows."""
-    tokens = eval_tokens(docs, tokenizer)
+    tokens = token_stream(docs, tokenizer)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"config.data.seq_len={seq_len} is longer than the validation split "
                          f"({len(tokens)} tokens); it needs at least seq_len + 1.")
@@ -105,12 +213,6 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_
         yield {"tokens": rows, "mask": mask}
 
 
-def eval_tokens(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
-    """The split as one token stream, EOS after each document when the tokenizer has one."""
-    tokenize = _Tokenize(tokenizer)
-    return np.concatenate([tokenize(docs[i])["tokens"] for i in range(len(docs))])
-
-
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
     """Every token id must have an embedding row: checked before training starts."""
     if tokenizer.vocab_size > model_vocab_size:
@@ -122,6 +224,6 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
 def count_tokens(docs: Sequence[str], tokenizer: Tokenizer) -> dict[str, Any]:
     """Documents, characters and tokens of a split (scripts/prepare_data.py prints them)."""
     chars = sum(len(docs[i]) for i in range(len(docs)))
-    tokens = len(eval_tokens(docs, tokenizer))
+    tokens = len(token_stream(docs, tokenizer))
     return {"documents": len(docs), "characters": chars, "tokens": tokens,
             "tokens_per_char": tokens / max(chars, 1)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightjax.data import tiny_shakespeare
+from lightjax.distributed import run_once
 
 SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB")
 SPLITS = ("train", "validation", "test")  # text: sources have no test split
@@ -118,14 +119,21 @@ def load_split(data: Any, split: str) -> Sequence[str]:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}.")
     if source == "tiny_shakespeare":
-        builder = _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
-                                              file_format="array_record")
-        if not builder.is_prepared():
-            import tensorflow_datasets as tfds
+        def builder() -> Any:
+            return _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
+                                               file_format="array_record")
 
-            tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
-            builder.download_and_prepare()
-        return TextField(builder.as_data_source(split), "text", "tiny_shakespeare")
+        def prepare() -> None:
+            prepared = builder()
+            if not prepared.is_prepared():
+                import tensorflow_datasets as tfds
+
+                tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
+                prepared.download_and_prepare()
+
+        # Once per job: processes preparing one data_dir together race on its folders.
+        run_once("preparing tiny_shakespeare", prepare)
+        return TextField(builder().as_data_source(split), "text", "tiny_shakespeare")
     if source.startswith("tfds:"):
         import tensorflow_datasets as tfds
 

@@ -10,12 +10,12 @@ decode exactly what training encoded.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 META_FILE = "tokenizer.json"
 
@@ -33,13 +33,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
+    def save(self, directory: str | epath.PathLike) -> epath.Path:
+        directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / META_FILE).write_text(json.dumps({"kind": self.kind, **self._state(directory)}, indent=1))
         return directory
 
-    def _state(self, directory: Path) -> dict[str, Any]:
+    def _state(self, directory: epath.Path) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -80,7 +80,7 @@ class CharTokenizer(Tokenizer):
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
         return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
 
-    def _state(self, directory: Path) -> dict[str, Any]:
+    def _state(self, directory: epath.Path) -> dict[str, Any]:
         return {"chars": self.chars}
 
 
@@ -98,7 +98,7 @@ class ByteTokenizer(Tokenizer):
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
-    def _state(self, directory: Path) -> dict[str, Any]:
+    def _state(self, directory: epath.Path) -> dict[str, Any]:
         return {}
 
 
@@ -106,13 +106,13 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "spm"
     MODEL_FILE = "tokenizer.model"
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | epath.PathLike):
         import sentencepiece as spm
 
-        self.model_path = Path(model_path)
+        self.model_path = epath.Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece model {self.model_path} does not exist.")
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self._sp = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
         self.vocab_size = self._sp.get_piece_size()
         none_if_negative = lambda i: None if i < 0 else int(i)  # noqa: E731
         self.bos_id = none_if_negative(self._sp.bos_id())
@@ -131,10 +131,8 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def _state(self, directory: Path) -> dict[str, Any]:
-        target = directory / self.MODEL_FILE
-        if self.model_path.resolve() != target.resolve():
-            shutil.copyfile(self.model_path, target)
+    def _state(self, directory: epath.Path) -> dict[str, Any]:
+        _copy_unless_same(self.model_path, directory / self.MODEL_FILE)
         return {"model_file": self.MODEL_FILE}
 
 
@@ -145,14 +143,14 @@ class HFTokenizer(Tokenizer):
     kind = "hf"
     SAVED_FILE = "hf_tokenizer.json"  # `tokenizer.json` is lightjax's own metadata file
 
-    def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None,
+    def __init__(self, path: str | epath.PathLike, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None):
         try:
             from tokenizers import Tokenizer as FastTokenizer
         except ImportError:
             raise ValueError(f"{path} needs the `tokenizers` package (pip install tokenizers).") from None
-        self.path = Path(path)
-        self._tok = FastTokenizer.from_file(str(self.path))
+        self.path = epath.Path(path)
+        self._tok = FastTokenizer.from_str(self.path.read_text())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
 
@@ -168,17 +166,21 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def _state(self, directory: Path) -> dict[str, Any]:
-        target = directory / self.SAVED_FILE
-        if self.path.resolve() != target.resolve():
-            shutil.copyfile(self.path, target)
+    def _state(self, directory: epath.Path) -> dict[str, Any]:
+        _copy_unless_same(self.path, directory / self.SAVED_FILE)
         return {"file": self.SAVED_FILE, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
-def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
+def _copy_unless_same(source: epath.Path, target: epath.Path) -> None:
+    same = "://" not in str(source) + str(target) and Path(source).resolve() == Path(target).resolve()
+    if not same:
+        source.copy(target, overwrite=True)
+
+
+def load_hf_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
     """The tokenizer of a Hugging Face checkpoint directory: `tokenizer.model` (SentencePiece) or
     `tokenizer.json` (with the `tokenizers` package)."""
-    directory = Path(directory)
+    directory = epath.Path(directory)
     if (directory / SentencePieceTokenizer.MODEL_FILE).is_file():
         return SentencePieceTokenizer(directory / SentencePieceTokenizer.MODEL_FILE)
     if (directory / "tokenizer.json").is_file():
@@ -189,9 +191,9 @@ def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
     raise FileNotFoundError(f"No tokenizer.model or tokenizer.json in {directory}.")
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
+def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
     """A tokenizer saved with `Tokenizer.save`."""
-    directory = Path(directory)
+    directory = epath.Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"No {META_FILE} in {directory}: not a saved lightjax tokenizer.")

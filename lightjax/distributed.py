@@ -1,0 +1,102 @@
+"""Several processes, one run: joining JAX's distributed runtime, and who does what.
+
+Every host (or every local process standing in for one) runs the same command. They differ only in
+`jax.process_index()`. The rules the rest of the library follows:
+
+- Process 0 alone writes the run's files (config, metrics, tokenizer, prepared data, plots) and
+  prints; arrays are written by all, each its own shards (Orbax).
+- Work that must happen once (preparing a dataset, building the tokenizer) runs on process 0 while
+  the others wait at a barrier; its failure reaches every process as one error, not a hang.
+- Decisions that end the loop (a time limit, a stop signal) are agreed by all processes, since each
+  must run the same collectives in the same order.
+- A process that dies stops the others: JAX's coordination service notices its missing heartbeats
+  and terminates every process of the job (after `heartbeat_timeout_s`), rather than leaving them
+  waiting in a collective forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+T = TypeVar("T")
+
+HEARTBEAT_TIMEOUT_S = 60  # JAX's default is 100 s; a dead peer should end the job within a minute or so
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+    """Join the job. Explicit values win; without them JAX detects the cluster (TPU VMs, Slurm, ...)."""
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+        missing = ", ".join(f"--{k}" for k, v in given.items() if v is None)
+        raise DistributedError(f"Give all of --coordinator_address, --num_processes and --process_id, or none "
+                               f"(cluster auto-detection); missing {missing}.")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"jax.distributed.initialize failed: {first}. Outside a TPU VM or Slurm job, give "
+                               "--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from None
+
+
+def is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has reached the barrier called `name`."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def leader_value(value: Any) -> Any:
+    """Process 0's `value` (a number or an array) on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(np.asarray(value))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on at least one."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def run_once(name: str, fn: Callable[[], T]) -> T | None:
+    """`fn()` on process 0 while the others wait; its exception is raised there, and the others raise
+    a DistributedError naming `name`. Returns fn's result on process 0, None elsewhere."""
+    result, failure = None, None
+    if is_leader():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others have been told)
+            failure = e
+    if int(leader_value(failure is not None)):
+        if failure is not None:
+            raise failure
+        raise DistributedError(f"{name} failed on process 0; its output says why.")
+    return result
+
+
+def print_once(text: str) -> None:
+    """Print from process 0 only (every process runs the same code; one log is enough)."""
+    if is_leader():
+        print(text, flush=True)
