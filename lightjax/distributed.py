@@ -16,6 +16,8 @@ Every host (or every local process standing in for one) runs the same command. T
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -100,3 +102,15 @@ def print_once(text: str) -> None:
     """Print from process 0 only (every process runs the same code; one log is enough)."""
     if is_leader():
         print(text, flush=True)
+
+
+def exit_with_error(message: str) -> None:
+    """Print `message` (one line) and exit with status 1. In a multi-process job, exit at once rather than
+    through JAX's shutdown, which would wait (minutes) for processes that are themselves waiting for
+    this one in a collective: its silence makes the coordination service stop them instead."""
+    sys.stderr.write(message.rstrip() + "\n")
+    sys.stderr.flush()
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        os._exit(1)
+    sys.exit(1)

@@ -125,19 +125,25 @@ def compiled_flops(compiled: Any) -> float | None:
 
 class MetricWriters:
     """Every logged row goes to WORKDIR/metrics.jsonl and, when enabled, TensorBoard and W&B.
-    Only process 0 writes; the other processes of a multi-host run keep quiet."""
+    Only process 0 writes; the other processes of a multi-host run keep quiet.
+
+    A local metrics.jsonl is appended to as rows come. Object stores (gs://) cannot append: there the
+    file is rewritten whole at every `flush()` (the trainer flushes at each checkpoint) and at close."""
 
     def __init__(self, workdir: epath.Path, resume_step: int, tensorboard: bool = True, wandb_project: str = "",
                  config: dict[str, Any] | None = None):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
         self._tb = self._wandb = self._file = None
+        self._rows: list[str] = []  # every line of the file, for object stores
         if not self.enabled:
             return
         if self.path.exists():  # rows after the restored step were never checkpointed: drop them
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-        self._file = self.path.open("a")  # kept open for the run
+            self._rows = [json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step]
+        self.path.write_text("".join(self._rows))
+        if "://" not in str(self.path):
+            self._file = self.path.open("a")  # kept open for the run
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -154,8 +160,12 @@ class MetricWriters:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        line = json.dumps(row) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._rows.append(line)
         step = row["step"]
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
@@ -164,7 +174,12 @@ class MetricWriters:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def flush(self) -> None:
+        if self.enabled and self._file is None:
+            self.path.write_text("".join(self._rows))
+
     def close(self) -> None:
+        self.flush()
         for closer in (self._file, self._tb, self._wandb):
             if closer is not None:
                 closer.close() if closer is not self._wandb else closer.finish()

@@ -33,7 +33,7 @@ from lightjax.checkpoint import (
     load_weights,
 )
 from lightjax.data.pipeline import TokenRows, check_vocab, read_token_meta, train_iterator, write_token_file
-from lightjax.data.sources import load_split
+from lightjax.data.sources import load_split, prepare_source
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from lightjax.distributed import any_process, is_leader, print_once, run_once
 from lightjax.evaluate import evaluate, text_units
@@ -182,6 +182,7 @@ def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Tokenizer, Seq
     if is_leader():
         workdir.mkdir(parents=True, exist_ok=True)
     training = setup_training(config)
+    run_once("preparing the dataset", lambda: prepare_source(config.data))
     val_docs = load_split(config.data, "validation")
     tokenizer = _tokenizer(config, workdir)
     check_vocab(tokenizer, training.model_config.vocab_size)
@@ -262,6 +263,7 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
         nonlocal last_saved
         checkpointer.save(step, state, {"data_position": position + step - first_step, "tokens_seen": tokens_seen,
                                         "elapsed_s": elapsed(), "config": config_dict}, val_loss=val_loss)
+        writers.flush()
         last_saved = step
 
     pending, asked = None, False  # pending: (step, metrics) of the step before the one just dispatched
@@ -310,6 +312,7 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
         writers.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
+        rows.close()
     if is_leader():
         plot_losses(workdir)
         write_metrics_csv(workdir)

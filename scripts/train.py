@@ -28,7 +28,7 @@ def main(argv):
     simulate_host_devices(_HOST_DEVICES.value)
     import jax
 
-    from lightjax.distributed import DistributedError
+    from lightjax.distributed import DistributedError, exit_with_error
 
     try:
         _START_DISTRIBUTED()  # before anything touches a device
@@ -45,7 +45,7 @@ def main(argv):
     try:
         summary = train(_CONFIG.value, workdir)
     except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError, DistributedError) as e:
-        sys.exit(f"train: {e}")
+        exit_with_error(f"train: {e}")
     if jax.process_index() == 0:
         best = summary["best_val_loss"]
         print(f"Done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['elapsed_s']:.1f} s "

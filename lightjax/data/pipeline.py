@@ -115,6 +115,12 @@ class _RemoteTokens:
             data = self._file.read((stop - s.start) * self.dtype.itemsize)
         return np.frombuffer(data, self.dtype)
 
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
 
 class TokenRows(Sequence):
     """Rows of seq_len + 1 tokens of a token stream, row i starting at token i * seq_len.
@@ -154,6 +160,13 @@ class TokenRows(Sequence):
 
     def __len__(self) -> int:
         return self._rows
+
+    def close(self) -> None:
+        """Close the file behind the rows, if any (they reopen it when read again)."""
+        if self._path is not None and self._tokens is not None:
+            if isinstance(self._tokens, _RemoteTokens):
+                self._tokens.close()
+            self._tokens = None
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
         start = i * self.seq_len

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from lightjax.data import tiny_shakespeare
-from lightjax.distributed import run_once
 
 SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB")
 SPLITS = ("train", "validation", "test")  # text: sources have no test split
@@ -113,27 +112,32 @@ def split_documents(docs: list[str], val_fraction: float) -> dict[str, list[str]
     return {"train": docs[:-n_val], "validation": docs[-n_val:]}
 
 
+def _tiny_shakespeare(data: Any) -> Any:
+    return _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
+                                       file_format="array_record")
+
+
+def prepare_source(data: Any) -> None:
+    """Download and prepare `config.data.source` where it needs it (tiny_shakespeare, once per data_dir).
+    In a multi-process job only one process may do this (distributed.run_once): processes preparing
+    one data_dir together race on its folders."""
+    if data.source == "tiny_shakespeare":
+        builder = _tiny_shakespeare(data)
+        if not builder.is_prepared():
+            import tensorflow_datasets as tfds
+
+            tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
+            builder.download_and_prepare()
+
+
 def load_split(data: Any, split: str) -> Sequence[str]:
     """The documents of `split` ('train', 'validation', or 'test' where the source has one) of `config.data`."""
     source = data.source
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}.")
     if source == "tiny_shakespeare":
-        def builder() -> Any:
-            return _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
-                                               file_format="array_record")
-
-        def prepare() -> None:
-            prepared = builder()
-            if not prepared.is_prepared():
-                import tensorflow_datasets as tfds
-
-                tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
-                prepared.download_and_prepare()
-
-        # Once per job: processes preparing one data_dir together race on its folders.
-        run_once("preparing tiny_shakespeare", prepare)
-        return TextField(builder().as_data_source(split), "text", "tiny_shakespeare")
+        prepare_source(data)
+        return TextField(_tiny_shakespeare(data).as_data_source(split), "text", "tiny_shakespeare")
     if source.startswith("tfds:"):
         import tensorflow_datasets as tfds
 
