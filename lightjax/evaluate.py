@@ -7,17 +7,17 @@ Bits per character and per byte divide out the tokenizer, so runs with different
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from lightjax.checkpoint import restore_params
 from lightjax.data.pipeline import count_tokens, eval_batches
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer
+from lightjax.metrics import append_row
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
 
@@ -44,12 +44,12 @@ def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, c
             "val_tokens": count}
 
 
-def evaluate_run(workdir: str | Path, split: str = "validation", step: int | None = None, max_batches: int = 0,
-                 local_path: str | None = None, write: bool = True) -> dict[str, Any]:
+def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step: int | None = None,
+                 max_batches: int = 0, local_path: str | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate a run's checkpoint (default: the latest) over a split with the run's own tokenizer,
     sequence length and batch size, on this machine's devices (data parallel). With `write`, appends
     a row to WORKDIR/metrics.jsonl: step, split, eval_loss, eval_ppl, eval_bpc, eval_bpb, eval_tokens."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     config, params, step = restore_params(workdir, step)
     with config.unlocked():
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
@@ -65,6 +65,5 @@ def evaluate_run(workdir: str | Path, split: str = "validation", step: int | Non
            "eval_bpc": ev["val_bpc"], "eval_bpb": ev["val_loss"] / math.log(2) * units["tokens_per_byte"],
            "eval_tokens": int(ev["val_tokens"])}
     if write and jax.process_index() == 0:
-        with open(workdir / "metrics.jsonl", "a") as f:  # appended: the training rows stay as they are
-            f.write(json.dumps(row) + "\n")
+        append_row(workdir, row)  # the training rows stay as they are
     return row

@@ -185,6 +185,16 @@ class MetricWriters:
                 closer.close() if closer is not self._wandb else closer.finish()
 
 
+def append_row(workdir: str | epath.PathLike, row: dict[str, Any]) -> None:
+    """One more row at the end of WORKDIR/metrics.jsonl (rewritten whole where appending is impossible)."""
+    path, line = epath.Path(workdir) / "metrics.jsonl", json.dumps(row) + "\n"
+    if "://" in str(path):
+        path.write_text((path.read_text() if path.exists() else "") + line)
+    else:
+        with path.open("a") as f:
+            f.write(line)
+
+
 def read_metrics(workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     path = epath.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
