@@ -14,7 +14,7 @@ import jax
 from etils import epath
 
 from lightjax.checkpoint import restore_params
-from lightjax.data.pipeline import count_tokens, eval_batches
+from lightjax.data.pipeline import count_tokens, eval_batches, token_stream
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer
 from lightjax.metrics import append_row
@@ -29,14 +29,15 @@ def text_units(docs: Any, tokenizer: Tokenizer) -> dict[str, float]:
     return {"tokens_per_char": counts["tokens_per_char"], "tokens_per_byte": counts["tokens"] / max(nbytes, 1)}
 
 
-def evaluate(training: Training, params: Any, docs: Any, tokenizer: Tokenizer, config: Any,
-             tokens_per_char: float, max_batches: int | None = None) -> dict[str, float]:
-    """Validation loss, perplexity and bits per character over `max_batches` batches (default
-    config.train.eval_batches; 0: the whole split). Padding rows of the last batch are masked out."""
+def evaluate(training: Training, params: Any, tokens: Any, config: Any, tokens_per_char: float,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Validation loss, perplexity and bits per character of a split's token stream over `max_batches`
+    batches (default config.train.eval_batches; 0: the whole split). Padding rows of the last batch are
+    masked out."""
     nll, count = 0.0, 0.0
     local_batch = config.train.global_batch_size // jax.process_count()
     max_batches = config.train.eval_batches if max_batches is None else max_batches
-    for batch in eval_batches(docs, tokenizer, config.data.seq_len, local_batch, max_batches=max_batches):
+    for batch in eval_batches(tokens, config.data.seq_len, local_batch, max_batches=max_batches):
         out = training.eval_step(params, shard_batch(batch, training.mesh))
         nll, count = nll + float(out["nll_sum"]), count + float(out["tokens"])
     loss = nll / max(count, 1.0)
@@ -60,7 +61,7 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
     tokenizer = load_tokenizer(workdir / "tokenizer")
     docs = load_split(config.data, split)
     units = text_units(docs, tokenizer)
-    ev = evaluate(training, params, docs, tokenizer, config, units["tokens_per_char"], max_batches)
+    ev = evaluate(training, params, token_stream(docs, tokenizer), config, units["tokens_per_char"], max_batches)
     row = {"step": step, "split": split, "eval_loss": ev["val_loss"], "eval_ppl": ev["val_ppl"],
            "eval_bpc": ev["val_bpc"], "eval_bpb": ev["val_loss"] / math.log(2) * units["tokens_per_byte"],
            "eval_tokens": int(ev["val_tokens"])}

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "tiny_shakespeare"
     c.data.local_path = ""  # tiny_shakespeare: a local input.txt instead of the download
-    c.data.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default; gs:// works)
+    c.data.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default); local, process 0's
     c.data.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
     c.data.val_split = "validation"  # tfds:NAME: the split used for validation
     c.data.tokenizer = "char"
@@ -162,6 +162,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check(d.source == "tiny_shakespeare" or d.source.startswith(("tfds:", "text:")), "data.source", d.source,
           "is not one of 'tiny_shakespeare', 'tfds:NAME', 'text:GLOB'")
     check(not d.local_path or Path(d.local_path).is_file(), "data.local_path", d.local_path, "does not exist")
+    check("://" not in d.data_dir, "data.data_dir", d.data_dir,
+          "must be a local folder: ArrayRecord files are read with local file I/O (only process 0 reads the data "
+          "source; the workdir may be on gs://)")
     check(ck.save_every >= 0, "checkpoint.save_every", ck.save_every, "must be >= 0 (0: only at the end)")
     check(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
 

@@ -32,11 +32,18 @@ from lightjax.checkpoint import (
     config_changes,
     load_weights,
 )
-from lightjax.data.pipeline import TokenRows, check_vocab, read_token_meta, train_iterator, write_token_file
+from lightjax.data.pipeline import (
+    TokenRows,
+    check_vocab,
+    open_tokens,
+    read_token_meta,
+    train_iterator,
+    write_token_file,
+)
 from lightjax.data.sources import load_split, prepare_source
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from lightjax.distributed import any_process, is_leader, print_once, run_once
-from lightjax.evaluate import evaluate, text_units
+from lightjax.evaluate import evaluate
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
@@ -70,6 +77,7 @@ def _tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
 
     def build() -> None:
         if not (saved / "tokenizer.json").exists():
+            prepare_source(config.data)
             train_docs = load_split(config.data, "train") if config.data.tokenizer == "char" else None
             make_tokenizer(config.data.tokenizer, train_docs).save(saved)
 
@@ -81,22 +89,24 @@ def _tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
 _TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction")
 
 
-def _train_rows(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> Sequence[np.ndarray]:
-    """The training split as rows of seq_len + 1 tokens, read from WORKDIR/data/train.tokens, which
-    process 0 writes first when it is missing or was made from other data settings."""
-    path = workdir / "data" / "train.tokens"
+def _token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict[str, epath.Path]:
+    """WORKDIR/data/{train,validation}.tokens: the splits tokenized, written by process 0 when missing or
+    made from other data settings. Only process 0 ever reads the data source; the others read these."""
+    paths = {split: workdir / "data" / f"{split}.tokens" for split in ("train", "validation")}
     provenance = {k: config.data[k] for k in _TOKEN_FILE_KEYS}
 
     def prepare() -> None:
-        meta = read_token_meta(path)
-        if meta is None or any(meta.get(k) != v for k, v in provenance.items()):
-            start = time.perf_counter()
-            meta = write_token_file(load_split(config.data, "train"), tokenizer, path, provenance)
-            print(f"Prepared {meta['tokens']:,} training tokens into {path} in {time.perf_counter() - start:.1f} s.",
-                  flush=True)
+        prepare_source(config.data)
+        for split, path in paths.items():
+            meta = read_token_meta(path)
+            if meta is None or any(meta.get(k) != v for k, v in provenance.items()):
+                start = time.perf_counter()
+                meta = write_token_file(load_split(config.data, split), tokenizer, path, provenance)
+                print(f"Prepared {meta['tokens']:,} {split} tokens into {path} in {time.perf_counter() - start:.1f} s.",
+                      flush=True)
 
-    run_once("preparing the training tokens", prepare)
-    return TokenRows(path, config.data.seq_len)
+    run_once("preparing the data", prepare)
+    return paths
 
 
 def _resume(config: Any, checkpointer: Checkpointer, training: Training,
@@ -176,26 +186,26 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Tokenizer, Sequence[np.ndarray], Any]:
-    """What the loop needs before the first step: the built steps, the tokenizer, the training rows
-    and the validation documents (each file prepared once, by process 0)."""
+def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Sequence[np.ndarray], Any, float]:
+    """What the loop needs before the first step: the built steps, the training rows, the validation
+    tokens and their tokens per character (each file prepared once, by process 0)."""
     if is_leader():
         workdir.mkdir(parents=True, exist_ok=True)
     training = setup_training(config)
-    run_once("preparing the dataset", lambda: prepare_source(config.data))
-    val_docs = load_split(config.data, "validation")
     tokenizer = _tokenizer(config, workdir)
     check_vocab(tokenizer, training.model_config.vocab_size)
-    return training, tokenizer, _train_rows(config, workdir, tokenizer), val_docs
+    paths = _token_files(config, workdir, tokenizer)
+    val_meta = read_token_meta(paths["validation"])
+    tokens_per_char = val_meta["tokens"] / max(val_meta["characters"], 1)
+    return training, TokenRows(paths["train"], config.data.seq_len), open_tokens(paths["validation"]), tokens_per_char
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     """Run (or resume) training as configured; returns a summary of the run."""
     workdir = absolute(workdir)
-    training, tokenizer, rows, val_docs = _prepare(config, workdir)
+    training, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
     cfg, t = training.model_config, config.train
     config_dict = json.loads(config.to_json_best_effort())
-    tokens_per_char = text_units(val_docs, tokenizer)["tokens_per_char"]
 
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     state, meta = _resume(config, checkpointer, training, config_dict)
@@ -286,7 +296,7 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
                 progress.step(read_back(step, metrics, step % t.log_every == 0 or end or asked))
                 pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
             if evaluate_now:
-                ev = evaluate(training, state.params, val_docs, tokenizer, config, tokens_per_char)
+                ev = evaluate(training, state.params, val_tokens, config, tokens_per_char)
                 val_loss = ev["val_loss"]
                 best_val = min(best_val, val_loss)
                 writers.write({"step": step, **ev, "tokens_seen": tokens_seen, "elapsed_s": elapsed()})
@@ -313,6 +323,8 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
         if hasattr(data_iter, "close"):
             data_iter.close()
         rows.close()
+        if hasattr(val_tokens, "close"):
+            val_tokens.close()
     if is_leader():
         plot_losses(workdir)
         write_metrics_csv(workdir)

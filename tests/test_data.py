@@ -128,7 +128,8 @@ def test_token_file_round_trip_and_rows_from_it(corpus, tmp_path):
     tok = ByteTokenizer()
     meta = write_token_file(corpus, tok, tmp_path / "data" / "train.tokens", {"source": "test"})
     stream = token_stream(corpus, tok)
-    assert meta == {"tokens": len(stream), "dtype": "uint16", "documents": len(corpus), "source": "test"}
+    assert meta == {"tokens": len(stream), "dtype": "uint16", "documents": len(corpus),
+                    "characters": sum(map(len, corpus)), "source": "test"}
     assert read_token_meta(tmp_path / "data" / "train.tokens") == meta
     assert (tmp_path / "data" / "train.tokens").stat().st_size == 2 * len(stream)
     assert not list((tmp_path / "data").glob("*.partial"))
@@ -155,14 +156,14 @@ def test_same_seed_same_order_other_seed_other_order(corpus):
 def test_eval_covers_the_split_once_and_masks_padding():
     tok = ByteTokenizer()
     docs = ["x" * 50, "y" * 30]  # 82 tokens with EOS: 81 targets
-    batches = list(eval_batches(docs, tok, seq_len=10, batch_size=4))
+    batches = list(eval_batches(token_stream(docs, tok), seq_len=10, batch_size=4))
     assert len(batches) == 3  # 9 rows of 10 targets, in batches of 4: the last batch is padded
     assert sum(int(b["mask"].sum()) for b in batches) == 81
     targets = np.concatenate([b["tokens"][:, 1:][b["mask"] == 1] for b in batches])
     np.testing.assert_array_equal(targets, np.concatenate([tok.encode(d + "") for d in ["x" * 50]] + [[256]]
                                                           + [tok.encode("y" * 30), [256]])[1:])
     # Two processes: the same number of batches each, together the same targets.
-    per_process = [list(eval_batches(docs, tok, 10, 2, shard=(p, 2))) for p in (0, 1)]
+    per_process = [list(eval_batches(token_stream(docs, tok), 10, 2, shard=(p, 2))) for p in (0, 1)]
     assert len(per_process[0]) == len(per_process[1])
     assert sum(int(b["mask"].sum()) for batches in per_process for b in batches) == 81
 
@@ -191,7 +192,7 @@ def test_bad_input_errors(tmp_path):
                                          r"tfds:NAME, text:GLOB"):
         load_split(_data_config(tmp_path, source="openwebtext"), "train")
     with pytest.raises(ValueError, match=r"config.data.seq_len=64 is longer than the validation split \(11 tokens\)"):
-        next(eval_batches(["0123456789"], ByteTokenizer(), seq_len=64, batch_size=2))
+        next(eval_batches(token_stream(["0123456789"], ByteTokenizer()), seq_len=64, batch_size=2))
     with pytest.raises(ValueError, match=r"tokenizer has 257 tokens but the model's vocab_size is 65; set "
                                          r"--config.model.vocab_size=257"):
         check_vocab(ByteTokenizer(), 65)

@@ -72,15 +72,16 @@ def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epat
     last: a file without it is incomplete). Returns the metadata."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dtype, tokenize, count = _token_dtype(tokenizer.vocab_size), _Tokenize(tokenizer), 0
+    dtype, tokenize, count, chars = _token_dtype(tokenizer.vocab_size), _Tokenize(tokenizer), 0, 0
     partial = path.parent / (path.name + ".partial")
     with partial.open("wb") as f:
         for i in range(len(docs)):
-            ids = tokenize(docs[i])["tokens"]
+            doc = docs[i]
+            ids = tokenize(doc)["tokens"]
             f.write(ids.astype(dtype).tobytes())
-            count += len(ids)
+            count, chars = count + len(ids), chars + len(doc)
     partial.rename(path)
-    meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), **(provenance or {})}
+    meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), "characters": chars, **(provenance or {})}
     _meta_path(path).write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -122,34 +123,39 @@ class _RemoteTokens:
                 self._file = None
 
 
+def open_tokens(path: str | epath.PathLike) -> Any:
+    """The token stream of a `write_token_file` file, as something sliceable: memory-mapped when local,
+    read by range when remote."""
+    meta = read_token_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete token file (no {path}.json).")
+    dtype = np.dtype(meta["dtype"])
+    if "://" in str(path):
+        return _RemoteTokens(str(path), meta["tokens"], dtype)
+    return np.memmap(str(path), dtype=dtype, mode="r", shape=(meta["tokens"],))
+
+
 class TokenRows(Sequence):
     """Rows of seq_len + 1 tokens of a token stream, row i starting at token i * seq_len.
 
-    The stream is an array, or the path of a `write_token_file` file: memory-mapped when local, read
-    by range when remote, opened lazily (Grain worker processes receive the path, not the data)."""
+    The stream is an array, or the path of a `write_token_file` file, opened lazily (Grain worker
+    processes receive the path, not the data)."""
 
     def __init__(self, tokens: np.ndarray | str | epath.PathLike, seq_len: int):
         self.seq_len = seq_len
         if isinstance(tokens, np.ndarray):
-            self._path, self._tokens, count = None, tokens, len(tokens)
+            self._path, self._tokens = None, tokens
         else:
-            meta = read_token_meta(tokens)
-            if meta is None:
-                raise FileNotFoundError(f"{tokens} is not a complete token file (no {tokens}.json).")
-            self._path, self._tokens, count = str(tokens), None, meta["tokens"]
-            self._dtype = np.dtype(meta["dtype"])
-        self.num_tokens = count
-        self._rows = (count - 1) // seq_len
+            self._path, self._tokens = str(tokens), open_tokens(tokens)
+        self.num_tokens = len(self._tokens)
+        self._rows = (self.num_tokens - 1) // seq_len
         if self._rows < 1:
-            raise ValueError(f"config.data.seq_len={seq_len} is longer than the training split ({count} tokens); "
-                             "it needs at least seq_len + 1.")
+            raise ValueError(f"config.data.seq_len={seq_len} is longer than the training split "
+                             f"({self.num_tokens} tokens); it needs at least seq_len + 1.")
 
     def _array(self) -> Any:
         if self._tokens is None:
-            if "://" in self._path:
-                self._tokens = _RemoteTokens(self._path, self.num_tokens, self._dtype)
-            else:
-                self._tokens = np.memmap(self._path, dtype=self._dtype, mode="r", shape=(self.num_tokens,))
+            self._tokens = open_tokens(self._path)
         return self._tokens
 
     def __getstate__(self) -> dict[str, Any]:
@@ -199,12 +205,12 @@ def train_iterator(rows: Sequence[np.ndarray], global_batch: int, seed: int, num
     return iter(ds)
 
 
-def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 shard: tuple[int, int] | None = None, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of one pass over a split: `tokens` [batch_size, seq_len + 1] and `mask`
-    [batch_size, seq_len] (1 for targets that count). Every process yields the same number of batches
-    (all take part in each global batch), padding with fully masked rows."""
-    tokens = token_stream(docs, tokenizer)
+def eval_batches(tokens: Any, seq_len: int, batch_size: int, shard: tuple[int, int] | None = None,
+                 max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of one pass over a split's token stream (`token_stream`, or `open_tokens`
+    of its file): `tokens` [batch_size, seq_len + 1] and `mask` [batch_size, seq_len] (1 for targets
+    that count). Every process yields the same number of batches (all take part in each global
+    batch), padding with fully masked rows."""
     if len(tokens) < seq_len + 1:
         raise ValueError(f"config.data.seq_len={seq_len} is longer than the validation split "
                          f"({len(tokens)} tokens); it needs at least seq_len + 1.")
