@@ -93,9 +93,14 @@ def test_sigterm_then_restart_writes_the_same_losses(tmp_path):
     ("--config.optim.lr=-0.001", "config.optim.lr=-0.001 must be positive"),
     ("--config.optim.warmup_steps=500", "config.optim.warmup_steps=500 must be in [0, train.max_steps=100)"),
     ("--config.data.local_path=/no/such/input.txt", "config.data.local_path='/no/such/input.txt' does not exist"),
+    ("--config.data.data_dir=gs://bucket/tfds", "config.data.data_dir='gs://bucket/tfds' must be a local folder"),
+    ("--num_processes=2", "Give all of --coordinator_address, --num_processes and --process_id, or none (cluster "
+                          "auto-detection); missing --coordinator_address, --process_id."),
+    ("--process_id=2 --num_processes=2 --coordinator_address=127.0.0.1:1",
+     "--process_id=2 must be in [0, --num_processes=2)."),
 ])
 def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
-    out = _run(tmp_path / "run", override)
+    out = _run(tmp_path / "run", *override.split())
     assert out.returncode != 0
     assert "Traceback" not in out.stderr + out.stdout
     last = out.stderr.strip().splitlines()[-1]
