@@ -132,7 +132,7 @@ def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[st
 
 def format_data_result(r: dict[str, Any]) -> str:
     return (f"data {r['source']} tokenizer={r['tokenizer']} workers={r['num_workers']} | prepared "
-            f"{r['prepared_tokens']:,} tokens ({r['prepared_bytes'] / 2**20:,.1f} MiB) in {r['prepare_s']:.1f} s "
+            f"{r['prepared_tokens']:,} tokens ({r['prepared_bytes'] / 2**20:,.1f} MiB) in {r['prepare_s']:.2f} s "
             "(reading, tokenizer, file) | first batch "
             f"{r['first_batch_s']:.2f} s | {r['tokens_per_s']:,.0f} tok/s over {r['batches']} batches")
 
