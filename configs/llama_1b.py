@@ -1,7 +1,7 @@
 """Llama-3.2-1B-shaped pretraining for real hardware: bf16 compute, FSDP over all devices with tensor
 parallelism 1 (raise mesh.tensor on large pods), scanned and rematerialised layers, a TFDS corpus.
 
-    python scripts/train.py --config configs/llama_1b.py --config.data.data_dir=gs://BUCKET/tfds \\
+    python scripts/train.py --config configs/llama_1b.py --config.data.data_dir=/data/tfds --workdir gs://BUCKET/run \\
         --config.data.tokenizer=spm:PATH/tokenizer.model --config.model.vocab_size=32000
 
 Sized for a TPU v5p-8 / 8 x H100: 512 x 2048 = 1M tokens per step.

@@ -1,7 +1,7 @@
 """Pythia-160M (GPT-NeoX) pretraining for real hardware: bf16 compute with float32 parameters, FSDP
 over all devices, sequences of 2048 from a TFDS text corpus prepared in ArrayRecord format.
 
-    python scripts/train.py --config configs/pythia_160m.py --config.data.data_dir=gs://BUCKET/tfds
+    python scripts/train.py --config configs/pythia_160m.py --config.data.data_dir=/data/tfds --workdir gs://BUCKET/run
 
 Byte-level tokens by default (no download needed); point data.tokenizer at a SentencePiece model
 for subwords. Sized for one GPU or a TPU v5e-8: 256 x 2048 = 524k tokens per step.

@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default); local, process 0's
     c.data.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
     c.data.val_split = "validation"  # tfds:NAME: the split used for validation
+    # Where the tokenized splits are kept ("" = WORKDIR/data). A shared folder (gs:// works) lets runs on
+    # the same data and tokenizer reuse them instead of tokenizing a large corpus again.
+    c.data.tokens_dir = ""
     c.data.tokenizer = "char"
     c.data.seq_len = 256
     c.data.num_workers = 0

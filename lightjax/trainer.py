@@ -90,9 +90,11 @@ _TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fract
 
 
 def _token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict[str, epath.Path]:
-    """WORKDIR/data/{train,validation}.tokens: the splits tokenized, written by process 0 when missing or
-    made from other data settings. Only process 0 ever reads the data source; the others read these."""
-    paths = {split: workdir / "data" / f"{split}.tokens" for split in ("train", "validation")}
+    """{train,validation}.tokens in config.data.tokens_dir (default WORKDIR/data): the splits tokenized,
+    written by process 0 when missing or made from other data settings. Only process 0 ever reads the
+    data source; the others read these."""
+    directory = epath.Path(config.data.tokens_dir) if config.data.tokens_dir else workdir / "data"
+    paths = {split: directory / f"{split}.tokens" for split in ("train", "validation")}
     provenance = {k: config.data[k] for k in _TOKEN_FILE_KEYS}
 
     def prepare() -> None:

@@ -247,3 +247,26 @@ def test_training_starts_from_imported_weights(tmp_path, scan_layers):
     with pytest.raises(CheckpointError, match=r"holds another architecture than config.model: n_layer: config 3 "
                                               r"vs weights 2\."):
         train(c, tmp_path / "other")
+
+
+def test_runs_share_prepared_token_files(tmp_path, capsys):
+    """data.tokens_dir: the first run tokenizes into it, a second run on the same data reuses the files
+    (and trains alike), a run with another tokenizer prepares its own."""
+    shared = tmp_path / "tokens"
+
+    def run(name, **data):
+        c = run_config(tmp_path, max_steps=3, save_every=0)
+        c.data.tokens_dir = str(shared)
+        for k, v in data.items():
+            setattr(c.data, k, v)
+        if data.get("tokenizer") == "byte":
+            c.model.vocab_size = 257
+        train(c, tmp_path / name)
+        return capsys.readouterr().out
+
+    assert run("a").count(f"tokens into {shared}") == 2  # train and validation
+    assert "Prepared" not in run("b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert not (tmp_path / "a" / "data").exists()
+    assert run("c", tokenizer="byte").count("Prepared") == 2
+    assert json.loads((shared / "train.tokens.json").read_text())["tokenizer"] == "byte"

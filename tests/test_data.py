@@ -132,7 +132,7 @@ def test_token_file_round_trip_and_rows_from_it(corpus, tmp_path):
                     "characters": sum(map(len, corpus)), "source": "test"}
     assert read_token_meta(tmp_path / "data" / "train.tokens") == meta
     assert (tmp_path / "data" / "train.tokens").stat().st_size == 2 * len(stream)
-    assert not list((tmp_path / "data").glob("*.partial"))
+    assert not list((tmp_path / "data").glob("*.partial*"))
     rows = TokenRows(str(tmp_path / "data" / "train.tokens"), 16)
     copy = pickle.loads(pickle.dumps(rows))  # what Grain workers receive: the path, not the tokens
     assert len(pickle.dumps(rows)) < 1000

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,15 +73,16 @@ def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epat
     last: a file without it is incomplete). Returns the metadata."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
     dtype, tokenize, count, chars = _token_dtype(tokenizer.vocab_size), _Tokenize(tokenizer), 0, 0
-    partial = path.parent / (path.name + ".partial")
+    partial = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:8]}"  # two writers never share one
     with partial.open("wb") as f:
         for i in range(len(docs)):
             doc = docs[i]
             ids = tokenize(doc)["tokens"]
             f.write(ids.astype(dtype).tobytes())
             count, chars = count + len(ids), chars + len(doc)
-    partial.rename(path)
+    partial.replace(path)
     meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), "characters": chars, **(provenance or {})}
     _meta_path(path).write_text(json.dumps(meta, indent=1))
     return meta
