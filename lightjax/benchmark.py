@@ -47,7 +47,8 @@ def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
     tokens_per_step = t.global_batch_size * seq
     tokens_per_s = tokens_per_step / step_s
     flops_tok = flops_per_token(cfg, seq)
-    peak, peak_source = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype)
+    device = mesh.devices.flat[0]  # the mesh's own devices, not necessarily jax.devices()
+    peak, peak_source = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype, device=device)
     mem = compiled.memory_analysis()
     xla_flops = compiled_flops(compiled)
     # XLA counts one device's share of the partitioned program; the model count is for all tokens.
@@ -56,7 +57,7 @@ def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
         "model": cfg.name,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": n_devices,
-        "device_kind": jax.devices()[0].device_kind,
+        "device_kind": device.device_kind,
         "global_batch_size": t.global_batch_size,
         "seq_len": seq,
         "grad_accum_steps": t.grad_accum_steps,
@@ -75,7 +76,7 @@ def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
         "argument_bytes_per_device": mem.argument_size_in_bytes if mem else None,
         "output_bytes_per_device": mem.output_size_in_bytes if mem else None,
         "temp_bytes_per_device": mem.temp_size_in_bytes if mem else None,
-        "peak_bytes_per_device": (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
+        "peak_bytes_per_device": (device.memory_stats() or {}).get("peak_bytes_in_use"),
         "final_loss": float(metrics["loss"]),
     }
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from lightjax.config import ModelConfig
+from lightjax.hlo import loop_corrected_flops
 from lightjax.model import abstract_params, count_params
 
 # Dense bfloat16 peak FLOP/s per device (chip for TPUs, GPU for NVIDIA), from vendors' data sheets.
@@ -88,17 +89,20 @@ def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int =
     return 2 * n**3 / best
 
 
-def peak_flops_per_device(configured: float = 0.0, dtype: Any = jnp.float32) -> tuple[float, str]:
+def peak_flops_per_device(configured: float = 0.0, dtype: Any = jnp.float32,
+                          device: jax.Device | None = None) -> tuple[float, str]:
     """(peak FLOP/s per device, where the figure came from): the config value when set, else the
-    table for the device kind, else a matmul measurement (CPU)."""
+    table for the kind of `device` (default: this process's first; pass a mesh's own device, which may
+    be a compile-only TPU), else a matmul measurement on it (CPU)."""
     if configured > 0:
         return configured, "config"
-    device = jax.local_devices()[0]
+    device = device or jax.local_devices()[0]
     table = lookup_peak_flops(device.device_kind)
     if table is not None:
         return table, f"table ({device.device_kind}, bf16)"
     # Simulated CPU devices share the same cores: measure one, then split it between them.
-    per_device = measure_matmul_flops(dtype=dtype) / (jax.local_device_count() if device.platform == "cpu" else 1)
+    per_device = (measure_matmul_flops(dtype=dtype, device=device)
+                  / (jax.local_device_count() if device.platform == "cpu" else 1))
     return per_device, f"measured ({device.device_kind} matmul, {jnp.dtype(dtype).name})"
 
 
@@ -107,7 +111,9 @@ def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float, n_d
 
 
 def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if unavailable)."""
+    """FLOPs of one call of a compiled function (one device's share), from XLA's cost analysis with the
+    matmuls of loop bodies counted once per iteration (hlo.loop_corrected_flops; XLA counts a scanned
+    layer stack once). None if the backend has no cost analysis."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 (some backends do not implement it)
@@ -115,7 +121,7 @@ def compiled_flops(compiled: Any) -> float | None:
     if isinstance(analysis, list):
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
-    return float(flops) if flops else None
+    return loop_corrected_flops(compiled.as_text(), float(flops)) if flops else None
 
 
 # ------------------------------------------------------------------------------------------------

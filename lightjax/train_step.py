@@ -54,13 +54,18 @@ def _init_batch(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]  # any batch size divisible by the batch shards
 
 
+# The shape of a PRNG key, for tracing init without creating one: nothing runs eagerly on the mesh, so
+# shapes and shardings also come out for devices that can only compile (TPU topologies on a laptop).
+_ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
 def state_shardings(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules,
                     seq_len: int) -> TrainState:
     """NamedShardings of every leaf of the train state, from the parameters' logical names.
     The optimizer moments inherit their parameter's names (optax maps over the boxed tree)."""
     init = _init_fn(model, tx, _init_batch(mesh), seq_len)
     with with_mesh(mesh, rules):
-        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(init, _ABSTRACT_KEY)
     return logical_to_sharding(boxed, mesh, rules)
 
 
@@ -220,7 +225,7 @@ class Training:
         """Shapes, dtypes and shardings of the train state, allocating nothing: a restore target."""
         init = _init_fn(self.model, self.tx, _init_batch(self.mesh), self.seq_len)
         with with_mesh(self.mesh, self.rules):
-            shapes = jax.eval_shape(lambda rng: nn.unbox(init(rng)), jax.random.PRNGKey(0))
+            shapes = jax.eval_shape(lambda rng: nn.unbox(init(rng)), _ABSTRACT_KEY)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings)
 
 

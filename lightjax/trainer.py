@@ -223,7 +223,8 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     stop = _StopSignal()
 
     flops_tok = flops_per_token(cfg, config.data.seq_len)
-    peak, _ = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype)
+    peak, _ = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype,
+                                    device=training.mesh.local_mesh.devices.flat[0])
     tokens_per_step = t.global_batch_size * config.data.seq_len
     start = time.perf_counter()
     window = {"time": start, "step": step}  # throughput is measured between logged steps

@@ -1,0 +1,126 @@
+"""Reading a compiled XLA program's text (`compiled.as_text()`): its computations, loops and matmuls.
+
+XLA's own cost analysis counts the body of a while loop once, however many times it runs; a scanned
+layer stack (`train.scan_layers`) is such a loop, so its FLOPs come out about 1/n_layer of the truth.
+`loop_corrected_flops` adds the missing iterations of every matmul (a `dot`, or on TPUs a
+`convolution`) inside loops whose trip count is known (XLA's `known_trip_count`, or the `i < N` of
+the loop's condition). Element-wise work inside loops stays counted once: matmuls are nearly all of a
+transformer's FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*)$")  # shape: array or tuple
+_ARRAY = re.compile(r"^\w+\[([\d,]*)\]")
+_CALL = re.compile(r"\b(?:calls|to_apply|body)=%([\w.\-]+)")
+_CALL_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def computations(text: str) -> tuple[dict[str, list[str]], str]:
+    """({computation name: its instruction lines}, the entry computation's name)."""
+    comps: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(1)
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _dims(shape: str) -> list[int] | None:
+    m = _ARRAY.match(shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else None
+
+
+def _dot_flops(result: list[int], lhs: list[int], rest: str) -> float:
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i) if contracting else 1
+    return 2.0 * math.prod(result) * k
+
+
+def _valid_taps(size: int, window: int, pad_low: int, stride: int, out: int) -> int:
+    """(output position, kernel position) pairs of one spatial dimension that read real input, not padding."""
+    return sum(1 for o in range(out) for j in range(window) if 0 <= o * stride + j - pad_low < size)
+
+
+def _conv_flops(result: list[int], lhs: list[int], rhs: list[int], rest: str) -> float:
+    """A convolution (TPU programs express matmuls and attention so), counted as XLA counts it: one
+    multiply-add per output element, input feature and kernel position that reads input, not padding."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if not labels or (len(labels.group(1)), len(labels.group(2)), len(labels.group(3))) != (
+            len(lhs), len(rhs), len(result)):
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    window = re.search(r"window=\{([^}]*)\}", rest)
+    fields = dict(f.split("=") for f in window.group(1).split()) if window else {}
+    sizes = [int(x) for x in fields["size"].split("x")] if "size" in fields else []
+    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * len(sizes)
+    strides = [int(x) for x in fields["stride"].split("x")] if "stride" in fields else [1] * len(sizes)
+    if "lhs_dilate" in fields or "rhs_dilate" in fields:
+        return 0.0  # not produced for matmuls; left uncorrected rather than guessed
+    macs = result[out_l.index("b")] * result[out_l.index("f")]
+    macs *= rhs[rhs_l.index("i")]
+    for d, (k, pad, stride) in enumerate(zip(sizes, pads, strides, strict=True)):
+        label = str(d)
+        macs *= _valid_taps(lhs[lhs_l.index(label)], k, pad, stride, result[out_l.index(label)])
+    groups = re.search(r"feature_group_count=(\d+)", rest)
+    return 2.0 * macs / (int(groups.group(1)) if groups else 1)
+
+
+def _trip_count(comps: dict[str, list[str]], rest: str) -> int:
+    """A while loop's iterations: XLA's `known_trip_count` where it records one (CPU, GPU), else the
+    bound in its condition `i < N` (TPU programs), 1 when neither is found."""
+    known = _TRIP.search(rest)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.\-]+)", rest)
+    lines = comps.get(condition.group(1), []) if condition else []
+    bounds = [int(m.group(1)) for line in lines
+              for m in [re.search(r"s32\[\](?:\{[^}]*\})? constant\((\d+)\)", line)] if m]
+    is_less_than = any("direction=LT" in line for line in lines)
+    return bounds[0] if len(bounds) == 1 and is_less_than else 1
+
+
+def _walk(comps: dict[str, list[str]], name: str, times: int, extra: list[float], seen: set) -> None:
+    """Add to extra[0] the matmul FLOPs of `name` (and what it calls) run `times` times but counted once."""
+    if (name, times) in seen or name not in comps:
+        return
+    seen.add((name, times))
+    shapes: dict[str, list[int] | None] = {}
+    for line in comps[name]:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        inst, shape, op, rest = m.groups()
+        shapes[inst] = _dims(shape)
+        if op in ("dot", "convolution") and times > 1:
+            operands = re.findall(r"%([^,\s)]+)", rest.split(")")[0])
+            lhs, rhs, result = shapes.get(operands[0]), shapes.get(operands[-1]), shapes[inst]
+            if lhs is not None and rhs is not None and result is not None:
+                flops = _dot_flops(result, lhs, rest) if op == "dot" else _conv_flops(result, lhs, rhs, rest)
+                extra[0] += (times - 1) * flops
+        trip = _trip_count(comps, rest) if op == "while" else 1
+        callees = _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest) for c in g.split(",")]
+        for callee in callees:
+            inner = times * trip if re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest) else times
+            _walk(comps, callee, inner, extra, seen)
+
+
+def loop_corrected_flops(text: str, xla_flops: float) -> float:
+    """`xla_flops` (cost analysis of the program in `text`) plus the loop iterations it left out."""
+    comps, entry = computations(text)
+    extra = [0.0]
+    _walk(comps, entry, 1, extra, set())
+    return xla_flops + extra[0]
