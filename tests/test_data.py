@@ -175,6 +175,16 @@ def test_text_source_txt_and_jsonl(tmp_path):
     assert list(load_split(data, "train")) == ["first document", "second", "third"]
     assert list(load_split(data, "validation")) == ["fourth"]
     assert split_documents(["abcdefghij"], 0.2) == {"train": ["abcdefgh"], "validation": ["ij"]}
+    # Documents are read when asked for: a bad line is named when it is reached, with its file and line.
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": 7}\n{"text": oops}\n{"other": "x"}\n')
+    docs = load_split(_data_config(tmp_path, source=f"text:{tmp_path}/c.jsonl", val_fraction=0.25), "train")
+    assert len(docs) == 3 and docs[0] == "fine"
+    with pytest.raises(ValueError, match=r"c.jsonl:2: field 'text' is a int, not text"):
+        docs[1]
+    with pytest.raises(ValueError, match=r"c.jsonl:3 is not valid JSON"):
+        docs[2]
+    with pytest.raises(ValueError, match=r"c.jsonl:4 has no field 'text'; set config.data.text_field"):
+        load_split(_data_config(tmp_path, source=f"text:{tmp_path}/c.jsonl", val_fraction=0.25), "validation")[0]
 
 
 def test_bad_input_errors(tmp_path):

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lightjax.data import tiny_shakespeare
 
 SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB")
@@ -79,28 +81,65 @@ def _read_text_file(path: Path) -> str:
         raise ValueError(f"{path} is not valid UTF-8 at byte offset {e.start}.") from None
 
 
-def _text_documents(pattern: str, text_field: str) -> list[str]:
+class TextCorpus(Sequence):
+    """The documents of `text:` files, read when asked for, so that a corpus of any size is never held
+    in memory: a `.txt` file is one document, each non-blank line of a `.jsonl` file one (its lines are
+    located by byte offset once, when the corpus is opened)."""
+
+    def __init__(self, files: list[Path], text_field: str, _index: np.ndarray | None = None):
+        self.files, self.text_field = files, text_field
+        self._index = self._locate(files) if _index is None else _index  # rows: file, offset, length, line
+
+    @staticmethod
+    def _locate(files: list[Path]) -> np.ndarray:
+        rows = []
+        for i, f in enumerate(files):
+            if f.suffix != ".jsonl":
+                rows.append((i, 0, -1, 0))
+                continue
+            offset = 0
+            with f.open("rb") as lines:
+                for line_no, line in enumerate(lines, 1):
+                    if line.strip():
+                        rows.append((i, offset, len(line), line_no))
+                    offset += len(line)
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return TextCorpus(self.files, self.text_field, self._index[i])
+        file_index, offset, length, line_no = (int(x) for x in self._index[i])
+        path = self.files[file_index]
+        if length < 0:
+            return _read_text_file(path)
+        with path.open("rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"{path}:{line_no} is not valid JSON.") from None
+        if not isinstance(record, dict) or self.text_field not in record:
+            raise ValueError(f"{path}:{line_no} has no field {self.text_field!r}; set config.data.text_field.")
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_no}: field {self.text_field!r} is a {type(text).__name__}, not text.")
+        return text
+
+
+def _text_documents(pattern: str, text_field: str) -> TextCorpus:
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not files:
         raise FileNotFoundError(f"config.data.source='text:{pattern}' matches no file.")
-    docs: list[str] = []
-    for f in files:
-        if f.suffix == ".jsonl":
-            for line_no, line in enumerate(_read_text_file(f).splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise ValueError(f"{f}:{line_no} has no field {text_field!r}; set config.data.text_field.")
-                    docs.append(record[text_field])
-        else:
-            docs.append(_read_text_file(f))
-    docs = [d for d in docs if d]
-    if not docs:
+    if not any(f.stat().st_size for f in files):
         raise ValueError(f"config.data.source='text:{pattern}': the corpus is empty ({len(files)} files, no text).")
-    return docs
+    return TextCorpus(files, text_field)
 
 
-def split_documents(docs: list[str], val_fraction: float) -> dict[str, list[str]]:
+def split_documents(docs: Sequence[str], val_fraction: float) -> dict[str, Sequence[str]]:
     """Deterministic train/validation split: the last `val_fraction` of the documents; a single
     document is split by characters instead (its last `val_fraction`)."""
     if not 0 < val_fraction < 1:
