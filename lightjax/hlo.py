@@ -1,4 +1,4 @@
-"""Reading a compiled XLA program's text (`compiled.as_text()`): its computations, loops and matmuls.
+"""Reading a compiled XLA program's text: its computations, loops, matmuls and collectives.
 
 XLA's own cost analysis counts the body of a while loop once, however many times it runs; a scanned
 layer stack (`train.scan_layers`) is such a loop, so its FLOPs come out about 1/n_layer of the truth.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*)$")  # shape: array or tuple
@@ -124,3 +125,90 @@ def loop_corrected_flops(text: str, xla_flops: float) -> float:
     extra = [0.0]
     _walk(comps, entry, 1, extra, set())
     return xla_flops + extra[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives of a partitioned program: what each step sends between devices.
+# ------------------------------------------------------------------------------------------------
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+_ARRAYS = re.compile(r"(\w+)\[([\d,]*)\]")
+# Ops that only rearrange their operand: an all-reduce reaching dynamic-slices through them is a reduce-scatter.
+_REARRANGE = ("reshape", "bitcast", "copy", "transpose")
+
+
+def _nbytes(shape: str) -> int:
+    """Bytes of an array or tuple shape."""
+    return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAYS.findall(shape) if dtype in _BYTES)
+
+
+def _scattered(name: str, users: dict[str, list[tuple[str, str]]]) -> bool:
+    """Whether every use of `name`, through reshapes and copies, is a dynamic-slice: XLA's form of a
+    reduce-scatter right after partitioning (an all-reduce each device keeps only its slice of)."""
+    pending, seen = [name], set()
+    while pending:
+        for user, op in users.get(pending.pop(), []):
+            if op in _REARRANGE and user not in seen:
+                seen.add(user)
+                pending.append(user)
+            elif op != "dynamic-slice":
+                return False
+    return bool(seen) or bool(users.get(name))
+
+
+def collectives(text: str) -> dict[str, dict[str, float]]:
+    """{kind: {"count", "bytes"}} of one run of a partitioned program (the module right after SPMD
+    partitioning: `partitioned_text`), loop bodies multiplied by their trip counts. Bytes are those of
+    the whole tensor each collective combines on one device: an all-gather's result, a reduce-scatter's
+    operand, an all-reduce's result."""
+    comps, entry = computations(text)
+    totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
+
+    def visit(name: str, times: int, seen: set) -> None:
+        if (name, times) in seen or name not in comps:
+            return
+        seen.add((name, times))
+        parsed = [m.groups() for line in comps[name] for m in [_INSTRUCTION.match(line)] if m]
+        shapes = {inst: shape for inst, shape, _, _ in parsed}
+        users: dict[str, list[tuple[str, str]]] = {}
+        for inst, _, op, rest in parsed:
+            for operand in re.findall(r"%([^,\s)]+)", rest.split("), ")[0]):
+                users.setdefault(operand, []).append((inst, op))
+        for inst, shape, op, rest in parsed:
+            kind = op.removesuffix("-start")
+            if kind in COLLECTIVES:
+                nbytes = _nbytes(shape)
+                if kind == "reduce-scatter":
+                    operand = re.match(r"\s*%([^,\s)]+)", rest)
+                    nbytes = _nbytes(shapes.get(operand.group(1), "")) if operand else nbytes
+                elif kind == "all-reduce" and _scattered(inst, users):
+                    kind = "reduce-scatter"
+                totals[kind]["count"] += times
+                totals[kind]["bytes"] += times * nbytes
+            trip = _trip_count(comps, rest) if op == "while" else 1
+            for callee in _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest)
+                                                 for c in g.split(",")]:
+                body = re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest)
+                visit(callee, times * trip if body else times, seen)
+
+    visit(entry, 1, set())
+    return totals
+
+
+def partitioned_text(lowered: Any) -> tuple[Any, str]:
+    """(the compiled program, its module right after SPMD partitioning, as text): there each collective
+    appears once, before later passes fuse, combine and wrap them in asynchronous pairs."""
+    import glob
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": tmp,
+                                                     "xla_dump_hlo_pass_re": ".*spmd-partitioning"})
+        dumps = sorted(p for p in glob.glob(f"{tmp}/*.txt") if re.search(r"\.after_(tpu-)?spmd-partitioning\.", p))
+        if not dumps:
+            raise RuntimeError("XLA wrote no module after SPMD partitioning; cannot count collectives.")
+        with open(dumps[0]) as f:
+            return compiled, f.read()

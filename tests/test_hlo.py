@@ -88,3 +88,28 @@ def test_scanned_stack_flops_match_the_loop_layout():
     assert loop == loop_raw  # nothing to correct without loops
     assert scan_raw < 0.5 * loop  # XLA alone counts the 6-layer body once
     assert scan == pytest.approx(loop, rel=0.1)  # element-wise work in the body still counted once
+
+
+def _collectives(mesh, batch):
+    from lightjax.hlo import collectives, partitioned_text
+    from lightjax.sharding import batch_sharding
+
+    c = tiny_run_config(mesh=mesh)
+    c.train.global_batch_size = batch
+    training = setup_training(c)
+    state = training.abstract_state()
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    tokens = jax.ShapeDtypeStruct((batch, 17), np.int32, sharding=batch_sharding(training.mesh))
+    _, text = partitioned_text(training.train_step.lower(state, {"tokens": tokens}))
+    return {kind: c["bytes"] / param_bytes for kind, c in collectives(text).items()}
+
+
+def test_collectives_agree_with_the_arithmetic_of_each_layout():
+    data = _collectives((8, 1, 1), 8)  # every gradient all-reduced once
+    assert data["all-reduce"] == pytest.approx(1.0, rel=0.1) and data["all-gather"] == data["reduce-scatter"] == 0
+    fsdp = _collectives((1, 8, 1), 8)  # parameters gathered, gradients reduce-scattered
+    assert fsdp["all-gather"] == pytest.approx(1.0, rel=0.1) and fsdp["reduce-scatter"] == pytest.approx(1.0, rel=0.1)
+    assert fsdp["all-reduce"] < 0.1  # only the leaves too small to shard
+    tensor = [_collectives((1, 1, 8), b)["all-reduce"] for b in (8, 16)]  # activations, not parameters
+    assert tensor[1] == pytest.approx(2 * tensor[0], rel=0.1)
+    assert _collectives((8, 1, 1), 16)["all-reduce"] == pytest.approx(data["all-reduce"], rel=0.01)
