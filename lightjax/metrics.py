@@ -32,22 +32,9 @@ import jax.numpy as jnp
 from etils import epath
 
 from lightjax.config import ModelConfig
+from lightjax.hardware import chip_for
 from lightjax.hlo import loop_corrected_flops
 from lightjax.model import abstract_params, count_params
-
-# Dense bfloat16 peak FLOP/s per device (chip for TPUs, GPU for NVIDIA), from vendors' data sheets.
-PEAK_FLOPS_BF16 = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "A100": 312e12,
-    "H100": 989e12,  # SXM; dense, without sparsity
-    "H200": 989e12,
-}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -64,12 +51,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def lookup_peak_flops(device_kind: str) -> float | None:
-    """Peak bf16 FLOP/s for a `jax.Device.device_kind`, or None when unknown (e.g. CPUs)."""
-    # Longest names first, so that "TPU v5 lite" wins over "TPU v5".
-    for name in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):
-        if name.lower() in device_kind.lower():
-            return PEAK_FLOPS_BF16[name]
-    return None
+    """Dense bf16 peak FLOP/s for a `jax.Device.device_kind` (hardware.CHIPS), or None when unknown (CPUs)."""
+    chip = chip_for(device_kind)
+    return chip.peak_bf16 if chip else None
 
 
 @functools.lru_cache

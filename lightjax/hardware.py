@@ -1,0 +1,129 @@
+"""Accelerator chips and TPU slice topologies: what a layout is measured against.
+
+`CHIPS` holds, per chip, its dense bf16 peak, HBM capacity and bandwidth and interconnect bandwidth
+(both directions, all links of one chip: TPU ICI, NVIDIA NVLink), each from the vendor's public page
+named in `source`. `chip_for(device.device_kind)` finds a device's entry.
+
+`tpu_topology("v5e-16")` (an accelerator type as Cloud TPU names it) or `tpu_topology("v5e:4x4")`
+(generation and chip grid) describes a slice; its `devices()` are compile-only TPU devices made by
+libtpu on any machine (`pip install -e ".[aot]"`), so a train step can be compiled for a pod from a
+laptop and its memory and collectives read off before renting one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_bf16: float  # FLOP/s, dense
+    hbm_bytes: float
+    hbm_bandwidth: float  # bytes/s
+    interconnect: float | None  # bytes/s per chip, both directions, all links; None where unpublished
+    source: str
+
+
+CHIPS = {c.name: c for c in (
+    Chip("TPU v4", 275e12, 32 * GiB, 1200e9, None, "https://cloud.google.com/tpu/docs/v4"),
+    Chip("TPU v5e", 197e12, 16e9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    Chip("TPU v5p", 459e12, 95e9, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p-training"),
+    Chip("TPU v6e", 918e12, 32e9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+    Chip("A100", 312e12, 80e9, 2039e9, 600e9, "https://www.nvidia.com/en-us/data-center/a100/ (80 GB SXM)"),
+    Chip("H100", 989e12, 80e9, 3350e9, 900e9, "https://www.nvidia.com/en-us/data-center/h100/ (SXM)"),
+    Chip("H200", 989e12, 141e9, 4800e9, 900e9, "https://www.nvidia.com/en-us/data-center/h200/ (SXM)"),
+)}
+
+# How devices name themselves (`jax.Device.device_kind`) where it differs from the chip's name.
+_KIND_ALIASES = {"TPU v5 lite": "TPU v5e", "TPU v6 lite": "TPU v6e", "TPU v5": "TPU v5p"}
+
+
+def chip_for(device_kind: str) -> Chip | None:
+    """The table's entry for a device kind ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...), else None."""
+    kind = device_kind.lower()
+    names = {**{a.lower(): c for a, c in _KIND_ALIASES.items()}, **{c.lower(): c for c in CHIPS}}
+    for alias in sorted(names, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
+        if alias in kind:
+            return CHIPS[names[alias]]
+    return None
+
+
+# Generation -> (chip, TensorCores counted per chip in accelerator types like v5p-8, grid dimensions).
+_GENERATIONS = {"v4": ("TPU v4", 2, 3), "v5p": ("TPU v5p", 2, 3), "v5e": ("TPU v5e", 1, 2),
+                "v6e": ("TPU v6e", 1, 2)}
+# The usual slice grid for a chip count, from Cloud TPU's tables of supported shapes.
+_GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTopology:
+    generation: str
+    grid: tuple[int, ...]
+
+    @property
+    def chip(self) -> Chip:
+        return CHIPS[_GENERATIONS[self.generation][0]]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation}:{'x'.join(map(str, self.grid))}"
+
+    def devices(self) -> list[Any]:
+        """Compile-only devices of this slice (one per chip), from libtpu."""
+        try:
+            from jax.experimental import topologies
+
+            desc = topologies.get_topology_desc(
+                platform="tpu", topology_name=self.name,
+                chip_config_name="megacore" if _GENERATIONS[self.generation][1] == 2 else "default",
+                chips_per_host_bounds=(2, 2, 1), wrap=(False,) * 3, num_slices=1)
+        except Exception as e:  # noqa: BLE001 (libtpu missing, or a grid it refuses)
+            raise ValueError(f"--topology={self.name}: no TPU compiler to describe it ({str(e).splitlines()[0][:150]}"
+                             "); install it with pip install -e \".[aot]\".") from None
+        return list(desc.devices)
+
+
+def tpu_topology(name: str) -> TpuTopology:
+    """'v5e-16' (Cloud TPU accelerator type: chips for v5e/v6e, TensorCores for v4/v5p) or 'v5e:4x4'."""
+    known = ", ".join(_GENERATIONS)
+    m = re.fullmatch(r"(v\w+?)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip())
+    if not m or m.group(1) not in _GENERATIONS:
+        raise ValueError(f"--topology={name!r} is not a TPU slice like v5e-16 or v5e:4x4 (generations: {known}); "
+                         "--topology=list shows the table.")
+    generation, count, grid = m.groups()
+    _, cores_per_chip, ndim = _GENERATIONS[generation]
+    if grid:
+        dims = tuple(int(d) for d in grid.split("x"))
+        if len(dims) != ndim:
+            raise ValueError(f"--topology={name!r}: {generation} slices are {ndim}-dimensional grids.")
+        return TpuTopology(generation, dims)
+    chips = int(count) // cores_per_chip
+    grids = _GRIDS_2D if ndim == 2 else _GRIDS_3D
+    if chips not in grids:
+        raise ValueError(f"--topology={name!r}: no usual {generation} slice of {chips} chips; give the grid, "
+                         f"e.g. {generation}:{'x'.join(map(str, next(iter(grids.values()))))}.")
+    return TpuTopology(generation, grids[chips])
+
+
+def topology_table() -> str:
+    """The chip table as text (what --topology=list prints)."""
+    rows = [f"{'chip':<9} {'bf16 TFLOP/s':>12} {'HBM GB':>7} {'HBM GB/s':>9} {'links GB/s':>10}  source"]
+    for c in CHIPS.values():
+        link = f"{c.interconnect / 1e9:,.0f}" if c.interconnect else "n/a"
+        rows.append(f"{c.name:<9} {c.peak_bf16 / 1e12:>12,.0f} {c.hbm_bytes / 1e9:>7,.1f} "
+                    f"{c.hbm_bandwidth / 1e9:>9,.0f} {link:>10}  {c.source}")
+    rows.append("TPU slices: v4-8 ... v4-8192 and v5p-8 ... (TensorCores, 2 per chip), v5e-1 ... v5e-256 and "
+                "v6e-1 ... v6e-256 (chips), or generation:grid such as v5e:4x4, v5p:2x2x4.")
+    return "\n".join(rows)
