@@ -41,6 +41,7 @@ def simulate_host_devices(count: int) -> None:
     if count:
         flag = f"--xla_force_host_platform_device_count={count}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the simulated devices, even where a TPU compiler is installed
 
 
 def define_distributed_flags() -> Callable[[], None]:

@@ -1,0 +1,246 @@
+"""Sharding sweeps: compile one run config under many layouts and compare what each would cost.
+
+A setting is a mesh shape (data, fsdp, tensor), a rule set, a remat policy and a global batch. For
+each, the real train step is compiled with abstract inputs for the given devices (local ones, or a
+TPU slice's compile-only devices from `hardware.tpu_topology`), and one row records:
+
+- memory per device from the compiled program (arguments, outputs, temporaries) against the chip's
+  HBM; a setting the compiler refuses for lack of memory is a row that does not fit, with its message;
+- model FLOPs and XLA's FLOPs per device (loop-corrected, hlo.compiled_flops);
+- collectives per step by kind, count and bytes (hlo.collectives, from the partitioned program);
+- an estimated step time from a stated roofline: XLA's FLOPs at the chip's bf16 peak, plus each
+  collective's bytes over the chip's interconnect (all-reduce twice: reduce-scatter then all-gather),
+  no overlap; and the MFU that time predicts;
+- on local devices, the measured step time and MFU beside the estimate.
+
+A setting that fails validation or compilation is a row with its reason; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from lightjax.hardware import chip_for
+from lightjax.hlo import COLLECTIVES, collectives, partitioned_text
+from lightjax.metrics import compiled_flops, flops_per_token, peak_flops_per_device
+from lightjax.sharding import batch_sharding, shard_batch
+from lightjax.train_step import setup_training, synthetic_batch
+
+# Bytes each device moves over its links per byte of the combined tensor, for ring algorithms.
+_LINK_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,
+                "collective-permute": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    mesh: tuple[int, int, int]  # data, fsdp, tensor
+    rules: str
+    remat: str
+    batch: int  # 0: the config's global batch size
+
+
+def settings(layouts: str, rules: str = "default", remat: str = "none", batches: str = "") -> list[Setting]:
+    """Every combination of 'data,fsdp,tensor' layouts separated by ':', and comma-separated rule sets,
+    remat policies and global batch sizes ('' batches: the config's own, as 0)."""
+    try:
+        meshes = [tuple(int(x) for x in layout.split(",")) for layout in layouts.split(":") if layout]
+        sizes = [int(b) for b in batches.split(",") if b] or [0]
+    except ValueError:
+        raise ValueError(f"--layouts={layouts!r} / --batch={batches!r}: layouts are 'data,fsdp,tensor' separated "
+                         "by ':', batches comma-separated integers.") from None
+    if not meshes or any(len(m) != 3 for m in meshes):
+        raise ValueError(f"--layouts={layouts!r}: give 'data,fsdp,tensor' settings separated by ':', e.g. 4,1,1:1,4,1.")
+    return [Setting(m, r, p, b) for m, r, p, b in itertools.product(
+        meshes, rules.split(","), remat.split(","), sizes)]
+
+
+def _configure(config: Any, setting: Setting) -> Any:
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = setting.mesh
+        c.mesh.rules, c.train.remat = setting.rules, setting.remat
+        if setting.batch:
+            c.train.global_batch_size = setting.batch
+    return c
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "RESOURCE_EXHAUSTED" in line or "exceeds" in line:
+            return line.strip()[:300]
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps: int = 0) -> dict[str, Any]:
+    """One row of a sweep (see the module docstring)."""
+    c = _configure(config, setting)
+    seq = c.data.seq_len
+    batch = c.train.global_batch_size
+    row: dict[str, Any] = {
+        "setting": f"{'x'.join(map(str, setting.mesh))} {setting.rules} remat={setting.remat} batch={batch}",
+        "mesh": dict(zip(("data", "fsdp", "tensor"), setting.mesh, strict=True)), "rules": setting.rules,
+        "remat": setting.remat, "global_batch_size": batch}
+    device = devices[0]
+    chip = chip_for(device.device_kind)
+    row.update(device_kind=device.device_kind, devices=len(devices),
+               hbm_bytes=chip.hbm_bytes if chip and device.platform == "tpu" else None)
+    try:
+        training = setup_training(c, devices)
+        state = training.abstract_state()
+        tokens = jax.ShapeDtypeStruct((batch, seq + 1), np.int32,
+                                      sharding=batch_sharding(training.mesh))
+        start = time.perf_counter()
+        compiled, text = partitioned_text(training.train_step.lower(state, {"tokens": tokens}))
+        row["compile_s"] = time.perf_counter() - start
+    except Exception as e:  # noqa: BLE001 (a setting that cannot work is a row, and the sweep goes on)
+        row.update(fits=False if "RESOURCE_EXHAUSTED" in str(e) else None, error=_first_line(e))
+        return row
+    memory = compiled.memory_analysis()
+    used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
+        - memory.alias_size_in_bytes
+    row.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+               temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
+               fits=None if row["hbm_bytes"] is None else used <= row["hbm_bytes"])
+    n = len(devices)
+    model_flops = flops_per_token(training.model_config, seq) * batch * seq / n
+    xla_flops = compiled_flops(compiled)
+    row.update(model_flops_per_device=model_flops, xla_flops_per_device=xla_flops,
+               collectives=collectives(text))
+    row.update(_estimate(row, c, device, chip))
+    if measure_steps:  # real devices only: compile-only ones cannot run
+        row.update(_measure(training, compiled, c, measure_steps, model_flops, row["peak_flops"]))
+    return row
+
+
+def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[str, Any]:
+    """The roofline step time: compute at the peak plus collectives over the links, not overlapped."""
+    peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
+    compute_s = (row["xla_flops_per_device"] or row["model_flops_per_device"]) / peak
+    link = chip.interconnect if chip else None
+    moved = sum(_LINK_FACTOR[k] * row["collectives"][k]["bytes"] for k in COLLECTIVES)
+    comm_s = moved / link if link else None
+    step_s = compute_s + (comm_s or 0.0)
+    return {"peak_flops": peak, "peak_source": source, "interconnect": link, "compute_s": compute_s,
+            "collective_s": comm_s, "estimated_step_s": step_s,
+            "predicted_mfu": row["model_flops_per_device"] / (peak * step_s)}
+
+
+def _measure(training: Any, compiled: Any, config: Any, steps: int, model_flops: float,
+             peak: float) -> dict[str, Any]:
+    """Median step time of the compiled step on real devices, synthetic batches, after one warm-up."""
+    state = training.init_state()
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size,
+                                        config.data.seq_len, training.model_config.vocab_size), training.mesh)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return {"measured_step_s": step_s, "measured_mfu": model_flops / (peak * step_s)}
+
+
+def sweep(config: Any, all_settings: list[Setting], devices: list[Any], measure_steps: int = 0,
+          log: Any = None) -> list[dict[str, Any]]:
+    rows = []
+    for s in all_settings:
+        rows.append(run_setting(config, s, devices, measure_steps))
+        if log:
+            log(format_row(rows[-1]))
+    return rows
+
+
+def _size(b: float | None) -> str:
+    if b is None:
+        return ""
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def format_row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['setting']}: {'does not fit' if r.get('fits') is False else 'failed'}: {r['error']}"
+    sent = sum(v["bytes"] for v in r["collectives"].values())
+    measured = f", measured {1e3 * r['measured_step_s']:.1f} ms" if "measured_step_s" in r else ""
+    return (f"{r['setting']}: {_size(r['total_bytes'])}/device"
+            f"{'' if r['fits'] is None else (' fits' if r['fits'] else ' DOES NOT FIT')}, "
+            f"collectives {sent / 1e9:.3f} GB/step, estimated {1e3 * r['estimated_step_s']:.1f} ms"
+            f"{measured}, predicted MFU {100 * r['predicted_mfu']:.1f}%, compile {r['compile_s']:.1f} s")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A table of the rows: memory per device, fit, collective GB per step, estimated (and measured)
+    step time, predicted MFU."""
+    head = ("| setting | per device (args + out + temp) | HBM | fits | all-gather / reduce-scatter / all-reduce "
+            "GB per step | est. step ms | measured ms | predicted MFU |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            fit = "no" if r.get("fits") is False else "failed"
+            lines.append(f"| {r['setting']} | | {_size(r.get('hbm_bytes'))} | {fit}: {r['error'][:120]} | | | | |")
+            continue
+        col = r["collectives"]
+        gb = " / ".join(f"{col[k]['bytes'] / 1e9:.3f}" for k in ("all-gather", "reduce-scatter", "all-reduce"))
+        fit = "" if r["fits"] is None else ("yes" if r["fits"] else "no")
+        measured = f"{1e3 * r['measured_step_s']:.1f}" if "measured_step_s" in r else ""
+        parts = " + ".join(_size(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes"))
+        lines.append(f"| {r['setting']} | {_size(r['total_bytes'])} ({parts}) | {_size(r['hbm_bytes'])} | {fit} | "
+                     f"{gb} | {1e3 * r['estimated_step_s']:.1f} | {measured} | {100 * r['predicted_mfu']:.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], out: Any) -> list[Any]:
+    """memory.png (memory per device by setting, the HBM line) and step_time.png (estimated and
+    measured step time by setting) in the folder `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        return []
+    labels = [r["setting"] for r in done]
+    x = np.arange(len(done))
+    files = []
+    fig, ax = plt.subplots(figsize=(max(6, len(done) * 1.2), 4), dpi=110)
+    bottom = np.zeros(len(done))
+    for key, name in (("argument_bytes", "arguments"), ("output_bytes", "outputs"), ("temp_bytes", "temporaries")):
+        values = np.array([r[key] / 2**30 for r in done])
+        ax.bar(x, values, bottom=bottom, label=name)
+        bottom += values
+    hbm = [r["hbm_bytes"] for r in done if r["hbm_bytes"]]
+    if hbm:
+        ax.axhline(hbm[0] / 2**30, color="red", linestyle="--", label="HBM per chip")
+    ax.set_ylabel("GiB per device")
+    files.append(_save(fig, ax, x, labels, out / "memory.png"))
+    fig, ax = plt.subplots(figsize=(max(6, len(done) * 1.2), 4), dpi=110)
+    ax.bar(x - 0.2, [1e3 * r["estimated_step_s"] for r in done], width=0.4, label="estimated")
+    if any("measured_step_s" in r for r in done):
+        ax.bar(x + 0.2, [1e3 * r.get("measured_step_s", 0.0) for r in done], width=0.4, label="measured")
+    ax.set_ylabel("ms per step")
+    files.append(_save(fig, ax, x, labels, out / "step_time.png"))
+    return files
+
+
+def _save(fig: Any, ax: Any, x: np.ndarray, labels: list[str], path: Any) -> Any:
+    import matplotlib.pyplot as plt
+
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,65 @@
+"""Compile a run config under many sharding layouts and compare memory, collectives and step time.
+
+    python scripts/shard_sweep.py --config configs/smoke.py --host_devices 8 \
+        --layouts 8,1,1:1,8,1:2,2,2 --steps 3 --out runs/sweep-cpu          # local devices, measured too
+    python scripts/shard_sweep.py --config configs/llama_1b.py --topology v5e-16 \
+        --layouts 16,1,1:1,16,1:2,4,2 --remat none,full --batch 16,32 --out runs/sweep-v5e16
+    python scripts/shard_sweep.py --topology list                          # the chip table
+
+--topology compiles for a TPU slice's compile-only devices (needs pip install -e ".[aot]"); without
+it the local devices are used and each setting also runs --steps steps. Writes OUT/results.jsonl,
+OUT/results.md and OUT/memory.png, OUT/step_time.png.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lightjax.cli import simulate_host_devices
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "Run config file.", lock_config=False)
+_LAYOUTS = flags.DEFINE_string("layouts", "", "Mesh shapes 'data,fsdp,tensor' separated by ':'.")
+_RULES = flags.DEFINE_string("rules", "default", "Rule sets (sharding.RULE_SETS), comma-separated.")
+_REMAT = flags.DEFINE_string("remat", "none", "Remat policies, comma-separated.")
+_BATCH = flags.DEFINE_string("batch", "", "Global batch sizes, comma-separated (default: the config's).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice (v5e-16, v5p-8, v5e:4x4) or 'list'.")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Measured steps per setting on local devices (0: compile only).")
+_OUT = flags.DEFINE_string("out", "runs/sweep", "Output folder (any etils.epath path).")
+
+
+def main(argv):
+    del argv
+    from lightjax.hardware import topology_table, tpu_topology
+
+    if _TOPOLOGY.value == "list":
+        print(topology_table())
+        return
+    simulate_host_devices(_HOST_DEVICES.value)
+    import jax
+    from etils import epath
+
+    from lightjax.sweep import markdown, plot, settings, sweep
+
+    try:
+        all_settings = settings(_LAYOUTS.value, _RULES.value, _REMAT.value, _BATCH.value)
+        devices = tpu_topology(_TOPOLOGY.value).devices() if _TOPOLOGY.value else jax.devices()
+    except ValueError as e:
+        sys.exit(f"shard_sweep: {e}")
+    out = epath.Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 0 if _TOPOLOGY.value else _STEPS.value
+    print(f"{len(all_settings)} settings on {len(devices)} x {devices[0].device_kind}", flush=True)
+    rows = sweep(_CONFIG.value, all_settings, devices, steps, log=lambda line: print(line, flush=True))
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "results.md").write_text(markdown(rows) + "\n")
+    plot(rows, out)
+    print(f"Wrote {out}/results.jsonl, results.md, memory.png, step_time.png.")
+
+
+if __name__ == "__main__":
+    from lightjax.cli import one_line_flags_parser
+
+    app.run(main, flags_parser=one_line_flags_parser("shard_sweep"))

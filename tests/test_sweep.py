@@ -1,0 +1,63 @@
+"""Sharding sweeps: rows of memory, collectives, estimated and measured step time per layout; a layout
+that cannot work is a row with its reason and the sweep goes on."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+from etils import epath
+
+from lightjax.sweep import markdown, plot, settings, sweep
+from tests.helpers import ROOT, SHAKESPEARE, tiny_run_config
+from tests.test_hardware import _require_libtpu
+
+
+def test_settings_are_every_combination():
+    got = settings("8,1,1:1,8,1", "default,replicated", "none", "8,16")
+    assert len(got) == 8 and got[0].mesh == (8, 1, 1) and {s.batch for s in got} == {8, 16}
+    with pytest.raises(ValueError, match=r"--layouts='8,1': give 'data,fsdp,tensor' settings"):
+        settings("8,1")
+
+
+def test_sweep_on_local_devices_measures_beside_the_estimate(tmp_path):
+    rows = sweep(tiny_run_config(), settings("8,1,1:1,8,1:1,1,8:3,1,1"), jax.devices(), measure_steps=1)
+    good, bad = rows[:3], rows[3]
+    for r in good:
+        assert r["total_bytes"] > 0 and r["estimated_step_s"] > 0 and r["measured_step_s"] > 0
+        assert r["xla_flops_per_device"] > 0 and 0 < r["predicted_mfu"] <= 1.5
+    assert good[0]["collectives"]["all-reduce"]["bytes"] > 0 and good[1]["collectives"]["all-gather"]["bytes"] > 0
+    assert "has 3 positions but jax.device_count() is 8" in bad["error"]
+    table = markdown(rows)
+    assert table.count("\n") == 5 and "failed: config.mesh" in table
+    assert {p.name for p in plot(rows, epath.Path(tmp_path))} == {"memory.png", "step_time.png"}
+
+
+def test_a_layout_over_the_chips_memory_does_not_fit_and_the_sweep_goes_on():
+    from lightjax.hardware import tpu_topology
+
+    _require_libtpu()
+    c = tiny_run_config(scan_layers=True)
+    c.model.vocab_size = 32000  # logits of 65,536 sequences: far over a v5e chip's 16 GB
+    rows = sweep(c, settings("1,4,1", batches="65536,8"), tpu_topology("v5e:2x2").devices())
+    assert rows[0]["fits"] is False and "RESOURCE_EXHAUSTED" in rows[0]["error"] and "exceeds" in rows[0]["error"]
+    assert rows[1]["fits"] is True and rows[1]["hbm_bytes"] == 16e9 and "measured_step_s" not in rows[1]
+
+
+def test_shard_sweep_script(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    listed = subprocess.run([sys.executable, "scripts/shard_sweep.py", "--topology=list"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "https://cloud.google.com/tpu/docs/v5e" in listed.stdout
+    out = subprocess.run([sys.executable, "scripts/shard_sweep.py", "--config=configs/smoke.py", "--host_devices=8",
+                          "--layouts=2,2,2", "--steps=1", f"--out={tmp_path}",
+                          f"--config.data.local_path={SHAKESPEARE}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["mesh"] for r in rows] == [{"data": 2, "fsdp": 2, "tensor": 2}] and rows[0]["measured_step_s"] > 0
+    assert (tmp_path / "results.md").exists() and (tmp_path / "memory.png").exists()
+    bad = subprocess.run([sys.executable, "scripts/shard_sweep.py", "--layouts=8,1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("shard_sweep: --layouts='8,1'")
