@@ -42,14 +42,14 @@ _LINK_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "al
 @dataclasses.dataclass(frozen=True)
 class Setting:
     mesh: tuple[int, int, int]  # data, fsdp, tensor
-    rules: str
-    remat: str
+    rules: str  # "": the config's
+    remat: str  # "": the config's
     batch: int  # 0: the config's global batch size
 
 
-def settings(layouts: str, rules: str = "default", remat: str = "none", batches: str = "") -> list[Setting]:
+def settings(layouts: str, rules: str = "", remat: str = "", batches: str = "") -> list[Setting]:
     """Every combination of 'data,fsdp,tensor' layouts separated by ':', and comma-separated rule sets,
-    remat policies and global batch sizes ('' batches: the config's own, as 0)."""
+    remat policies and global batch sizes (each left empty: the config's own)."""
     try:
         meshes = [tuple(int(x) for x in layout.split(",")) for layout in layouts.split(":") if layout]
         sizes = [int(b) for b in batches.split(",") if b] or [0]
@@ -66,7 +66,8 @@ def _configure(config: Any, setting: Setting) -> Any:
     c = copy.deepcopy(config)
     with c.unlocked():
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = setting.mesh
-        c.mesh.rules, c.train.remat = setting.rules, setting.remat
+        c.mesh.rules = setting.rules or c.mesh.rules
+        c.train.remat = setting.remat or c.train.remat
         if setting.batch:
             c.train.global_batch_size = setting.batch
     return c
@@ -84,11 +85,11 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     """One row of a sweep (see the module docstring)."""
     c = _configure(config, setting)
     seq = c.data.seq_len
-    batch = c.train.global_batch_size
+    batch, rules, remat = c.train.global_batch_size, c.mesh.rules, c.train.remat
     row: dict[str, Any] = {
-        "setting": f"{'x'.join(map(str, setting.mesh))} {setting.rules} remat={setting.remat} batch={batch}",
-        "mesh": dict(zip(("data", "fsdp", "tensor"), setting.mesh, strict=True)), "rules": setting.rules,
-        "remat": setting.remat, "global_batch_size": batch}
+        "setting": f"{'x'.join(map(str, setting.mesh))} {rules} remat={remat} batch={batch}",
+        "mesh": dict(zip(("data", "fsdp", "tensor"), setting.mesh, strict=True)), "rules": rules,
+        "remat": remat, "global_batch_size": batch}
     device = devices[0]
     chip = chip_for(device.device_kind)
     row.update(device_kind=device.device_kind, devices=len(devices),

@@ -21,8 +21,8 @@ from lightjax.cli import simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "Run config file.", lock_config=False)
 _LAYOUTS = flags.DEFINE_string("layouts", "", "Mesh shapes 'data,fsdp,tensor' separated by ':'.")
-_RULES = flags.DEFINE_string("rules", "default", "Rule sets (sharding.RULE_SETS), comma-separated.")
-_REMAT = flags.DEFINE_string("remat", "none", "Remat policies, comma-separated.")
+_RULES = flags.DEFINE_string("rules", "", "Rule sets (sharding.RULE_SETS), comma-separated (default: the config's).")
+_REMAT = flags.DEFINE_string("remat", "", "Remat policies, comma-separated (default: the config's).")
 _BATCH = flags.DEFINE_string("batch", "", "Global batch sizes, comma-separated (default: the config's).")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice (v5e-16, v5p-8, v5e:4x4) or 'list'.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
