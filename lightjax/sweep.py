@@ -8,9 +8,9 @@ TPU slice's compile-only devices from `hardware.tpu_topology`), and one row reco
   HBM; a setting the compiler refuses for lack of memory is a row that does not fit, with its message;
 - model FLOPs and XLA's FLOPs per device (loop-corrected, hlo.compiled_flops);
 - collectives per step by kind, count and bytes (hlo.collectives, from the partitioned program);
-- an estimated step time from a stated roofline: XLA's FLOPs at the chip's bf16 peak, plus each
-  collective's bytes over the chip's interconnect (all-reduce twice: reduce-scatter then all-gather),
-  no overlap; and the MFU that time predicts;
+- an estimated step time from a stated roofline: XLA's FLOPs (at least the model's) at the chip's bf16
+  peak, plus each collective's bytes over the chip's interconnect (all-reduce twice: reduce-scatter
+  then all-gather), no overlap; and the MFU that time predicts;
 - on local devices, the measured step time and MFU beside the estimate.
 
 A setting that fails validation or compilation is a row with its reason; the sweep goes on.
@@ -125,7 +125,8 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
 def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[str, Any]:
     """The roofline step time: compute at the peak plus collectives over the links, not overlapped."""
     peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
-    compute_s = (row["xla_flops_per_device"] or row["model_flops_per_device"]) / peak
+    # The model's own FLOPs are a floor: XLA's count can fall short where hlo.py misses a matmul form.
+    compute_s = max(row["xla_flops_per_device"] or 0.0, row["model_flops_per_device"]) / peak
     link = chip.interconnect if chip else None
     moved = sum(_LINK_FACTOR[k] * row["collectives"][k]["bytes"] for k in COLLECTIVES)
     comm_s = moved / link if link else None
