@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -82,6 +83,9 @@ class TpuTopology:
 
     def devices(self) -> list[Any]:
         """Compile-only devices of this slice (one per chip), from libtpu."""
+        # libtpu locks the machine's TPU for one process; compiling for absent chips needs no lock, and
+        # without this two sweeps (or two test workers) on one machine would refuse each other.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             from jax.experimental import topologies
 

@@ -82,14 +82,15 @@ def _conv_flops(result: list[int], lhs: list[int], rhs: list[int], rest: str) ->
 
 def _trip_count(comps: dict[str, list[str]], rest: str) -> int:
     """A while loop's iterations: XLA's `known_trip_count` where it records one (CPU, GPU), else the
-    bound in its condition `i < N` (TPU programs), 1 when neither is found."""
+    bound in its condition `i < N` (TPU programs; the partitioner's windowed-einsum loops count in
+    u32), 1 when neither is found."""
     known = _TRIP.search(rest)
     if known:
         return int(known.group(1))
     condition = re.search(r"condition=%([\w.\-]+)", rest)
     lines = comps.get(condition.group(1), []) if condition else []
     bounds = [int(m.group(1)) for line in lines
-              for m in [re.search(r"s32\[\](?:\{[^}]*\})? constant\((\d+)\)", line)] if m]
+              for m in [re.search(r"[su](?:32|64)\[\](?:\{[^}]*\})? constant\((\d+)\)", line)] if m]
     is_less_than = any("direction=LT" in line for line in lines)
     return bounds[0] if len(bounds) == 1 and is_less_than else 1
 

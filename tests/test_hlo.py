@@ -66,6 +66,8 @@ def test_loop_matmuls_are_counted_per_iteration():
     matmul = 2 * 4 * 16 * 8
     assert loop_corrected_flops(CPU_LOOP, 1000.0) == 1000.0 + 2 * matmul  # 3 iterations, XLA counted 1
     assert loop_corrected_flops(TPU_LOOP, 1000.0) == 1000.0 + 4 * matmul  # 5 iterations
+    unsigned = TPU_LOOP.replace("s32[]{:T(128)} constant(5)", "u32[] constant(5)")  # a windowed-einsum loop
+    assert loop_corrected_flops(unsigned, 1000.0) == 1000.0 + 4 * matmul
     no_loop = CPU_LOOP.replace('backend_config={"known_trip_count":{"n":"3"}}', "backend_config={}")
     assert loop_corrected_flops(no_loop, 1000.0) == 1000.0  # unknown trip count: left as XLA counted it
 
