@@ -14,19 +14,20 @@ import jax
 from etils import epath
 
 from lightjax.checkpoint import restore_params
-from lightjax.data.pipeline import count_tokens, eval_batches, token_stream
+from lightjax.data.pipeline import eval_batches, token_stream
 from lightjax.data.sources import load_split
-from lightjax.data.tokenizers import Tokenizer, load_tokenizer
+from lightjax.data.tokenizers import load_tokenizer
 from lightjax.metrics import append_row
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
 
 
-def text_units(docs: Any, tokenizer: Tokenizer) -> dict[str, float]:
-    """Tokens per character and per UTF-8 byte of a split, to turn nats per token into bits per unit."""
-    counts = count_tokens(docs, tokenizer)
+def text_units(docs: Any, num_tokens: int) -> dict[str, float]:
+    """Tokens per character and per UTF-8 byte of a split of `num_tokens` tokens, to turn nats per token
+    into bits per unit."""
+    chars = sum(len(docs[i]) for i in range(len(docs)))
     nbytes = sum(len(docs[i].encode("utf-8")) for i in range(len(docs)))
-    return {"tokens_per_char": counts["tokens_per_char"], "tokens_per_byte": counts["tokens"] / max(nbytes, 1)}
+    return {"tokens_per_char": num_tokens / max(chars, 1), "tokens_per_byte": num_tokens / max(nbytes, 1)}
 
 
 def evaluate(training: Training, params: Any, tokens: Any, config: Any, tokens_per_char: float,
@@ -60,8 +61,9 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
     params = jax.device_put(params, training.shardings.params)
     tokenizer = load_tokenizer(workdir / "tokenizer")
     docs = load_split(config.data, split)
-    units = text_units(docs, tokenizer)
-    ev = evaluate(training, params, token_stream(docs, tokenizer), config, units["tokens_per_char"], max_batches)
+    tokens = token_stream(docs, tokenizer)  # tokenized once, for the units and the batches
+    units = text_units(docs, len(tokens))
+    ev = evaluate(training, params, tokens, config, units["tokens_per_char"], max_batches)
     row = {"step": step, "split": split, "eval_loss": ev["val_loss"], "eval_ppl": ev["val_ppl"],
            "eval_bpc": ev["val_bpc"], "eval_bpb": ev["val_loss"] / math.log(2) * units["tokens_per_byte"],
            "eval_tokens": int(ev["val_tokens"])}

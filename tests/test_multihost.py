@@ -176,11 +176,15 @@ def test_sigterm_to_the_job_saves_once_and_exits_zero(tmp_path):
 
 
 def test_launcher_stops_the_others_when_one_fails():
-    child = ("import sys, time; i = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1]); "
-             "print('started', i, flush=True); time.sleep(1 if i == 1 else 600); sys.exit(3)")
+    child = ("import os, sys, time; i = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1]); "
+             "print('started', i, os.getpid(), flush=True); time.sleep(1 if i == 1 else 600); sys.exit(3)")
     start = time.time()
     out = subprocess.run([sys.executable, "scripts/launch.py", "--processes=3", "--devices_per_process=0", "--",
                           "-c", child], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 3 and time.time() - start < 60
-    assert {"[0] started 0", "[1] started 1", "[2] started 2"} <= set(out.stdout.splitlines())
+    started = [line.split() for line in out.stdout.splitlines() if " started " in line]
+    assert sorted(f"{w[0]} {w[2]}" for w in started) == ["[0] 0", "[1] 1", "[2] 2"]
     assert out.stderr.strip().splitlines()[-1] == "launch: process 1 exited with status 3; stopped the other processes."
+    for words in started:  # the sleeping processes are gone, not left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(words[3]), 0)
