@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -111,12 +112,22 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     """The (data, fsdp, tensor) mesh over all devices (or `devices`), with Auto axis types.
 
     Auto, not JAX's new default Explicit: Flax linen's logical partitioning breaks under Explicit axes.
-    `jax.make_mesh` orders the devices for the physical topology (TPU ICI rings, NVLink islands).
+    `jax.make_mesh` orders the devices for the physical topology (TPU ICI rings, NVLink islands). It
+    refuses a mesh axis that is not a product of whole physical axes (8 on a 4x4 v6e slice) except on
+    v5e; such a layout is still valid, with one axis spanning parts of two rings, so it is built with
+    the physical axes split rather than refused.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except (ValueError, NotImplementedError) as e:
+        if "physical mesh" not in str(e):
+            raise
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:

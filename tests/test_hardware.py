@@ -39,6 +39,17 @@ def test_compile_only_devices_of_a_slice():
     assert len(tpu_topology("v4:2x2x1").devices()) == 4  # one device per chip (megacore)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 1), (1, 8, 2), (4, 4, 1)])
+def test_a_mesh_axis_may_span_parts_of_two_rings(shape):
+    """On a 4x4 v6e slice an axis of 8 is half the chips; jax.make_mesh refuses it outside v5e."""
+    from lightjax.sharding import make_mesh
+
+    _require_libtpu()
+    devices = tpu_topology("v6e:4x4").devices()
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), devices)
+    assert mesh.devices.shape == shape and sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
 def _require_libtpu():
     try:
         import libtpu  # noqa: F401
