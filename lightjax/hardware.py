@@ -12,10 +12,13 @@ laptop and its memory and collectives read off before renting one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 GiB = 2**30
@@ -89,14 +92,31 @@ class TpuTopology:
         try:
             from jax.experimental import topologies
 
-            desc = topologies.get_topology_desc(
-                platform="tpu", topology_name=self.name,
-                chip_config_name="megacore" if _GENERATIONS[self.generation][1] == 2 else "default",
-                chips_per_host_bounds=(2, 2, 1), wrap=(False,) * 3, num_slices=1)
+            with _quiet_stderr():
+                desc = topologies.get_topology_desc(
+                    platform="tpu", topology_name=self.name,
+                    chip_config_name="megacore" if _GENERATIONS[self.generation][1] == 2 else "default",
+                    chips_per_host_bounds=(2, 2, 1), wrap=(False,) * 3, num_slices=1)
         except Exception as e:  # noqa: BLE001 (libtpu missing, or a grid it refuses)
             raise ValueError(f"--topology={self.name}: no TPU compiler to describe it ({str(e).splitlines()[0][:150]}"
                              "); install it with pip install -e \".[aot]\".") from None
         return list(desc.devices)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's stderr (file descriptor 2) for a while: on a machine without a TPU, libtpu
+    logs that it cannot find the absent TPU VM's metadata (hostnames, accelerator type), which is
+    expected when compiling for absent chips. Errors still arrive as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tpu_topology(name: str) -> TpuTopology:

@@ -169,14 +169,18 @@ def _size(b: float | None) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}" if seconds >= 1e-3 else f"{1e3 * seconds:.3g}"
+
+
 def format_row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['setting']}: {'does not fit' if r.get('fits') is False else 'failed'}: {r['error']}"
     sent = sum(v["bytes"] for v in r["collectives"].values())
-    measured = f", measured {1e3 * r['measured_step_s']:.1f} ms" if "measured_step_s" in r else ""
+    measured = f", measured {_ms(r['measured_step_s'])} ms" if "measured_step_s" in r else ""
     return (f"{r['setting']}: {_size(r['total_bytes'])}/device"
             f"{'' if r['fits'] is None else (' fits' if r['fits'] else ' DOES NOT FIT')}, "
-            f"collectives {sent / 1e9:.3f} GB/step, estimated {1e3 * r['estimated_step_s']:.1f} ms"
+            f"collectives {sent / 1e9:.3f} GB/step, estimated {_ms(r['estimated_step_s'])} ms"
             f"{measured}, predicted MFU {100 * r['predicted_mfu']:.1f}%, compile {r['compile_s']:.1f} s")
 
 
@@ -194,10 +198,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         col = r["collectives"]
         gb = " / ".join(f"{col[k]['bytes'] / 1e9:.3f}" for k in ("all-gather", "reduce-scatter", "all-reduce"))
         fit = "" if r["fits"] is None else ("yes" if r["fits"] else "no")
-        measured = f"{1e3 * r['measured_step_s']:.1f}" if "measured_step_s" in r else ""
+        measured = _ms(r["measured_step_s"]) if "measured_step_s" in r else ""
         parts = " + ".join(_size(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes"))
         lines.append(f"| {r['setting']} | {_size(r['total_bytes'])} ({parts}) | {_size(r['hbm_bytes'])} | {fit} | "
-                     f"{gb} | {1e3 * r['estimated_step_s']:.1f} | {measured} | {100 * r['predicted_mfu']:.1f}% |")
+                     f"{gb} | {_ms(r['estimated_step_s'])} | {measured} | {100 * r['predicted_mfu']:.1f}% |")
     return "\n".join(lines)
 
 
