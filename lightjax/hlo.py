@@ -80,19 +80,69 @@ def _conv_flops(result: list[int], lhs: list[int], rhs: list[int], rest: str) ->
     return 2.0 * macs / (int(groups.group(1)) if groups else 1)
 
 
-def _trip_count(comps: dict[str, list[str]], rest: str) -> int:
-    """A while loop's iterations: XLA's `known_trip_count` where it records one (CPU, GPU), else the
-    bound in its condition `i < N` (TPU programs; the partitioner's windowed-einsum loops count in
-    u32), 1 when neither is found."""
+def _definitions(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """{instruction name: (op, the rest of its line)} of one computation."""
+    return {m.group(1): (m.group(3), m.group(4)) for line in lines for m in [_INSTRUCTION.match(line)] if m}
+
+
+def _constant(defs: dict[str, tuple[str, str]], name: str) -> int | None:
+    op, rest = defs.get(name, ("", ""))
+    m = re.match(r"(-?\d+)\)", rest) if op == "constant" else None
+    return int(m.group(1)) if m else None
+
+
+def _tuple_operand(defs: dict[str, tuple[str, str]], name: str, index: int) -> str | None:
+    op, rest = defs.get(name, ("", ""))
+    names = re.findall(r"%([^,\s)]+)", rest.split(")")[0]) if op == "tuple" else []
+    return names[index] if index < len(names) else None
+
+
+def _step(defs: dict[str, tuple[str, str]], update: str) -> int:
+    """What a loop body adds to its counter: the constants along the chain of adds that computes the
+    counter's next value (`i + 1 + 1` where XLA runs two windowed-einsum steps an iteration); 1 if the
+    chain has another form."""
+    step = 0
+    op, args = defs.get(update, ("", ""))
+    while op == "add":
+        a, b = (re.findall(r"%([^,\s)]+)", args.split(")")[0]) + ["", ""])[:2]
+        constant, other = (_constant(defs, b), a) if _constant(defs, b) is not None else (_constant(defs, a), b)
+        if constant is None:
+            return 1
+        step += constant
+        op, args = defs.get(other, ("", ""))
+    return step if op == "get-tuple-element" and step > 0 else 1
+
+
+def _trip_count(comps: dict[str, list[str]], rest: str, caller: list[str] | None = None) -> int:
+    """A while loop's iterations: XLA's `known_trip_count` where it records one (CPU, GPU), else from
+    its condition `i < N`, the step the body adds to i (the partitioner's windowed-einsum loops run two
+    chunks an iteration, stepping by 2) and i's starting constant in the caller (0 if not found);
+    1 when the condition is not of that form."""
     known = _TRIP.search(rest)
     if known:
         return int(known.group(1))
-    condition = re.search(r"condition=%([\w.\-]+)", rest)
-    lines = comps.get(condition.group(1), []) if condition else []
-    bounds = [int(m.group(1)) for line in lines
-              for m in [re.search(r"[su](?:32|64)\[\](?:\{[^}]*\})? constant\((\d+)\)", line)] if m]
-    is_less_than = any("direction=LT" in line for line in lines)
-    return bounds[0] if len(bounds) == 1 and is_less_than else 1
+    condition, body = re.search(r"condition=%([\w.\-]+)", rest), re.search(r"body=%([\w.\-]+)", rest)
+    cond = _definitions(comps.get(condition.group(1), []) if condition else [])
+    compare = [r for op, r in cond.values() if op == "compare" and "direction=LT" in r]
+    operands = re.findall(r"%([^,\s)]+)", compare[0].split(")")[0]) if len(compare) == 1 else []
+    if len(operands) != 2 or _constant(cond, operands[1]) is None:
+        return 1
+    bound = _constant(cond, operands[1])
+    index = re.search(r"index=(\d+)", cond.get(operands[0], ("", ""))[1])
+    if not index:  # a counter in another form: counted from 0 by 1
+        return bound
+    k = int(index.group(1))
+    lines = comps.get(body.group(1), []) if body else []
+    defs = _definitions(lines)
+    root = next((m.group(1) for line in lines if line.lstrip().startswith("ROOT")
+                 for m in [_INSTRUCTION.match(line)] if m), "")
+    step = _step(defs, _tuple_operand(defs, root, k) or "")
+    init = 0
+    if caller is not None:
+        start = re.match(r"\s*%([^,\s)]+)", rest)
+        first = _tuple_operand(_definitions(caller), start.group(1), k) if start else None
+        init = _constant(_definitions(caller), first or "") or 0
+    return max(0, -(-(bound - init) // step))
 
 
 def _walk(comps: dict[str, list[str]], name: str, times: int, extra: list[float], seen: set) -> None:
@@ -113,7 +163,7 @@ def _walk(comps: dict[str, list[str]], name: str, times: int, extra: list[float]
             if lhs is not None and rhs is not None and result is not None:
                 flops = _dot_flops(result, lhs, rest) if op == "dot" else _conv_flops(result, lhs, rhs, rest)
                 extra[0] += (times - 1) * flops
-        trip = _trip_count(comps, rest) if op == "while" else 1
+        trip = _trip_count(comps, rest, comps[name]) if op == "while" else 1
         callees = _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest) for c in g.split(",")]
         for callee in callees:
             inner = times * trip if re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest) else times
@@ -189,7 +239,7 @@ def collectives(text: str) -> dict[str, dict[str, float]]:
                     kind = "reduce-scatter"
                 totals[kind]["count"] += times
                 totals[kind]["bytes"] += times * nbytes
-            trip = _trip_count(comps, rest) if op == "while" else 1
+            trip = _trip_count(comps, rest, comps[name]) if op == "while" else 1
             for callee in _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest)
                                                  for c in g.split(",")]:
                 body = re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest)

@@ -38,25 +38,33 @@ ENTRY %main (x: (s32[], f32[4,8], f32[8,16])) -> (s32[], f32[4,8], f32[8,16]) {
 }
 """
 
-# A TPU-style loop: no recorded trip count, the bound in the condition; a matmul as a convolution.
+# A TPU-style loop: no recorded trip count, `i < 5` in the condition, i counted from 0 by 1 (the body's
+# `i + 1`); a matmul as a convolution.
 TPU_LOOP = """HloModule m
 
 %body (p: (s32[], bf16[4,8], bf16[8,16])) -> (s32[], bf16[4,8], bf16[8,16]) {
   %p = (s32[]{:T(128)}, bf16[4,8]{1,0:T(8,128)}, bf16[8,16]{1,0:T(8,128)}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %one = s32[]{:T(128)} constant(1)
+  %next = s32[]{:T(128)} add(%i, %one)
   %a = bf16[4,8]{1,0:T(8,128)} get-tuple-element(%p), index=1
   %b = bf16[8,16]{1,0:T(8,128)} get-tuple-element(%p), index=2
   %convolution.1 = f32[4,16]{1,0:T(8,128)} convolution(%a, %b), dim_labels=bf_io->bf
-  ROOT %t = (s32[]{:T(128)}, bf16[4,8]{1,0:T(8,128)}, bf16[8,16]{1,0:T(8,128)}) tuple(%i, %a, %b)
+  ROOT %t = (s32[]{:T(128)}, bf16[4,8]{1,0:T(8,128)}, bf16[8,16]{1,0:T(8,128)}) tuple(%next, %a, %b)
 }
 
 %cond (p: (s32[], bf16[4,8], bf16[8,16])) -> pred[] {
   %constant.7 = s32[]{:T(128)} constant(5)
   %p = (s32[]{:T(128)}, bf16[4,8]{1,0:T(8,128)}, bf16[8,16]{1,0:T(8,128)}) parameter(0)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
   ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.7), direction=LT
 }
 
-ENTRY %main (x: (s32[], bf16[4,8], bf16[8,16])) -> (s32[], bf16[4,8], bf16[8,16]) {
-  %x = (s32[]{:T(128)}, bf16[4,8]{1,0:T(8,128)}, bf16[8,16]{1,0:T(8,128)}) parameter(0)
+ENTRY %main (a: bf16[4,8], b: bf16[8,16]) -> (s32[], bf16[4,8], bf16[8,16]) {
+  %a = bf16[4,8]{1,0:T(8,128)} parameter(0)
+  %b = bf16[8,16]{1,0:T(8,128)} parameter(1)
+  %zero = s32[]{:T(128)} constant(0)
+  %x = (s32[]{:T(128)}, bf16[4,8]{1,0:T(8,128)}, bf16[8,16]{1,0:T(8,128)}) tuple(%zero, %a, %b)
   ROOT %while = (s32[]{:T(128)}, bf16[4,8]{1,0}, bf16[8,16]{1,0}) while(%x), condition=%cond, body=%body
 }
 """
@@ -68,6 +76,12 @@ def test_loop_matmuls_are_counted_per_iteration():
     assert loop_corrected_flops(TPU_LOOP, 1000.0) == 1000.0 + 4 * matmul  # 5 iterations
     unsigned = TPU_LOOP.replace("s32[]{:T(128)} constant(5)", "u32[] constant(5)")  # a windowed-einsum loop
     assert loop_corrected_flops(unsigned, 1000.0) == 1000.0 + 4 * matmul
+    # The partitioner's windowed-einsum loops run two steps an iteration: i + 1 + 1 < 8 is 4 iterations.
+    two_steps = TPU_LOOP.replace("constant(5)", "constant(8)").replace(
+        "%next = s32[]{:T(128)} add(%i, %one)", "%half = s32[] add(%i, %one)\n  %next = s32[] add(%half, %one)")
+    assert loop_corrected_flops(two_steps, 1000.0) == 1000.0 + 3 * matmul
+    from_two = TPU_LOOP.replace("%zero = s32[]{:T(128)} constant(0)", "%zero = s32[]{:T(128)} constant(2)")
+    assert loop_corrected_flops(from_two, 1000.0) == 1000.0 + 2 * matmul  # 2, 3, 4: 3 iterations
     no_loop = CPU_LOOP.replace('backend_config={"known_trip_count":{"n":"3"}}', "backend_config={}")
     assert loop_corrected_flops(no_loop, 1000.0) == 1000.0  # unknown trip count: left as XLA counted it
 
