@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
@@ -44,6 +46,39 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _digest(x: jax.Array) -> jax.Array:
+    """A uint32 checksum of an array's bytes: the sum of each element's bits times an odd number that
+    depends on its position, modulo 2**32. Any one flipped bit changes it; it is exact integer
+    arithmetic, so it is the same whatever the mesh the array is sharded over."""
+    bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[d]
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _digests(state: Any) -> Any:
+    return jax.tree.map(_digest, state)
+
+
+def state_digests(state: Any) -> dict[str, int]:
+    """{path of each array in the state: its checksum}, saved with a checkpoint and checked on restore:
+    damaged array data that still reads (flipped bits) is caught before it trains."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(_digests(state)))[0]
+    return {_path_name(path): int(value) for path, value in leaves}
+
+
+def _path_name(path: tuple) -> str:
+    """'params/wte/embedding': the same for a TrainState and for the nested dict Orbax restores it as."""
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
@@ -58,6 +93,19 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(k for k in set(a) | set(b) if k.startswith(FROZEN_KEYS) and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def check_digests(meta: dict[str, Any], state: Any) -> None:
+    """CheckpointError unless every array of a restored state matches the digest saved with it
+    (checkpoints from before digests were saved are taken as they read)."""
+    saved = meta.get("digests")
+    if not saved:
+        return
+    got = state_digests(state)
+    damaged = [path for path, digest in saved.items() if got.get(path) != digest]
+    if damaged:
+        raise CheckpointError(f"the data of {len(damaged)} array(s) ({', '.join(damaged[:3])}) differs from what "
+                              "was saved")
 
 
 class Checkpointer:
@@ -79,7 +127,7 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float | None = None) -> None:
-        meta = {**meta, "step": step, "lightjax_version": lightjax.__version__}
+        meta = {**meta, "step": step, "lightjax_version": lightjax.__version__, "digests": state_digests(state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -96,33 +144,48 @@ class Checkpointer:
         return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """(state, meta) of checkpoint `step`, the state placed per `abstract_state`'s shardings."""
+        """(state, meta) of checkpoint `step`, the state placed per `abstract_state`'s shardings and
+        checked against the digests saved with it (CheckpointError if any array differs)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         meta = dict(restored["meta"])
         meta.setdefault("data_position", meta["step"])  # checkpoints from before the position was saved
+        check_digests(meta, restored["state"])
         return restored["state"], meta
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """The newest checkpoint that restores; a corrupted one is reported with its path and the
-        previous one tried. None when there is none."""
+    def restore_latest(self, abstract_state: Any,
+                       check_meta: Callable[[dict[str, Any]], None] | None = None) -> tuple[Any, dict[str, Any]] | None:
+        """The newest checkpoint that restores intact. One whose metadata or array data is missing,
+        unreadable or damaged is moved aside (said in one line) and the previous one tried.
+        `check_meta(meta)` may refuse a readable checkpoint (of another run's settings) by raising:
+        that is no damage, and nothing is moved. None when no checkpoint is left."""
         for step in reversed(self.steps()):
             try:
-                return self.restore(step, abstract_state)
+                meta = self.read_meta(step)
             except Exception as e:  # noqa: BLE001 (any failure to read means: fall back)
-                path = self.directory / str(step)
-                # Moved aside, not deleted: the run must be able to save this step again, and the
-                # bytes stay for whoever wants to look at them.
-                aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
-                log.warning("Checkpoint %s is unreadable (%s: %s).", path, type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "")
-                print_once(f"Checkpoint {path} is unreadable ({type(e).__name__}); moved to {aside}, falling back "
-                           "to the previous one.")
-                if is_leader():
-                    aside.parent.mkdir(parents=True, exist_ok=True)
-                    path.rename(aside)
-                self.manager.reload()
+                self._set_aside(step, e)
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(step, e)
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Move checkpoint `step` to checkpoints_unreadable/: not deleted, since the run must be able to
+        save this step again, and the bytes stay for whoever wants to look at them."""
+        path = self.directory / str(step)
+        aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        log.warning("Checkpoint %s is unreadable (%s: %s).", path, type(error).__name__, reason)
+        print_once(f"Checkpoint {path} is unreadable or damaged ({type(error).__name__}: {reason}); moved to "
+                   f"{aside}, falling back to the previous one.")
+        if is_leader():
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(aside)
+        self.manager.reload()
 
     def preempted(self, step: int) -> bool:
         """True once JAX's preemption service (multi-host TPU) says every host must save now."""
@@ -163,6 +226,7 @@ def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tu
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               ckpt.manager.item_metadata(step)["state"])
         state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        check_digests(meta, state)
     finally:
         ckpt.close()
     return ml_collections.ConfigDict(meta["config"]), state["params"], step

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from lightjax.config import ModelConfig
+from lightjax.files import write_atomic
 from lightjax.hardware import chip_for
 from lightjax.hlo import loop_corrected_flops
 from lightjax.model import abstract_params, count_params
@@ -128,10 +129,9 @@ class MetricWriters:
         self._rows: list[str] = []  # every line of the file, for object stores
         if not self.enabled:
             return
-        if self.path.exists():  # rows after the restored step were never checkpointed: drop them
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self._rows = [json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step]
-        self.path.write_text("".join(self._rows))
+        # Rows after the restored step were never checkpointed: drop them (and a line a crash cut short).
+        self._rows = [json.dumps(r) + "\n" for r in read_metrics(workdir, warn=True) if r["step"] <= resume_step]
+        write_atomic(self.path, "".join(self._rows))
         if "://" not in str(self.path):
             self._file = self.path.open("a")  # kept open for the run
         if tensorboard:
@@ -166,7 +166,7 @@ class MetricWriters:
 
     def flush(self) -> None:
         if self.enabled and self._file is None:
-            self.path.write_text("".join(self._rows))
+            write_atomic(self.path, "".join(self._rows))
 
     def close(self) -> None:
         self.flush()
@@ -176,18 +176,40 @@ class MetricWriters:
 
 
 def append_row(workdir: str | epath.PathLike, row: dict[str, Any]) -> None:
-    """One more row at the end of WORKDIR/metrics.jsonl (rewritten whole where appending is impossible)."""
+    """One more row at the end of WORKDIR/metrics.jsonl (rewritten whole where appending is impossible,
+    and where a crash left a partial last line, which is dropped)."""
     path, line = epath.Path(workdir) / "metrics.jsonl", json.dumps(row) + "\n"
-    if "://" in str(path):
-        path.write_text((path.read_text() if path.exists() else "") + line)
+    text = path.read_text() if path.exists() else ""
+    if "://" in str(path) or (text and not text.endswith("\n")):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_metrics(workdir, warn=True)) + line)
     else:
         with path.open("a") as f:
             f.write(line)
 
 
-def read_metrics(workdir: str | epath.PathLike) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | epath.PathLike, warn: bool = False) -> list[dict[str, Any]]:
+    """The rows of WORKDIR/metrics.jsonl. A last line that does not parse is what a crash during a
+    write leaves: it is dropped (and said, with `warn`). A bad line before the last is damage that
+    no crash makes: a ValueError naming the file and line."""
     path = epath.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = None
+            if i < len(lines):
+                raise ValueError(f"{path}, line {i}: not a JSON object ({line[:60]!r}); fix or remove that "
+                                 "line.") from None
+            if warn:
+                print(f"{path}: dropped a partial last line ({len(line)} characters), as a crash during a write "
+                      "leaves.", flush=True)
+        if row is not None:
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}, line {i}: a metrics row is a JSON object with an integer 'step'.")
+            rows.append(row)
+    return rows
 
 
 def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:

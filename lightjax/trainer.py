@@ -44,6 +44,7 @@ from lightjax.data.sources import load_split, prepare_source
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from lightjax.distributed import any_process, is_leader, print_once, run_once
 from lightjax.evaluate import evaluate
+from lightjax.files import WorkdirLock
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.sharding import shard_batch
 from lightjax.train_step import Training, setup_training
@@ -130,12 +131,14 @@ def _resume(config: Any, checkpointer: Checkpointer, training: Training,
         if mode != "auto":
             raise CheckpointError(f"config.checkpoint.resume={mode!r}: no complete checkpoint there.")
         return _fresh_state(config, training), {}
-    saved_config = source.read_meta(steps[-1]).get("config", {})
-    changes = config_changes(saved_config, config_dict)
-    if changes:
-        raise CheckpointError("Cannot resume: these settings differ from the checkpoint's run: "
-                              + "; ".join(changes) + ". Use a new --workdir or --config.checkpoint.resume=never.")
-    restored = source.restore_latest(training.abstract_state())
+
+    def same_run(meta: dict[str, Any]) -> None:
+        changes = config_changes(meta.get("config", {}), config_dict)
+        if changes:
+            raise CheckpointError("Cannot resume: these settings differ from the checkpoint's run: "
+                                  + "; ".join(changes) + ". Use a new --workdir or --config.checkpoint.resume=never.")
+
+    restored = source.restore_latest(training.abstract_state(), same_run)
     if restored is None:
         raise CheckpointError(f"No checkpoint under {source.directory} could be read.")
     state, meta = restored
@@ -191,8 +194,6 @@ class _Progress:
 def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Sequence[np.ndarray], Any, float]:
     """What the loop needs before the first step: the built steps, the training rows, the validation
     tokens and their tokens per character (each file prepared once, by process 0)."""
-    if is_leader():
-        workdir.mkdir(parents=True, exist_ok=True)
     training = setup_training(config)
     tokenizer = _tokenizer(config, workdir)
     check_vocab(tokenizer, training.model_config.vocab_size)
@@ -203,8 +204,23 @@ def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Sequence[np.nd
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary of the run."""
+    """Run (or resume) training as configured, holding the workdir's lock (process 0 holds it for the
+    job; a second trainer on the same workdir is refused); returns a summary of the run."""
     workdir = absolute(workdir)
+
+    def lock() -> WorkdirLock:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return WorkdirLock(workdir).acquire()
+
+    held = run_once("locking the workdir", lock)
+    try:
+        return _train(config, workdir)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train(config: Any, workdir: epath.Path) -> dict[str, Any]:
     training, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
     cfg, t = training.model_config, config.train
     config_dict = json.loads(config.to_json_best_effort())

@@ -35,6 +35,7 @@ def main(argv):
     except DistributedError as e:
         sys.exit(f"train: {e}")
     from lightjax.checkpoint import CheckpointError
+    from lightjax.files import WorkdirLocked
     from lightjax.trainer import train
 
     if _WORKDIR.value is None and jax.process_count() > 1:
@@ -44,7 +45,8 @@ def main(argv):
     workdir = _WORKDIR.value or f"runs/{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         summary = train(_CONFIG.value, workdir)
-    except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError, DistributedError) as e:
+    except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError, DistributedError,
+            WorkdirLocked) as e:
         exit_with_error(f"train: {e}")
     if jax.process_index() == 0:
         best = summary["best_val_loss"]
