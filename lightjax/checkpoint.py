@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -108,8 +112,38 @@ def check_digests(meta: dict[str, Any], state: Any) -> None:
                               "was saved")
 
 
+def _about_orbax(exc_info: Any, text: str) -> bool:
+    """Whether an error log or unraisable error is Orbax's own account of a failed save: its message or
+    its traceback names Orbax, or it is its asyncio loop's follow-on 'Event loop is closed'."""
+    frames = traceback.extract_tb(exc_info[2]) if exc_info and exc_info[2] else []
+    return "orbax" in text or "Event loop is closed" in text or any("orbax" in f.filename for f in frames)
+
+
+class _OrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and _about_orbax(record.exc_info, record.getMessage()))
+
+
+def _quiet_orbax_errors() -> None:
+    """A failed save is reported once, in one line, by Checkpointer.check/wait; Orbax's threads and
+    asyncio loops would also log it, and its follow-on errors, as a few dozen tracebacks."""
+    if any(isinstance(f, _OrbaxErrors) for f in logging.getLogger("absl").filters):
+        return
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OrbaxErrors())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        if not _about_orbax(exc_info, str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     def __init__(self, workdir: str | epath.PathLike, keep: int = 3, async_save: bool = True):
+        _quiet_orbax_errors()
         self.directory = absolute(workdir) / "checkpoints"
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -121,6 +155,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save, preservation_policy=preservation,
             cleanup_tmp_directories=True,  # partial saves of a killed run
         )
+        self._unconfirmed = False  # a save was started and has not been seen to succeed or fail
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
@@ -128,12 +163,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any], val_loss: float | None = None) -> None:
         meta = {**meta, "step": step, "lightjax_version": lightjax.__version__, "digests": state_digests(state)}
-        self.manager.save(
+        self._guard(lambda: self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics=None if val_loss is None else {"val_loss": float(val_loss)},
             force=True,
-        )
+        ))
+        self._unconfirmed = True
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first (Orbax lists only finished ones)."""
@@ -191,11 +227,44 @@ class Checkpointer:
         """True once JAX's preemption service (multi-host TPU) says every host must save now."""
         return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
+    def check(self) -> None:
+        """Raise (CheckpointError) if a save running in the background has failed: called every step,
+        so that a full disk or a lost permission stops the run at once, not at the next save."""
+        self._guard(self.manager.check_for_errors)
+        if self._unconfirmed and not self.manager.is_saving_in_progress():
+            self._unconfirmed = False
+            self.wait()  # returns at once after a save that succeeded, raises its error after one that failed
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished)
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        """fn(), with a failed save turned into one CheckpointError naming the folder and the cause, and
+        its partial checkpoint removed (the complete ones are untouched)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 (whatever the storage raised, reported in one line)
+            if is_leader():
+                for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    partial.rmtree()
+            raise CheckpointError(f"Saving a checkpoint under {self.directory} failed: {_cause(e)}. The complete "
+                                  "checkpoints there are intact.") from None
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _cause(error: BaseException) -> str:
+    """The root of a storage error in a few words: 'No space left on device (errno 28)'."""
+    while error.__cause__ is not None or (error.__context__ is not None and not str(error)):
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} (errno {error.errno}){f': {error.filename}' if error.filename else ''}"
+    text = str(error)
+    found = re.search(r"\[os_error_code='?(\d+)'?\]", text)  # TensorStore's form
+    if found:
+        return f"{os.strerror(int(found.group(1)))} (errno {found.group(1)})"
+    return (text.splitlines() or [""])[0][:200]
 
 
 def absolute(path: str | epath.PathLike) -> epath.Path:

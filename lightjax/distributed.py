@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -105,12 +106,14 @@ def print_once(text: str) -> None:
 
 
 def exit_with_error(message: str) -> None:
-    """Print `message` (one line) and exit with status 1. In a multi-process job, exit at once rather than
-    through JAX's shutdown, which would wait (minutes) for processes that are themselves waiting for
-    this one in a collective: its silence makes the coordination service stop them instead."""
+    """Print `message` (one line) and exit with status 1. Exit at once, not through Python's shutdown,
+    where that would wait: in a multi-process job JAX's shutdown waits (minutes) for processes that are
+    themselves waiting for this one in a collective (its silence makes the coordination service stop
+    them instead), and after a failed save Orbax's background threads wait for signals that never come."""
     sys.stderr.write(message.rstrip() + "\n")
     sys.stderr.flush()
-    if jax.process_count() > 1:
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if jax.process_count() > 1 or stuck:
         sys.stdout.flush()
         os._exit(1)
     sys.exit(1)

@@ -300,6 +300,7 @@ def _train(config: Any, workdir: epath.Path) -> dict[str, Any]:
         while not finished(step):
             batch = shard_batch(next(data_iter), training.mesh)
             state, metrics = training.train_step(state, batch)
+            checkpointer.check()
             step += 1
             tokens_seen += tokens_per_step
             val_loss = None

@@ -23,3 +23,14 @@ def require_hf():
             pytest.fail(f"LIGHTJAX_REQUIRE_HF=1 but the parity tests cannot import torch/transformers: {e}")
         pytest.skip(f"torch/transformers not installed: {e}")
     return torch, transformers
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The tiny run of tests/runs.py trained 12 steps without interruption: what a resumed run must equal."""
+    from lightjax.trainer import train
+    from tests.runs import run_config
+
+    workdir = tmp_path_factory.mktemp("full")
+    train(run_config(workdir), workdir / "run")
+    return workdir / "run"

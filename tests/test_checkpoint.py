@@ -1,69 +1,20 @@
 """Checkpoints and resumption: exact resume, kill -9, corruption, SIGTERM, another mesh, config changes."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from lightjax.checkpoint import Checkpointer, CheckpointError
 from lightjax.sharding import shard_batch
 from lightjax.train_step import setup_training, synthetic_batch
 from lightjax.trainer import train
-from tests.helpers import tiny_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-TINY = dict(n_layer=1, n_embd=64, n_head=4, vocab_size=65, padding_multiple=64, block_size=32)
-CLI_TINY = [f"--config.model.{k}={v}" for k, v in TINY.items()] + [
-    "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.optim.warmup_steps=2",
-    "--config.train.log_every=1", "--config.train.eval_every=0", f"--config.data.local_path={SHAKESPEARE}"]
-
-
-def run_config(tmp_path, max_steps=12, save_every=6, **train_kw):
-    c = tiny_run_config()
-    c.model.name = "baseline-tiny"
-    for k, v in TINY.items():
-        setattr(c.model, k, v)
-    c.model.n_head, c.model.n_query_groups = 4, None
-    c.data.local_path, c.data.data_dir, c.data.seq_len = str(SHAKESPEARE), str(tmp_path / "tfds"), 32
-    c.train.max_steps, c.train.log_every, c.train.eval_every = max_steps, 1, 0
-    c.checkpoint.save_every = save_every
-    c.mesh.data = -1
-    for k, v in train_kw.items():
-        setattr(c.train, k, v)
-    return c
-
-
-def losses(workdir):
-    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def final_params(workdir):
-    steps = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-    return ocp.StandardCheckpointer().restore(Path(workdir).absolute() / "checkpoints" / str(steps[-1]) / "state")
-
-
-def assert_same_run(a, b):
-    la, lb = losses(a), losses(b)
-    assert la.keys() == lb.keys()
-    np.testing.assert_allclose([lb[k] for k in sorted(lb)], [la[k] for k in sorted(la)], atol=1e-6, rtol=0)
-    jax.tree.map(np.testing.assert_array_equal, final_params(b)["params"], final_params(a)["params"])
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("full")
-    train(run_config(workdir), workdir / "run")
-    return workdir / "run"
+from tests.helpers import ROOT
+from tests.runs import assert_same_run, cli_command, final_params, losses, run_config, wait_for_rows
 
 
 def test_exact_resume(uninterrupted, tmp_path):
@@ -137,30 +88,11 @@ def test_restore_onto_other_meshes(tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def _cli(workdir, *extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    return [sys.executable, "scripts/train.py", "--config", "configs/baseline.py", f"--workdir={workdir}",
-            *CLI_TINY, f"--config.data.data_dir={Path(workdir).parent / 'tfds'}", *extra], env
-
-
-def _wait_for_rows(workdir, n, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read() if proc.stdout else "exited")
-        path = Path(workdir) / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError("no progress")
-
-
 def test_sigterm_saves_and_exits_zero(tmp_path):
     workdir = tmp_path / "run"
-    cmd, env = _cli(workdir, "--config.train.max_steps=10000", "--config.checkpoint.save_every=0")
+    cmd, env = cli_command(workdir, "--config.train.max_steps=10000", "--config.checkpoint.save_every=0")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_rows(workdir, 5, proc)
+    wait_for_rows(workdir, 5, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
@@ -172,12 +104,12 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     common = ["--config.train.max_steps=40", "--config.checkpoint.save_every=4"]
-    full_cmd, env = _cli(tmp_path / "full", *common)
+    full_cmd, env = cli_command(tmp_path / "full", *common)
     subprocess.run(full_cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     workdir = tmp_path / "killed"
-    cmd, env = _cli(workdir, *common)
+    cmd, env = cli_command(workdir, *common)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_rows(workdir, int(np.random.default_rng().integers(6, 30)), proc)
+    wait_for_rows(workdir, int(np.random.default_rng().integers(6, 30)), proc)
     time.sleep(float(np.random.default_rng().uniform(0, 0.3)))  # anywhere, also inside an async save
     proc.kill()
     proc.wait()

@@ -14,14 +14,8 @@ import pytest
 from lightjax.files import WorkdirLock, WorkdirLocked
 from lightjax.metrics import read_metrics
 from lightjax.trainer import train
-from tests.test_checkpoint import assert_same_run, losses, run_config
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("full")
-    train(run_config(workdir), workdir / "run")
-    return workdir / "run"
+from tests.helpers import ROOT
+from tests.runs import assert_same_run, cli_command, losses, run_config
 
 
 @pytest.fixture
@@ -109,3 +103,64 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, c
     assert sorted(losses(workdir)) == [1, 2]
     assert np.isfinite(list(losses(workdir).values())).all()
     json.loads((workdir / "config.json").read_text())
+
+
+def _limit_file_size(limit):
+    """For a child process: writes beyond `limit` bytes per file fail with EFBIG ('File too large'),
+    as a quota or a full disk makes them fail, instead of killing the process."""
+    def preexec():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def _train_until_a_save_fails(workdir, preexec=None):
+    """A run saved at step 2, then resumed for 400 steps under conditions where its next save (step 200)
+    fails; the save after (step 400) is far enough that only a prompt check of the first stops the run."""
+    common = ["--config.optim.warmup_steps=1", "--config.logging.tensorboard=False"]
+    cmd, env = cli_command(workdir, "--config.train.max_steps=2", "--config.checkpoint.save_every=2", *common)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    cmd, env = cli_command(workdir, "--config.train.max_steps=400", "--config.checkpoint.save_every=200", *common)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+
+
+def _stopped_in_one_line(out, workdir, cause):
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1, out.stderr[-2000:]
+    folder = workdir.absolute() / "checkpoints"
+    assert lines[-1].startswith(f"train: Saving a checkpoint under {folder} failed: {cause}")
+    assert "Traceback" not in out.stdout + out.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # intact, no partial save left
+    assert max(losses(workdir)) < 300  # stopped soon after the failed save (tiny steps), not at the next one
+
+
+def test_a_failed_save_stops_the_run_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    out = _train_until_a_save_fails(workdir, _limit_file_size(100_000))  # the checkpoint's data file is larger
+    _stopped_in_one_line(out, workdir, "File too large (errno 27)")
+
+
+def test_a_read_only_checkpoint_folder_stops_the_run_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    make_read_only = ["chmod", "555", str(checkpoints)]
+    if os.geteuid() == 0:  # root writes through permissions: a read-only bind mount instead
+        make_read_only = ["sh", "-c", f"mount --bind {checkpoints} {checkpoints} && "
+                                      f"mount -o remount,bind,ro {checkpoints}"]
+
+    common = ["--config.optim.warmup_steps=1"]
+    cmd, env = cli_command(workdir, "--config.train.max_steps=2", "--config.checkpoint.save_every=2", *common)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    if subprocess.run(make_read_only, capture_output=True).returncode:
+        pytest.skip("this machine cannot make a folder read-only for root (no mount)")
+    try:
+        cmd, env = cli_command(workdir, "--config.train.max_steps=400", "--config.checkpoint.save_every=200", *common)
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        _stopped_in_one_line(out, workdir, "Read-only file system (errno 30)" if os.geteuid() == 0
+                             else "Permission denied (errno 13)")
+    finally:
+        subprocess.run(["umount", str(checkpoints)] if os.geteuid() == 0 else ["chmod", "755", str(checkpoints)],
+                       capture_output=True)
