@@ -12,27 +12,73 @@ from absl import flags, logging
 
 def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
     """A flags parser for `absl.app.run(main, flags_parser=...)`: an unknown config key, a value of the
-    wrong type or a malformed flag exits with `program: <what is wrong>` and status 2. Library INFO
-    logs are hidden unless --verbosity is given."""
+    wrong type, a malformed flag or a config file that is missing or raises exits with
+    `program: <what is wrong>` and status 2. Library INFO logs are hidden unless --verbosity is given."""
 
     def parse(argv: list[str]) -> Any:
         try:
             rest = flags.FLAGS(argv)
-            if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
-                logging.set_verbosity(logging.WARNING)  # TFDS and Orbax log progress at INFO level
-            return rest
-        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-            message = str(e)
-            if isinstance(e, (AttributeError, KeyError)):  # ml_collections wraps a KeyError's text in reprs
-                inner = e.args[0] if e.args else e
-                while isinstance(inner, BaseException) and inner.args:
-                    inner = inner.args[0]
-                message = f"unknown config key {inner}"
-            message = " ".join(message.split())
-            sys.stderr.write(f"{program}: {message}\n")
+            for name in flags.FLAGS:  # ml_collections keeps a config file's load failure until it is used
+                value = flags.FLAGS[name].value
+                if type(value).__name__ == "_ErrorConfig":
+                    value.to_dict()  # raises that failure
+        except Exception as e:  # noqa: BLE001 (every way a command line can be wrong: one line)
+            sys.stderr.write(f"{program}: {_flag_error(argv, e)}\n")
             sys.exit(2)
+        if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+            logging.set_verbosity(logging.WARNING)  # TFDS and Orbax log progress at INFO level
+        return rest
 
     return parse
+
+
+def _flag_error(argv: list[str], error: Exception) -> str:
+    path = _config_path(argv)
+    inner = error
+    while inner.__context__ is not None and not _raised_in(inner, path or ""):  # absl wraps get_config's error
+        inner = inner.__context__
+    if path and (not os.path.isfile(path) or _raised_in(inner, path) or isinstance(inner, SyntaxError)):
+        return _config_file_error(path, inner)
+    message = str(error)
+    if isinstance(error, (AttributeError, KeyError)):  # ml_collections wraps a KeyError's text in reprs
+        inner = error.args[0] if error.args else error
+        while isinstance(inner, BaseException) and inner.args:
+            inner = inner.args[0]
+        message = f"unknown config key {inner}"
+    elif not isinstance(error, (flags.Error, TypeError, ValueError)):
+        message = f"{type(error).__name__}: {message}"
+    return " ".join(message.split())
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The --config file named on the command line (without ml_collections' ':ARGUMENT' suffix)."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    return path.split(":")[0] if path else None
+
+
+def _raised_in(error: BaseException, path: str) -> bool:
+    return _line_in(error, path) is not None
+
+
+def _line_in(error: BaseException, path: str) -> int | None:
+    """The line of the deepest traceback frame inside `path`, if any."""
+    line, tb = None, error.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _config_file_error(path: str, error: Exception) -> str:
+    """'--config=FILE, line N: ErrorType: message' for a config file that is missing or raises."""
+    if not os.path.isfile(path):
+        return f"--config={path}: no such file."
+    line = error.lineno if isinstance(error, SyntaxError) else _line_in(error, path)
+    text = " ".join(str(error.msg if isinstance(error, SyntaxError) else error).split())
+    return f"--config={path}{f', line {line}' if line else ''}: {type(error).__name__}: {text}"
 
 
 def simulate_host_devices(count: int) -> None:

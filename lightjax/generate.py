@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ def top_p_filter(logits: jax.Array, p: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_probs = -jnp.sort(-probs, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    kept = mass_before < p  # a token is needed while the more likely ones hold less than p
+    kept = (mass_before < p) | (mass_before == 0)  # needed while the likelier ones hold less than p; the top always
     cutoff = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(probs < cutoff, -jnp.inf, logits)
 
@@ -113,8 +114,12 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     if max_new_tokens < 1 or longest + max_new_tokens > cfg.block_size:
         raise ValueError(f"max_new_tokens={max_new_tokens} is not in [1, {cfg.block_size - longest}]: the longest "
                          f"prompt has {longest} tokens and the model's block_size is {cfg.block_size}.")
-    if not 0.0 <= top_p <= 1.0 or temperature < 0:
-        raise ValueError(f"top_p={top_p} must be in [0, 1] and temperature={temperature} >= 0.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} is not in (0, 1]: the smallest set of tokens with that probability mass.")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} is not a finite number >= 0 (0 is greedy).")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} is negative (0 keeps every token).")
     # Prompts pad to a bucket, the cache to a bucket of that plus the new tokens; near block_size the
     # prompt bucket shrinks so that the new tokens still fit (>= longest, checked above).
     width = min(bucket(longest), cfg.block_size - max_new_tokens)

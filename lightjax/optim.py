@@ -51,6 +51,17 @@ def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def check_no_decay(no_decay: Any, params: Any) -> None:
+    """A ValueError unless every name in `no_decay` is some parameter's own name (a typo would
+    silently decay everything)."""
+    names = {[k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    unknown = [n for n in tuple(no_decay) if n not in names]
+    if unknown:
+        raise ValueError(f"config.optim.no_decay={tuple(no_decay)!r} names no parameter of this model: "
+                         f"{', '.join(map(repr, unknown))}; its parameter names are {', '.join(sorted(names))}.")
+
+
 def make_optimizer(optim: Mapping[str, Any], max_steps: int) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> AdamW(schedule, b1, b2, eps, weight_decay, mask)."""
     no_decay = tuple(optim["no_decay"])

@@ -170,6 +170,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
           "source; the workdir may be on gs://)")
     check(ck.save_every >= 0, "checkpoint.save_every", ck.save_every, "must be >= 0 (0: only at the end)")
     check(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
+    check(bool(str(ck.resume).strip()), "checkpoint.resume", ck.resume,
+          "must be 'auto', 'never', or a run directory or checkpoint path")
 
     cfg = None
     try:

@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lightjax.config import ModelConfig
 from lightjax.model import GPT, stack_layers
-from lightjax.optim import lr_schedule, make_optimizer
-from lightjax.run_config import DTYPES, validate
+from lightjax.optim import check_no_decay, lr_schedule, make_optimizer
+from lightjax.run_config import DTYPES, ConfigError, validate
 from lightjax.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
 
 
@@ -240,6 +240,10 @@ def setup_training(config: Any, devices: list[jax.Device] | None = None) -> Trai
     tx = make_optimizer(config.optim, config.train.max_steps)
     schedule = lr_schedule(config.optim, config.train.max_steps)
     shardings = state_shardings(model, tx, mesh, rules, config.data.seq_len)
+    try:
+        check_no_decay(config.optim.no_decay, shardings.params)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, config.train.grad_accum_steps,
                                  config.train.z_loss, config.train.skip_nonfinite)
     eval_step = make_eval_step(model, mesh, rules, shardings)

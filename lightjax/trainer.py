@@ -12,6 +12,7 @@ In a multi-process job every process runs this same loop on its slice of each gl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -214,29 +215,43 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 
     held = run_once("locking the workdir", lock)
     try:
-        return _train(config, workdir)
+        with contextlib.ExitStack() as closing:  # every file, thread and worker closed on every way out
+            summary = _train(config, workdir, closing)
+        if is_leader():
+            plot_losses(workdir)
+            write_metrics_csv(workdir)
+        return summary
     finally:
         if held is not None:
             held.release()
 
 
-def _train(config: Any, workdir: epath.Path) -> dict[str, Any]:
+def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     training, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
+    closing.callback(rows.close)
+    if hasattr(val_tokens, "close"):
+        closing.callback(val_tokens.close)
     cfg, t = training.model_config, config.train
     config_dict = json.loads(config.to_json_best_effort())
 
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    closing.callback(checkpointer.close)
+    closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
     state, meta = _resume(config, checkpointer, training, config_dict)
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     step = int(meta.get("step", 0))
     position = int(meta.get("data_position", step))  # global batches consumed; any process count reads on from it
     data_iter = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers, start_step=position)
+    if hasattr(data_iter, "close"):
+        closing.callback(data_iter.close)
     tokens_seen = tokens_at_start = int(meta.get("tokens_seen", 0))
     elapsed_before = float(meta.get("elapsed_s", 0.0))
-    writers = MetricWriters(workdir, step, config.logging.tensorboard, config.logging.wandb_project, config_dict)
-    progress = _Progress(config.logging.progress, step, t.max_steps)
+    writers = closing.enter_context(contextlib.closing(
+        MetricWriters(workdir, step, config.logging.tensorboard, config.logging.wandb_project, config_dict)))
+    progress = closing.enter_context(contextlib.closing(_Progress(config.logging.progress, step, t.max_steps)))
     stop = _StopSignal()
+    closing.callback(stop.restore)
 
     flops_tok = flops_per_token(cfg, config.data.seq_len)
     peak, _ = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype,
@@ -296,58 +311,43 @@ def _train(config: Any, workdir: epath.Path) -> dict[str, Any]:
         last_saved = step
 
     pending, asked = None, False  # pending: (step, metrics) of the step before the one just dispatched
-    try:
-        while not finished(step):
-            batch = shard_batch(next(data_iter), training.mesh)
-            state, metrics = training.train_step(state, batch)
-            checkpointer.check()
-            step += 1
-            tokens_seen += tokens_per_step
-            val_loss = None
-            if pending is not None:  # read back one step late: the device is already busy with `step`
-                p_step, p_metrics = pending
-                progress.step(read_back(p_step, p_metrics, p_step % t.log_every == 0))
-            pending = (step, metrics)
-            asked, time_up = limits(step)
-            end = finished(step) or time_up
-            evaluate_now = t.eval_every and (step % t.eval_every == 0 or end)
-            save_now = config.checkpoint.save_every and step % config.checkpoint.save_every == 0
-            if evaluate_now or save_now or end or asked:
-                progress.step(read_back(step, metrics, step % t.log_every == 0 or end or asked))
-                pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
-            if evaluate_now:
-                ev = evaluate(training, state.params, val_tokens, config, tokens_per_char)
-                val_loss = ev["val_loss"]
-                best_val = min(best_val, val_loss)
-                writers.write({"step": step, **ev, "tokens_seen": tokens_seen, "elapsed_s": elapsed()})
-                progress.message(f"step {step:6d} | val_loss {val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
-                                 f"val_bpc {ev['val_bpc']:.4f}")
-            if save_now:
-                save(step)
-            if end or asked:
-                break
-        if pending is not None:
-            progress.step(read_back(*pending, log=True))
-        if step != last_saved:
+    while not finished(step):
+        batch = shard_batch(next(data_iter), training.mesh)
+        state, metrics = training.train_step(state, batch)
+        checkpointer.check()
+        step += 1
+        tokens_seen += tokens_per_step
+        val_loss = None
+        if pending is not None:  # read back one step late: the device is already busy with `step`
+            p_step, p_metrics = pending
+            progress.step(read_back(p_step, p_metrics, p_step % t.log_every == 0))
+        pending = (step, metrics)
+        asked, time_up = limits(step)
+        end = finished(step) or time_up
+        evaluate_now = t.eval_every and (step % t.eval_every == 0 or end)
+        save_now = config.checkpoint.save_every and step % config.checkpoint.save_every == 0
+        if evaluate_now or save_now or end or asked:
+            progress.step(read_back(step, metrics, step % t.log_every == 0 or end or asked))
+            pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
+        if evaluate_now:
+            ev = evaluate(training, state.params, val_tokens, config, tokens_per_char)
+            val_loss = ev["val_loss"]
+            best_val = min(best_val, val_loss)
+            writers.write({"step": step, **ev, "tokens_seen": tokens_seen, "elapsed_s": elapsed()})
+            progress.message(f"step {step:6d} | val_loss {val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
+                             f"val_bpc {ev['val_bpc']:.4f}")
+        if save_now:
             save(step)
-        checkpointer.wait()
-        if asked:
-            reason = stop.received or "a stop signal to another process, or a preemption notice"
-            progress.message(f"{reason}: saved step {step} to {checkpointer.directory / str(step)}.")
-    finally:
-        stop.restore()
-        progress.close()
-        checkpointer.wait()
-        checkpointer.close()
-        writers.close()
-        if hasattr(data_iter, "close"):
-            data_iter.close()
-        rows.close()
-        if hasattr(val_tokens, "close"):
-            val_tokens.close()
-    if is_leader():
-        plot_losses(workdir)
-        write_metrics_csv(workdir)
+        if end or asked:
+            break
+    if pending is not None:
+        progress.step(read_back(*pending, log=True))
+    if step != last_saved:
+        save(step)
+    checkpointer.wait()
+    if asked:
+        reason = stop.received or "a stop signal to another process, or a preemption notice"
+        progress.message(f"{reason}: saved step {step} to {checkpointer.directory / str(step)}.")
     run_s = time.perf_counter() - start
     return {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed(),
             "tokens_per_sec": (step - first_step) * tokens_per_step / max(run_s, 1e-9), "workdir": str(workdir),

@@ -110,6 +110,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(0.8) == {1, 3, 4}  # 0.85
     assert kept(0.9) == {1, 3, 4, 2}
     assert kept(1.0) == {0, 1, 2, 3, 4}
+    assert kept(0.0) == kept(1e-9) == {1}  # the likeliest token always stays
     kept_k = lambda k: set(np.flatnonzero(np.isfinite(np.asarray(top_k_filter(logits, k)))[0]))  # noqa: E731
     assert kept_k(1) == {1} and kept_k(2) == {1, 3} and kept_k(0) == kept_k(9) == {0, 1, 2, 3, 4}
 
@@ -143,3 +144,8 @@ def test_stops_at_eos_and_bounds_max_new_tokens():
         generate(model, params, PROMPTS, 26)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, params, [[]], 3)
+    for bad, message in [(dict(top_p=0.0), r"top_p=0.0 is not in \(0, 1\]"), (dict(top_p=1.5), "top_p=1.5"),
+                         (dict(temperature=float("nan")), "temperature=nan is not a finite number"),
+                         (dict(temperature=-1.0), "temperature=-1.0"), (dict(top_k=-2), "top_k=-2 is negative")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, params, [PROMPTS[1]], 3, **bad)

@@ -98,6 +98,11 @@ def test_sigterm_then_restart_writes_the_same_losses(tmp_path):
                           "auto-detection); missing --coordinator_address, --process_id."),
     ("--process_id=2 --num_processes=2 --coordinator_address=127.0.0.1:1",
      "--process_id=2 must be in [0, --num_processes=2)."),
+    ("--config.optim.no_decay=7", "config.optim.no_decay=(7,) names no parameter of this model: 7; its parameter "
+                                  "names are bias, embedding, kernel, scale."),
+    ("--config.checkpoint.resume=", "config.checkpoint.resume='' must be 'auto', 'never', or a run directory"),
+    ("--config.data.source=text:/ --config.data.tokenizer=byte --config.model.vocab_size=257",
+     "config.data.source='text:/' matches folders (/); name files"),
 ])
 def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
     out = _run(tmp_path / "run", *override.split())
@@ -105,6 +110,22 @@ def test_bad_config_is_one_line_without_traceback(tmp_path, override, message):
     assert "Traceback" not in out.stderr + out.stdout
     last = out.stderr.strip().splitlines()[-1]
     assert message in last, out.stderr[-1500:]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("def get_config():\n    raise RuntimeError('boom')\n", "bad.py, line 2: RuntimeError: boom"),
+    ("def get_config():\n    return int('x')\n", "bad.py, line 2: ValueError: invalid literal for int() with "
+                                                   "base 10: 'x'"),
+    ("x = (\n", "bad.py, line 1: SyntaxError: '(' was never closed"),
+    (None, "bad.py: no such file."),
+])
+def test_a_config_file_that_fails_is_one_line(tmp_path, text, message):
+    config = tmp_path / "bad.py"
+    if text is not None:
+        config.write_text(text)
+    out = _run(tmp_path / "run", config=str(config))
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.strip().splitlines()[-1] == f"train: --config={tmp_path / message}", out.stderr[-1500:]
 
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))

@@ -99,7 +99,7 @@ def read_hf_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = _indexed_files(index)
     else:
         files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -111,17 +111,44 @@ def read_hf_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
     return state_dict
 
 
+def _indexed_files(index: Path) -> list[Path]:
+    """The shard files an index names, each required to be a file inside the index's directory."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{index}: not a safetensors index (a JSON object whose 'weight_map' maps tensor names "
+                         "to file names).") from None
+    root = index.parent.resolve()
+    files = []
+    for name in sorted(names):
+        path = (root / str(name)).resolve()
+        if not isinstance(name, str) or not path.is_relative_to(root) or path == root:
+            raise ValueError(f"{index}: shard {name!r} is not a file inside {root}.")
+        files.append(path)
+    return files
+
+
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"No config.json in {directory}: not a Hugging Face model directory.")
-    return json.loads(config_path.read_text())
+    try:
+        hf = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path} is not a JSON object.")
+    return hf
 
 
 def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params) from a Hugging Face model directory: config.json plus safetensors weights."""
     hf = read_hf_config(directory)
-    cfg = config_from_hf(hf)
+    try:
+        cfg = config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{Path(directory) / 'config.json'}: {e}") from None
     return cfg, params_from_hf(read_hf_state_dict(directory), cfg, hf["model_type"])
 
 

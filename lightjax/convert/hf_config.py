@@ -131,6 +131,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
+    _check_types(hf)
     rope = _rope_params(hf)
     n_head = hf["num_attention_heads"]
     fields: dict[str, Any] = dict(
@@ -162,6 +163,28 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         raise ValueError(f"partial_rotary_factor {fields['rotary_percentage']} of head_dim {fields['head_size']} "
                          "is not a whole number of channel pairs.")
     return ModelConfig(**fields)
+
+
+_REQUIRED_INTS = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads")
+_OPTIONAL_INTS = ("max_position_embeddings", "num_key_value_heads", "head_dim", "intermediate_size", "sliding_window",
+                  "num_local_experts", "num_experts_per_tok", "num_kv_heads", "ffn_hidden_size")
+_OPTIONAL_NUMBERS = ("rope_theta", "rotary_emb_base", "rotary_pct", "partial_rotary_factor", "rms_norm_eps",
+                     "layer_norm_eps", "layer_norm_epsilon", "query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping", "rope_local_base_freq")
+
+
+def _check_types(hf: Mapping[str, Any]) -> None:
+    """A ValueError naming every size the config lacks and every value of the wrong type."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    problems = [f"'{k}' is missing (a positive integer)" for k in _REQUIRED_INTS if k not in hf]
+    problems += [f"'{k}' is {hf[k]!r}, not a positive integer" for k in _REQUIRED_INTS + _OPTIONAL_INTS
+                 if hf.get(k) is not None and not is_int(hf[k])]
+    problems += [f"'{k}' is {hf[k]!r}, not a number" for k in _OPTIONAL_NUMBERS
+                 if hf.get(k) is not None and (isinstance(hf[k], bool) or not isinstance(hf[k], (int, float)))]
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
 
 
 def _activation(hf: Mapping[str, Any], default: str, allowed: dict[str, str], model_type: str) -> str:

@@ -134,6 +134,10 @@ def _text_documents(pattern: str, text_field: str) -> TextCorpus:
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not files:
         raise FileNotFoundError(f"config.data.source='text:{pattern}' matches no file.")
+    folders = [str(f) for f in files if f.is_dir()]
+    if folders:
+        raise ValueError(f"config.data.source='text:{pattern}' matches folders ({', '.join(folders[:3])}); name "
+                         "files, e.g. text:corpus/**/*.txt.")
     if not any(f.stat().st_size for f in files):
         raise ValueError(f"config.data.source='text:{pattern}': the corpus is empty ({len(files)} files, no text).")
     return TextCorpus(files, text_field)
