@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lightjax.config import ModelConfig
+from lightjax.data import tiny_shakespeare
 from lightjax.model import REMAT_POLICIES
 from lightjax.sharding import mesh_shape
 
@@ -38,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "tiny_shakespeare"
     c.data.local_path = ""  # tiny_shakespeare: a local input.txt instead of the download
+    c.data.download_url = tiny_shakespeare.URL  # tiny_shakespeare: where it is downloaded from (a mirror works)
     c.data.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default); local, process 0's
     c.data.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
     c.data.val_split = "validation"  # tfds:NAME: the split used for validation

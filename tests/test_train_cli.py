@@ -128,6 +128,37 @@ def test_a_config_file_that_fails_is_one_line(tmp_path, text, message):
     assert out.stderr.strip().splitlines()[-1] == f"train: --config={tmp_path / message}", out.stderr[-1500:]
 
 
+@pytest.mark.parametrize("host", ["closed port", "tiny-shakespeare.invalid"])
+def test_offline_first_run_fails_fast_naming_local_path(tmp_path, host):
+    from lightjax.launch import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/input.txt" if host == "closed port" else f"https://{host}/input.txt"
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/baseline.py",
+                          f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                          f"--config.data.download_url={url}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert time.perf_counter() - start < 15
+    assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train: Cannot download Tiny Shakespeare from {url} (URLError: ")
+    assert last.endswith("Without network, point --config.data.local_path at a copy of its input.txt.")
+
+
+def test_download_from_a_mirror(tmp_path):
+    """The download path end to end, from a file:// mirror (this machine has no network)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/smoke.py",
+                          f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+                          f"--config.data.download_url=file://{SHAKESPEARE}", "--config.train.max_steps=2",
+                          "--config.optim.warmup_steps=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "tfds" / "lightjax_tiny_shakespeare" / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
+    assert len(_rows(tmp_path / "run")) >= 1
+
+
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
 

@@ -155,8 +155,8 @@ def split_documents(docs: Sequence[str], val_fraction: float) -> dict[str, Seque
     return {"train": docs[:-n_val], "validation": docs[-n_val:]}
 
 
-def _tiny_shakespeare(data: Any) -> Any:
-    return _tiny_shakespeare_builder()(local_path=data.local_path, data_dir=data.data_dir or None,
+def _tiny_shakespeare(data: Any, local_path: str = "") -> Any:
+    return _tiny_shakespeare_builder()(local_path=local_path or data.local_path, data_dir=data.data_dir or None,
                                        file_format="array_record")
 
 
@@ -169,6 +169,9 @@ def prepare_source(data: Any) -> None:
         if not builder.is_prepared():
             import tensorflow_datasets as tfds
 
+            if not data.local_path:  # fetched here, once, failing fast offline (TFDS's downloader retries for minutes)
+                text = tiny_shakespeare.download(data.download_url, Path(builder.data_dir).parent / "input.txt")
+                builder = _tiny_shakespeare(data, str(text))
             tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
             builder.download_and_prepare()
 
