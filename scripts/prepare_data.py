@@ -27,7 +27,7 @@ _SPM_VOCAB = flags.DEFINE_integer("spm_vocab_size", 0, "Train the spm:PATH token
 def main(argv):
     del argv
     from lightjax.data.pipeline import count_tokens
-    from lightjax.data.sources import SPLITS, load_split
+    from lightjax.data.sources import SPLITS, load_split, pieces
     from lightjax.data.tokenizers import make_tokenizer, train_sentencepiece
 
     data = _CONFIG.value.data
@@ -40,7 +40,8 @@ def main(argv):
                 train_file = Path(tmp) / "train.txt"
                 with open(train_file, "w") as f:
                     for i in range(len(docs["train"])):
-                        f.write(docs["train"][i] + "\n")
+                        f.writelines(pieces(docs["train"][i]))
+                        f.write("\n")
                 train_sentencepiece([train_file], Path(tmp) / "spm", _SPM_VOCAB.value)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(tmp) / "spm.model", target)

@@ -11,13 +11,14 @@ from lightjax.data.pipeline import (
     TokenRows,
     check_vocab,
     eval_batches,
+    open_tokens,
     read_token_meta,
     token_stream,
     train_iterator,
     write_token_file,
 )
 from lightjax.data.sources import load_split, split_documents
-from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer
+from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer
 from lightjax.run_config import default_config
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -172,7 +173,7 @@ def test_text_source_txt_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "b.jsonl").write_text('{"text": "second"}\n{"text": "third"}\n\n{"text": "fourth"}\n')
     data = _data_config(tmp_path, source=f"text:{tmp_path}/*", val_fraction=0.25)
-    assert list(load_split(data, "train")) == ["first document", "second", "third"]
+    assert [str(d) for d in load_split(data, "train")] == ["first document", "second", "third"]
     assert list(load_split(data, "validation")) == ["fourth"]
     assert split_documents(["abcdefghij"], 0.2) == {"train": ["abcdefgh"], "validation": ["ij"]}
     # Documents are read when asked for: a bad line is named when it is reached, with its file and line.
@@ -185,6 +186,28 @@ def test_text_source_txt_and_jsonl(tmp_path):
         docs[2]
     with pytest.raises(ValueError, match=r"c.jsonl:4 has no field 'text'; set config.data.text_field"):
         load_split(_data_config(tmp_path, source=f"text:{tmp_path}/c.jsonl", val_fraction=0.25), "validation")[0]
+
+
+def test_a_long_document_is_tokenized_in_bounded_memory(tmp_path):
+    """A 24 MB one-line .txt file: its tokens equal the whole text's, and the preparation holds about
+    60 MB at most, what one 1M-character piece costs the char tokenizer (the document's tokens alone
+    are 96 MB as int32; before pieces, this took 580 MB)."""
+    import tracemalloc
+
+    line = "".join(chr(97 + i % 26) + (" " if i % 7 == 0 else "") for i in range(1000))
+    (tmp_path / "long.txt").write_text(line * (24_000_000 // len(line)))
+    data = _data_config(tmp_path, source=f"text:{tmp_path}/long.txt", tokenizer="char", val_fraction=0.01)
+    tracemalloc.start()
+    docs = load_split(data, "train")
+    tokenizer = make_tokenizer("char", docs)
+    meta = write_token_file(docs, tokenizer, tmp_path / "train.tokens")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 80e6, f"{peak / 1e6:.0f} MB"
+    text = (tmp_path / "long.txt").read_text()
+    cut = int(len(text) * 0.99)
+    assert meta["characters"] == cut and meta["tokens"] == cut  # no EOS: the char tokenizer has none
+    assert np.array_equal(np.asarray(open_tokens(tmp_path / "train.tokens")), tokenizer.encode(text[:cut]))
 
 
 def test_bad_input_errors(tmp_path):

@@ -36,20 +36,17 @@ import jax
 import numpy as np
 from etils import epath
 
+from lightjax.data.sources import TextFile, pieces
 from lightjax.data.tokenizers import Tokenizer
 
 
-class _Tokenize:
-    """A picklable map function (Grain worker processes receive it)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text)
-        if self.tokenizer.eos_id is not None:
-            ids = np.append(ids, np.int32(self.tokenizer.eos_id))
-        return {"tokens": ids.astype(np.int32)}
+def encode_document(doc: str | TextFile, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, int]]:
+    """A document's tokens (int32) a piece at a time, so that no whole long document's tokens are held,
+    then EOS when the tokenizer has one; each with the number of characters it covers."""
+    for piece in pieces(doc):
+        yield np.asarray(tokenizer.encode(piece), dtype=np.int32), len(piece)
+    if tokenizer.eos_id is not None:
+        yield np.array([tokenizer.eos_id], np.int32), 0
 
 
 def process_shard() -> tuple[int, int]:
@@ -59,8 +56,7 @@ def process_shard() -> tuple[int, int]:
 
 def token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
     """A split as one token stream, EOS after each document when the tokenizer has one."""
-    tokenize = _Tokenize(tokenizer)
-    return np.concatenate([tokenize(docs[i])["tokens"] for i in range(len(docs))])
+    return np.concatenate([ids for i in range(len(docs)) for ids, _ in encode_document(docs[i], tokenizer)])
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -74,14 +70,13 @@ def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epat
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
-    dtype, tokenize, count, chars = _token_dtype(tokenizer.vocab_size), _Tokenize(tokenizer), 0, 0
+    dtype, count, chars = _token_dtype(tokenizer.vocab_size), 0, 0
     partial = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:8]}"  # two writers never share one
     with partial.open("wb") as f:
         for i in range(len(docs)):
-            doc = docs[i]
-            ids = tokenize(doc)["tokens"]
-            f.write(ids.astype(dtype).tobytes())
-            count, chars = count + len(ids), chars + len(doc)
+            for ids, n_chars in encode_document(docs[i], tokenizer):
+                f.write(ids.astype(dtype).tobytes())
+                count, chars = count + len(ids), chars + n_chars
     partial.replace(path)
     meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), "characters": chars, **(provenance or {})}
     _meta_path(path).write_text(json.dumps(meta, indent=1))
@@ -244,7 +239,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
 
 def count_tokens(docs: Sequence[str], tokenizer: Tokenizer) -> dict[str, Any]:
     """Documents, characters and tokens of a split (scripts/prepare_data.py prints them)."""
-    chars = sum(len(docs[i]) for i in range(len(docs)))
-    tokens = len(token_stream(docs, tokenizer))
+    counted = [(len(ids), n) for i in range(len(docs)) for ids, n in encode_document(docs[i], tokenizer)]
+    tokens, chars = (sum(c) for c in zip(*counted, strict=True)) if counted else (0, 0)
     return {"documents": len(docs), "characters": chars, "tokens": tokens,
             "tokens_per_char": tokens / max(chars, 1)}

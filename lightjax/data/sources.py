@@ -1,4 +1,5 @@
-"""Sources of documents: each gives, per split, a random-access sequence of `str` documents.
+"""Sources of documents: each gives, per split, a random-access sequence of documents: `str`, or for
+a `.txt` file a `TextFile`, read a piece at a time (`pieces(doc)` gives any document's text so).
 
 - `tiny_shakespeare`: our own TFDS builder (ArrayRecord, no TensorFlow) with TFDS's URL, checksum and
   90/5/5 character split; it downloads once, or reads `config.data.local_path` (offline machines).
@@ -8,9 +9,10 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +75,64 @@ def _tiny_shakespeare_builder():
     return TinyShakespeare
 
 
-def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 at byte offset {e.start}.") from None
+# A long document is handled a piece of about this many characters at a time.
+PIECE_CHARS = 1 << 20
+
+
+def pieces(doc: str | TextFile) -> Iterator[str]:
+    """A document's text in pieces of about PIECE_CHARS characters, each cut just before a whitespace
+    character where there is one (so that a subword tokenizer rarely sees a word cut in two)."""
+    chunks = doc.chunks() if isinstance(doc, TextFile) else (doc[i:i + PIECE_CHARS]
+                                                              for i in range(0, max(len(doc), 1), PIECE_CHARS))
+    rest = ""
+    for chunk in chunks:
+        rest += chunk
+        if len(rest) > PIECE_CHARS:
+            cut = max(rest.rfind(" ", 1), rest.rfind("\n", 1))
+            cut = cut if cut > 0 else len(rest)
+            yield rest[:cut]
+            rest = rest[cut:]
+    yield rest
+
+
+class TextFile:
+    """A `.txt` document, or a character range of one, read a chunk at a time whenever its text is
+    needed (`pieces(doc)`), so that no document is ever held in memory whole. `str(doc)` reads it all."""
+
+    _CHUNK_BYTES = 1 << 20
+
+    def __init__(self, path: Path, start: int = 0, stop: int | None = None):
+        self.path, self.start, self._stop = path, start, stop
+
+    def chunks(self) -> Iterator[str]:
+        """The text from character `start` to `stop`, in chunks of about 1 MB, validated as UTF-8."""
+        decoder, position, offset = codecs.getincrementaldecoder("utf-8")(), 0, 0
+        with self.path.open("rb") as f:
+            while self._stop is None or position < self._stop:
+                data = f.read(self._CHUNK_BYTES)
+                try:
+                    text = decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{self.path} is not valid UTF-8 at byte offset {offset + e.start}.") from None
+                offset += len(data)
+                low, high = self.start - position, (len(text) if self._stop is None else self._stop - position)
+                if high > max(low, 0):
+                    yield text[max(low, 0):high]
+                position += len(text)
+                if not data:
+                    return
+
+    def __len__(self) -> int:
+        if self._stop is None:
+            self._stop = self.start + sum(len(c) for c in self.chunks())
+        return self._stop - self.start
+
+    def __getitem__(self, s: slice) -> TextFile:
+        start, stop, _ = s.indices(len(self))
+        return TextFile(self.path, self.start + start, self.start + max(stop, start))
+
+    def __str__(self) -> str:
+        return "".join(self.chunks())
 
 
 class TextCorpus(Sequence):
@@ -114,7 +168,7 @@ class TextCorpus(Sequence):
         file_index, offset, length, line_no = (int(x) for x in self._index[i])
         path = self.files[file_index]
         if length < 0:
-            return _read_text_file(path)
+            return TextFile(path)
         with path.open("rb") as f:
             f.seek(offset)
             raw = f.read(length)
@@ -149,8 +203,9 @@ def split_documents(docs: Sequence[str], val_fraction: float) -> dict[str, Seque
     if not 0 < val_fraction < 1:
         raise ValueError(f"config.data.val_fraction={val_fraction} must be in (0, 1).")
     if len(docs) == 1:
-        cut = int(len(docs[0]) * (1 - val_fraction))
-        return {"train": [docs[0][:cut]], "validation": [docs[0][cut:]]}
+        doc = docs[0]
+        cut = int(len(doc) * (1 - val_fraction))
+        return {"train": [doc[:cut]], "validation": [doc[cut:]]}
     n_val = max(1, round(len(docs) * val_fraction))
     return {"train": docs[:-n_val], "validation": docs[-n_val:]}
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from lightjax.data.sources import pieces
+
 META_FILE = "tokenizer.json"
 
 
@@ -215,7 +217,11 @@ def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokeni
     if spec == "char":
         if train_docs is None:
             raise ValueError("The 'char' tokenizer is built from the training split's text; none was given.")
-        return CharTokenizer.from_text("".join(set().union(*(set(train_docs[i]) for i in range(len(train_docs))))))
+        chars: set[str] = set()
+        for i in range(len(train_docs)):
+            for piece in pieces(train_docs[i]):
+                chars.update(piece)
+        return CharTokenizer.from_text("".join(chars))
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("spm:"):
