@@ -36,6 +36,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
 from lightjax.distributed import is_leader, print_once
+from lightjax.files import staged_dir
 from lightjax.model import unstack_layers
 
 log = logging.getLogger(__name__)
@@ -310,13 +311,14 @@ def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
     config, params, step = restore_params(workdir, step)
-    out = save_exported(out, model_config(config), params, dtype, step)
-    tokenizer = epath.Path(workdir) / "tokenizer"
-    if tokenizer.is_dir():
-        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-        for f in tokenizer.iterdir():
-            f.copy(out / "tokenizer" / f.name, overwrite=True)
-    return out
+    with staged_dir(absolute(out)) as stage:  # a failed export leaves no half-written folder
+        save_exported(stage, model_config(config), params, dtype, step)
+        tokenizer = epath.Path(workdir) / "tokenizer"
+        if tokenizer.is_dir():
+            (stage / "tokenizer").mkdir(parents=True, exist_ok=True)
+            for f in tokenizer.iterdir():
+                f.copy(stage / "tokenizer" / f.name, overwrite=True)
+    return absolute(out)
 
 
 def save_exported(out: str | epath.PathLike, cfg: Any, params: Any, dtype: str = "float32",

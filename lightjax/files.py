@@ -4,7 +4,8 @@ and so that two trainers never write into one workdir.
 - `write_atomic`: a file written beside its destination, then renamed over it (a reader sees the old
   file or the new one, never a mixture). Object stores (gs://) write an object whole already.
 - `staged_dir`: an output directory built under a temporary name and renamed into place only when
-  complete; on failure the partial one is removed and an existing destination is left as it was.
+  complete; on failure the partial one is removed and an existing destination is left as it was
+  (local disks; on object stores the folder is written in place).
 - `WorkdirLock`: an exclusive lock on WORKDIR/lock, held for a run's life. On local disks it is an
   OS lock (`fcntl.flock`), released by the kernel when its holder dies however it dies, so a killed
   trainer's lock cannot block the next one: it is taken over (and said so: a cleanly released lock
@@ -56,6 +57,10 @@ def staged_dir(path: str | epath.PathLike, overwrite: bool = True) -> Iterator[e
     path = epath.Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists.")
+    if not _local(path):  # object stores cannot rename a folder in one step: written in place
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
     staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if staging.exists():
         staging.rmtree()

@@ -33,16 +33,18 @@ def import_hf(hf_dir: str, out: str, dtype: str) -> str:
     from lightjax.checkpoint import save_exported
     from lightjax.convert.hf import load_hf_checkpoint, read_hf_config
     from lightjax.data.tokenizers import load_hf_tokenizer
+    from lightjax.files import staged_dir
 
     cfg, params = load_hf_checkpoint(hf_dir)
-    out_path = save_exported(out, cfg, params, dtype)
-    (out_path / "hf_config.json").write_text(json.dumps(read_hf_config(hf_dir), indent=1))
-    try:
-        load_hf_tokenizer(hf_dir).save(out_path / "tokenizer")
-        tokenizer = "with its tokenizer"
-    except FileNotFoundError:
-        tokenizer = "without a tokenizer (none in the HF directory)"
-    return f"Imported {cfg.name} ({cfg.n_layer} layers, {dtype}) into {out_path}, {tokenizer}."
+    with staged_dir(Path(out).absolute()) as stage:  # a failed import leaves no half-written folder
+        save_exported(stage, cfg, params, dtype)
+        (stage / "hf_config.json").write_text(json.dumps(read_hf_config(hf_dir), indent=1))
+        try:
+            load_hf_tokenizer(hf_dir).save(stage / "tokenizer")
+            tokenizer = "with its tokenizer"
+        except FileNotFoundError:
+            tokenizer = "without a tokenizer (none in the HF directory)"
+    return f"Imported {cfg.name} ({cfg.n_layer} layers, {dtype}) into {Path(out).absolute()}, {tokenizer}."
 
 
 def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out: str, dtype: str,
@@ -52,6 +54,7 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
 
     from lightjax.checkpoint import load_exported, restore_params
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
+    from lightjax.files import staged_dir
     from lightjax.run_config import model_config
 
     token_ids = {}
@@ -68,9 +71,10 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
         cfg, source = model_config(config), Path(workdir)
     model_type = hf_model_type(cfg, model_type)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    out_path = save_hf_checkpoint(out, params, cfg, model_type, token_ids)
-    tokenizer = _export_tokenizer(source / "tokenizer", out_path)
-    return f"Exported {cfg.name} as HF {model_type} ({dtype}) to {out_path}; {tokenizer}."
+    with staged_dir(Path(out).absolute()) as stage:  # a failed export leaves no half-written folder
+        save_hf_checkpoint(stage, params, cfg, model_type, token_ids)
+        tokenizer = _export_tokenizer(source / "tokenizer", Path(stage))
+    return f"Exported {cfg.name} as HF {model_type} ({dtype}) to {Path(out).absolute()}; {tokenizer}."
 
 
 def _export_tokenizer(tokenizer_dir: Path, out: Path) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,26 +106,24 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, c
     json.loads((workdir / "config.json").read_text())
 
 
-def _limit_file_size(limit):
-    """For a child process: writes beyond `limit` bytes per file fail with EFBIG ('File too large'),
-    as a quota or a full disk makes them fail, instead of killing the process."""
-    def preexec():
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
+def _limit_file_size(limit, cmd):
+    """`cmd` run so that writes beyond `limit` bytes per file fail with EFBIG ('File too large'), as a
+    quota or a full disk makes them fail, instead of killing the process (the limit and the ignored
+    SIGXFSZ survive the exec; no fork of this multithreaded process is needed)."""
+    setup = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", setup, *cmd]
 
 
-def _train_until_a_save_fails(workdir, preexec=None):
+def _train_until_a_save_fails(workdir, file_size_limit):
     """A run saved at step 2, then resumed for 400 steps under conditions where its next save (step 200)
     fails; the save after (step 400) is far enough that only a prompt check of the first stops the run."""
     common = ["--config.optim.warmup_steps=1", "--config.logging.tensorboard=False"]
     cmd, env = cli_command(workdir, "--config.train.max_steps=2", "--config.checkpoint.save_every=2", *common)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     cmd, env = cli_command(workdir, "--config.train.max_steps=400", "--config.checkpoint.save_every=200", *common)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+    return subprocess.run(_limit_file_size(file_size_limit, cmd), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def _stopped_in_one_line(out, workdir, cause):
@@ -139,7 +138,7 @@ def _stopped_in_one_line(out, workdir, cause):
 
 def test_a_failed_save_stops_the_run_in_one_line(tmp_path):
     workdir = tmp_path / "run"
-    out = _train_until_a_save_fails(workdir, _limit_file_size(100_000))  # the checkpoint's data file is larger
+    out = _train_until_a_save_fails(workdir, 100_000)  # the checkpoint's data file is larger
     _stopped_in_one_line(out, workdir, "File too large (errno 27)")
 
 
@@ -164,3 +163,24 @@ def test_a_read_only_checkpoint_folder_stops_the_run_in_one_line(tmp_path):
     finally:
         subprocess.run(["umount", str(checkpoints)] if os.geteuid() == 0 else ["chmod", "755", str(checkpoints)],
                        capture_output=True)
+
+
+def test_a_failed_export_leaves_no_half_written_folder(uninterrupted, tmp_path):
+    from lightjax.checkpoint import export_params
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    (run / "tokenizer" / "vocab.extra").symlink_to(tmp_path / "nowhere")  # copying it fails mid-export
+    out = tmp_path / "export"
+    with pytest.raises(OSError):
+        export_params(run, out)
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier export")
+    with pytest.raises(OSError):
+        export_params(run, out)
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]  # left as it was
+    (run / "tokenizer" / "vocab.extra").unlink()
+    export_params(run, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model_config.json", "params", "tokenizer"]
+    assert not list(tmp_path.glob(".export*"))
