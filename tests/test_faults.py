@@ -184,3 +184,17 @@ def test_a_failed_export_leaves_no_half_written_folder(uninterrupted, tmp_path):
     export_params(run, out)
     assert sorted(p.name for p in out.iterdir()) == ["model_config.json", "params", "tokenizer"]
     assert not list(tmp_path.glob(".export*"))
+
+
+def test_kill_9_during_saves_evaluations_and_at_random_resumes_exactly(tmp_path):
+    """scripts/fault_injection.py at a small size: 6 kills (2 of each kind) of a 60-step run that
+    evaluates every 10 and saves every 7 steps; every resume's metrics equal the uninterrupted run's."""
+    cmd, env = cli_command(tmp_path / "unused")
+    train_args = [a for a in cmd[2:] if not a.startswith("--workdir")]
+    out = subprocess.run([sys.executable, "scripts/fault_injection.py", "--kills=6", "--steps=60", "--seed=1",
+                          f"--out={tmp_path / 'faults'}", "--", *train_args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "after 6 kills: metrics.jsonl (66 rows) and the final parameters equal" in out.stdout
+    summary = out.stdout.strip().splitlines()[-1]
+    assert summary.startswith("PASS: 6 of 6 kills landed") and " 0 cut a save short" not in summary, summary
