@@ -143,7 +143,7 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
     every `save_every` steps (synthetic batches, so only the model and the saves are timed)."""
     import tempfile
 
-    from lightjax.checkpoint import Checkpointer
+    from lightjax.checkpoint import Checkpointer, state_digests
 
     training = setup_training(config)
     state = training.init_state()
@@ -172,10 +172,25 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
         checkpointer = Checkpointer(tmp, keep=2, async_save=config.checkpoint.async_save)
         saving_s, blocked = run(steps, checkpointer)
         checkpointer.wait()
+        restore_s = _timed(lambda: checkpointer.restore(checkpointer.steps()[-1], training.abstract_state()))
         checkpointer.close()
+    digest_s = _timed(lambda: state_digests(state))  # part of every save and every restore
     return {"model": cfg.name, "async_save": config.checkpoint.async_save, "steps": steps,
             "save_every": save_every, "step_ms_without_saves": plain_s * 1e3,
-            "step_ms_with_saves": saving_s * 1e3, "save_blocking_ms": [b * 1e3 for b in blocked]}
+            "step_ms_with_saves": saving_s * 1e3, "save_blocking_ms": [b * 1e3 for b in blocked],
+            "restore_ms": restore_s * 1e3, "digest_ms": digest_s * 1e3,
+            "state_mib": sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20}
+
+
+def _timed(fn: Any, repeats: int = 3) -> float:
+    """Median seconds of fn() after one untimed call (compilation)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def benchmark_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128,

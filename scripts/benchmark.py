@@ -57,7 +57,9 @@ def main(argv):
         print(json.dumps(r) if _JSON.value else
               f"{r['model']} async_save={r['async_save']} | step {r['step_ms_without_saves']:.1f} ms without saves, "
               f"{r['step_ms_with_saves']:.1f} ms saving every {r['save_every']} steps | each save blocked the loop "
-              + ", ".join(f"{b:.0f} ms" for b in r["save_blocking_ms"]), flush=True)
+              + ", ".join(f"{b:.0f} ms" for b in r["save_blocking_ms"])
+              + f" | restore {r['restore_ms']:.0f} ms | checksums of the {r['state_mib']:.0f} MiB state "
+              f"{r['digest_ms']:.1f} ms (in each save and restore)", flush=True)
         return
     if _DATA.value:
         for workers in (0, 2):
