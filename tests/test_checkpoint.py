@@ -53,6 +53,42 @@ def test_changed_model_is_refused(tmp_path):
     assert train(c, workdir)["step"] == 4
 
 
+# The keys whose change makes a resumed run another experiment (model, data, optimizer, seed, batch,
+# parameter dtype, loss); written out here so that a new config key is a decision, not a default.
+FROZEN = {"data.source", "data.tokenizer", "data.seq_len", "data.text_field", "data.val_split", "data.val_fraction",
+          "train.seed", "train.global_batch_size", "train.param_dtype", "train.z_loss"}
+
+
+def _changed(value):
+    if value is None:
+        return 1
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return [*value, "x"]
+
+
+def test_every_frozen_key_is_refused_and_every_other_allowed():
+    from lightjax.checkpoint import _flatten, config_changes
+    from lightjax.run_config import default_config
+
+    saved = json.loads(default_config().to_json_best_effort())
+    keys = _flatten(saved)
+    frozen = {k for k in keys if k.startswith(("model.", "optim."))} | FROZEN
+    for key, value in keys.items():
+        *path, name = key.split(".")
+        changed = json.loads(json.dumps(saved))
+        node = changed
+        for part in path:
+            node = node[part]
+        node[name] = _changed(value)
+        expected = [f"{key}: {value!r} -> {_changed(value)!r}"] if key in frozen else []
+        assert config_changes(saved, changed) == expected, key
+
+
 def test_restore_onto_other_meshes(tmp_path):
     def setup(mesh):
         c = run_config(tmp_path)

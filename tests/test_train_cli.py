@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from lightjax.run_config import ConfigError, validate
@@ -222,6 +224,14 @@ def test_non_finite_loss_stops_without_saving_it(tmp_path):
 
 
 def test_skip_nonfinite_skips_the_update(tmp_path):
+    """Every step after the first diverges and is skipped: the parameters saved at steps 3 and 6 are
+    the same (an applied non-finite update would have made them NaN)."""
+    import orbax.checkpoint as ocp
+
     summary = train(_smoke_config(tmp_path, skip_nonfinite=True), tmp_path / "run")
     rows = [r for r in _rows(tmp_path / "run") if "loss" in r]
-    assert summary["step"] == 6 and any(r["skipped"] for r in rows)
+    assert summary["step"] == 6 and [r["skipped"] for r in rows] == [False] + [True] * 5
+    saved = {s: ocp.StandardCheckpointer().restore((tmp_path / "run" / "checkpoints" / str(s) / "state").absolute())
+             for s in (3, 6)}
+    for a, b in zip(jax.tree.leaves(saved[3]["params"]), jax.tree.leaves(saved[6]["params"]), strict=True):
+        assert np.isfinite(a).all() and np.array_equal(a, b)
