@@ -51,11 +51,15 @@ def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# Parameter names of the layers (layers.py): a model may lack some (Llama has no biases).
+PARAMETER_NAMES = ("kernel", "bias", "scale", "embedding")
+
+
 def check_no_decay(no_decay: Any, params: Any) -> None:
-    """A ValueError unless every name in `no_decay` is some parameter's own name (a typo would
-    silently decay everything)."""
+    """A ValueError unless every name in `no_decay` is a layer parameter's name or one of this model's
+    (a typo would silently decay everything)."""
     names = {[k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]} | set(PARAMETER_NAMES)
     unknown = [n for n in tuple(no_decay) if n not in names]
     if unknown:
         raise ValueError(f"config.optim.no_decay={tuple(no_decay)!r} names no parameter of this model: "

@@ -124,14 +124,34 @@ def test_sampling_draws_follow_the_filtered_distribution():
 
 
 def test_decode_loop_compiles_once_per_batch_and_length_bucket():
-    model, params = _model("llama", seed=3)
+    model, params = _model("llama", seed=3, n_embd=48)  # a shape no other test compiles: order-independent
+    first = compiled_programs()
     generate(model, params, [[1, 2, 3], [4, 5]], 5)
     before = compiled_programs()
+    assert before == first + 1
     generate(model, params, [[7], [8, 9, 10, 11]], 3, temperature=0.7, top_k=5, top_p=0.9)  # same buckets
     generate(model, params, [[1, 2, 3, 4, 5], [6]], 6, eos_id=3, seed=4)
     assert compiled_programs() == before
     generate(model, params, [[1, 2, 3]] * 5, 5)  # another batch size: one more program
     assert compiled_programs() == before + 1
+
+
+def test_text_generation_cuts_at_the_first_stop_string():
+    import string
+
+    from lightjax.data.tokenizers import CharTokenizer
+    from lightjax.generate import cut_at_stop, generate_text
+
+    assert cut_at_stop("abc\n\nHAMLET: x", ["HAMLET:", "\n\n"]) == "abc"
+    assert cut_at_stop("no stop here", ["zz", ""]) == "no stop here"
+    model, params = _model("pythia")
+    tokenizer = CharTokenizer(string.printable[:VOCAB])
+    full = generate_text(model, params, tokenizer, ["abc", "xy"], 12)
+    assert [len(text) for text in full] == [12, 12]
+    assert full[0] == tokenizer.decode(generate(model, params, [tokenizer.encode("abc").tolist()], 12)[0])
+    stop = full[0][5:7]
+    cut = generate_text(model, params, tokenizer, ["abc", "xy"], 12, stop=[stop])
+    assert cut == [full[0][:full[0].find(stop)], cut_at_stop(full[1], [stop])] and stop not in cut[0]
 
 
 def test_stops_at_eos_and_bounds_max_new_tokens():
