@@ -27,7 +27,7 @@ def test_benchmark_one_device_json():
     assert r["devices"] == 1 and r["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     for key in ("compile_s", "step_ms", "tokens_per_s", "mfu", "argument_bytes_per_device", "temp_bytes_per_device"):
         assert r[key] > 0, key
-    assert 0.8 < r["xla_flops_ratio"] < 1.3
+    assert 1.02 < r["xla_flops_ratio"] < 1.16  # measured 1.089: softmax, norms and the optimizer on top
 
 
 def test_benchmark_eight_devices_one_line_per_mesh():

@@ -19,18 +19,20 @@ def test_flops_per_token_formula():
 
 
 def test_model_flops_agree_with_xla_cost_analysis():
+    """Sequences of 256 on a 64-wide model, where attention is 45% of the model's FLOPs: dropping the
+    attention term (ratio ~2.0) or doubling it (~0.76) falls outside the bounds."""
     config = tiny_run_config("llama")
-    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 128, 256, 32
-    config.model.block_size = 32
+    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 64, 128, 256
+    config.model.block_size = 256
     training = setup_training(config, jax.devices()[:1])
-    state = training.init_state()
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 32, 96), training.mesh)
-    compiled = training.train_step.lower(state, batch).compile()
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 256, 96), training.mesh)
+    compiled = training.train_step.lower(training.abstract_state(), batch).compile()
     xla = compiled.cost_analysis()
     xla = xla[0] if isinstance(xla, list) else xla
-    ratio = xla["flops"] / (flops_per_token(training.model_config, 32) * 8 * 32)
-    # XLA also counts softmax, norms, the optimizer and the causal half of attention; within 25%.
-    assert 0.8 < ratio < 1.25, ratio
+    ratio = xla["flops"] / (flops_per_token(training.model_config, 256) * 8 * 256)
+    # XLA also counts softmax, norms and the optimizer (measured 1.095); the full T x T square of attention
+    # is counted by both.
+    assert 1.02 < ratio < 1.16, ratio
 
 
 @pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
