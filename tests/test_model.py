@@ -37,6 +37,26 @@ def _apply(model, params, tokens, **kwargs):
     return jax.jit(lambda p, t: model.apply({"params": p}, t, **kwargs))(params, tokens)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_compute_dtype_reaches_every_matmul_while_norms_and_softmax_stay_float32(dtype):
+    """The forward program of a run's model (train.dtype): every matmul's operands in that dtype; the
+    attention softmax and the norms' rsqrt in float32 either way."""
+    import re
+
+    from lightjax.train_step import build_model
+
+    cfg = tiny_config("llama")
+    model = build_model(cfg, {"dtype": dtype, "param_dtype": "float32", "scan_layers": False, "remat": "none"})
+    params, tokens = _init(cfg)
+    text = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).as_text()
+    short = {"bfloat16": "bf16", "float32": "f32"}[dtype]
+    operands = re.findall(r"stablehlo\.dot_general .*: \(tensor<[\dx]*x(\w+)>, tensor<[\dx]*x(\w+)>\)", text)
+    assert len(operands) == 15 and all(pair == (short, short) for pair in operands), operands
+    scores = re.findall(r"stablehlo\.exponential .*: tensor<[\dx]*x16x16x(\w+)>", text)  # softmax over [.., T, T]
+    rsqrt = re.findall(r"stablehlo\.rsqrt .*: tensor<[\dx]*x(\w+)>", text)
+    assert scores and set(scores) == {"f32"} and rsqrt and set(rsqrt) == {"f32"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shapes_and_dtypes(family):
     cfg = tiny_config(family)
