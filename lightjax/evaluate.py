@@ -15,7 +15,7 @@ from etils import epath
 
 from lightjax.checkpoint import restore_params
 from lightjax.data.pipeline import eval_batches, token_stream
-from lightjax.data.sources import load_split
+from lightjax.data.sources import load_split, pieces
 from lightjax.data.tokenizers import load_tokenizer
 from lightjax.metrics import append_row
 from lightjax.sharding import shard_batch
@@ -25,8 +25,10 @@ from lightjax.train_step import Training, setup_training
 def text_units(docs: Any, num_tokens: int) -> dict[str, float]:
     """Tokens per character and per UTF-8 byte of a split of `num_tokens` tokens, to turn nats per token
     into bits per unit."""
-    chars = sum(len(docs[i]) for i in range(len(docs)))
-    nbytes = sum(len(docs[i].encode("utf-8")) for i in range(len(docs)))
+    chars = nbytes = 0
+    for i in range(len(docs)):
+        for piece in pieces(docs[i]):  # a long document a piece at a time
+            chars, nbytes = chars + len(piece), nbytes + len(piece.encode("utf-8"))
     return {"tokens_per_char": num_tokens / max(chars, 1), "tokens_per_byte": num_tokens / max(nbytes, 1)}
 
 
