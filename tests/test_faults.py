@@ -60,6 +60,13 @@ def test_array_data_that_reads_but_differs_falls_back(saved_run, tmp_path, capsy
     assert "the data of 1 array(s) (params/wte/embedding) differs from what was saved" in out
 
 
+def test_truncated_array_data_falls_back(saved_run, tmp_path, capsys, uninterrupted):
+    for p in (saved_run / "checkpoints" / "12" / "state").rglob("*"):
+        if p.is_file() and p.stat().st_size > 1000:
+            p.write_bytes(p.read_bytes()[:100])
+    _resumes_from_6(saved_run, tmp_path, capsys, uninterrupted)
+
+
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
 def test_missing_or_truncated_metadata_falls_back(saved_run, tmp_path, capsys, uninterrupted, damage):
     meta = saved_run / "checkpoints" / "12" / "meta" / "metadata"
