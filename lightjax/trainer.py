@@ -118,20 +118,6 @@ def _resume(config: Any, checkpointer: Checkpointer, training: Training,
     """(state, meta): restored per config.checkpoint.resume, or freshly initialised (from
     config.train.init_from's weights when given)."""
     mode = config.checkpoint.resume
-    if mode == "never":
-        return _fresh_state(config, training), {}
-    source = checkpointer
-    if mode != "auto":
-        path = epath.Path(mode)
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-        if not (run_dir / "checkpoints").is_dir():
-            raise CheckpointError(f"config.checkpoint.resume={mode!r}: no checkpoints/ under {run_dir}.")
-        source = Checkpointer(run_dir, async_save=False)
-    steps = source.steps()
-    if not steps:
-        if mode != "auto":
-            raise CheckpointError(f"config.checkpoint.resume={mode!r}: no complete checkpoint there.")
-        return _fresh_state(config, training), {}
 
     def same_run(meta: dict[str, Any]) -> None:
         changes = config_changes(meta.get("config", {}), config_dict)
@@ -139,13 +125,38 @@ def _resume(config: Any, checkpointer: Checkpointer, training: Training,
             raise CheckpointError("Cannot resume: these settings differ from the checkpoint's run: "
                                   + "; ".join(changes) + ". Use a new --workdir or --config.checkpoint.resume=never.")
 
-    restored = source.restore_latest(training.abstract_state(), same_run)
-    if restored is None:
-        raise CheckpointError(f"No checkpoint under {source.directory} could be read.")
-    state, meta = restored
-    print_once(f"Resumed from {source.directory / str(meta['step'])} (step {meta['step']}) on "
-               f"{jax.process_count()} process(es).")
-    return state, meta
+    if mode == "never" or (mode == "auto" and not checkpointer.steps()):
+        return _fresh_state(config, training), {}
+    if mode == "auto":
+        restored = checkpointer.restore_latest(training.abstract_state(), same_run)
+        if restored is None:
+            raise CheckpointError(f"No checkpoint under {checkpointer.directory} could be read.")
+        where = checkpointer.directory / str(restored[1]["step"])
+    else:
+        restored, where = _restore_from(mode, training, same_run)
+    print_once(f"Resumed from {where} (step {restored[1]['step']}) on {jax.process_count()} process(es).")
+    return restored
+
+
+def _restore_from(mode: str, training: Training, same_run: Any) -> tuple[tuple[Any, dict[str, Any]], epath.Path]:
+    """checkpoint.resume=PATH: another run's latest checkpoint (PATH its workdir) or one of them
+    (PATH = RUN/checkpoints/STEP). Nothing in that run is changed; a damaged checkpoint is an error."""
+    path = epath.Path(mode)
+    step = int(path.name) if path.parent.name == "checkpoints" and path.name.isdigit() else None
+    run_dir = path.parent.parent if step is not None else path
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"config.checkpoint.resume={mode!r}: no checkpoints/ under {run_dir}.")
+    source = Checkpointer(run_dir, async_save=False)
+    try:
+        steps = source.steps()
+        step = steps[-1] if step is None and steps else step
+        if step not in steps:
+            raise CheckpointError(f"config.checkpoint.resume={mode!r}: no complete checkpoint "
+                                  f"{'there' if step is None else step} (there are {steps or 'none'}).")
+        same_run(source.read_meta(step))
+        return source.restore(step, training.abstract_state()), source.directory / str(step)
+    finally:
+        source.close()
 
 
 def _fresh_state(config: Any, training: Training) -> Any:
