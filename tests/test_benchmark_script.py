@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config.model.n_embd=64",
@@ -46,3 +49,17 @@ def test_benchmark_bad_setting_is_one_line():
     assert out.stderr.strip().splitlines()[-1] == (
         "benchmark: config.train.global_batch_size=12 must be divisible by "
         "mesh.data*mesh.fsdp*train.grad_accum_steps = 8*1*1 = 8.")
+
+
+@pytest.mark.parametrize("mode,pattern", [
+    ("--generate=1,2", r"decode batch 1 \| \d+ new tokens after 16 \| [\d,]+ tok/s .*\n.*decode batch 2 \|"),
+    ("--checkpoint", r"each save blocked the loop \d+ ms \| restore \d+ ms \| checksums of the \d+ MiB state"),
+    ("--data", r"data tiny_shakespeare tokenizer=char workers=0 \| prepared 1,003,854 tokens .*\n"
+               r".*workers=2 \| prepared 1,003,854 tokens"),
+])
+def test_benchmark_modes(tmp_path, mode, pattern):
+    from tests.helpers import SHAKESPEARE
+
+    out = _run(*TINY, mode, f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(pattern, out.stdout), out.stdout[-2000:]

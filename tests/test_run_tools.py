@@ -136,3 +136,29 @@ def test_convert_hf_export_of_a_training_run(smoke_run, tmp_path):
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_export_script_and_a_bfloat16_hugging_face_export(smoke_run, tmp_path):
+    """scripts/export.py --dtype bfloat16 and convert_hf.py export --dtype bfloat16: the run's parameters
+    cast to bfloat16, in an export directory and in bfloat16 safetensors."""
+    import jax
+    import ml_dtypes
+
+    from lightjax.checkpoint import load_exported, restore_params
+    from lightjax.convert.hf import params_to_hf
+    from lightjax.run_config import model_config
+
+    config, params, _ = restore_params(smoke_run)
+    bf16 = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), params)
+    out = run_script("export.py", f"--workdir={smoke_run}", f"--out={tmp_path / 'export'}", "--dtype=bfloat16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, exported = load_exported(tmp_path / "export")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), exported, bf16)
+    assert (tmp_path / "export" / "tokenizer" / "tokenizer.json").exists()
+    out = run_script("convert_hf.py", "export", f"--workdir={smoke_run}", f"--out={tmp_path / 'hf'}",
+                     "--dtype=bfloat16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    written, want = read_hf_state_dict(tmp_path / "hf"), params_to_hf(bf16, model_config(config))
+    assert sorted(written) == sorted(want)
+    assert all(written[k].dtype == ml_dtypes.bfloat16 and np.array_equal(written[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
