@@ -105,8 +105,8 @@ def print_once(text: str) -> None:
         print(text, flush=True)
 
 
-def exit_with_error(message: str) -> None:
-    """Print `message` (one line) and exit with status 1. Exit at once, not through Python's shutdown,
+def exit_with_error(message: str, status: int = 1) -> None:
+    """Print `message` (one line) and exit with `status`. Exit at once, not through Python's shutdown,
     where that would wait: in a multi-process job JAX's shutdown waits (minutes) for processes that are
     themselves waiting for this one in a collective (its silence makes the coordination service stop
     them instead), and after a failed save Orbax's background threads wait for signals that never come."""
@@ -115,5 +115,5 @@ def exit_with_error(message: str) -> None:
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if jax.process_count() > 1 or stuck:
         sys.stdout.flush()
-        os._exit(1)
-    sys.exit(1)
+        os._exit(status)
+    sys.exit(status)

@@ -58,4 +58,8 @@ def main(argv):
 if __name__ == "__main__":
     from lightjax.cli import one_line_flags_parser
 
-    app.run(main, flags_parser=one_line_flags_parser("train"))
+    try:
+        app.run(main, flags_parser=one_line_flags_parser("train"))
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler is in place, or a second one inside the loop
+        sys.stderr.write("train: interrupted by Ctrl-C; the same command resumes from the last checkpoint.\n")
+        sys.exit(130)

@@ -122,18 +122,51 @@ def test_restore_onto_other_meshes(tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
-    workdir = tmp_path / "run"
-    cmd, env = cli_command(workdir, "--config.train.max_steps=10000", "--config.checkpoint.save_every=0")
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_exits_zero_and_the_run_resumes_exactly(tmp_path, stop):
+    common = ["--config.train.max_steps=40", "--config.checkpoint.save_every=0"]
+    cmd, env = cli_command(tmp_path / "full", *common)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    workdir = tmp_path / "stopped"
+    cmd, env = cli_command(workdir, *common)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_rows(workdir, 5, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, stop))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
-    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(steps) == 1 and steps[0] >= 5
-    assert f"SIGTERM: saved step {steps[0]} to " in out
-    assert max(losses(workdir)) == steps[0]
+    (saved,) = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert 5 <= saved < 40 and f"{stop}: saved step {saved} to " in out and max(losses(workdir)) == saved
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert_same_run(tmp_path / "full", workdir)
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    """The first SIGINT asks the loop to save and stop; a second one raises KeyboardInterrupt at once."""
+    import os
+
+    from lightjax.trainer import _StopSignal
+
+    stop = _StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+
+
+def test_ctrl_c_before_the_loop_is_one_line(tmp_path):
+    cmd, env = cli_command(tmp_path / "run", "--config.train.max_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = [proc.stdout.readline()]
+    while "Prepared" not in seen[-1] and seen[-1]:  # the data is ready; the loop has not started
+        seen.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert out.strip().splitlines()[-1] == ("train: interrupted by Ctrl-C; the same command resumes from the "
+                                            "last checkpoint.")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
