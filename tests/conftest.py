@@ -12,6 +12,18 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+def pytest_runtest_setup(item):
+    """Tests marked `shakespeare` need the local Tiny Shakespeare copy (nothing is downloaded in tests):
+    skipped where it is missing, a failure in CI (LIGHTJAX_REQUIRE_DATA=1)."""
+    from tests.helpers import SHAKESPEARE
+
+    if item.get_closest_marker("shakespeare") and not SHAKESPEARE.is_file():
+        reason = f"the Tiny Shakespeare copy {SHAKESPEARE} is missing"
+        if os.environ.get("LIGHTJAX_REQUIRE_DATA") == "1":
+            pytest.fail(f"LIGHTJAX_REQUIRE_DATA=1 but {reason}")
+        pytest.skip(reason)
+
+
 def require_hf():
     """(torch, transformers) for parity tests. Skips locally when missing; fails when
     LIGHTJAX_REQUIRE_HF=1 (set by .ci/run), so CI can never pass by skipping them."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config.model.n_embd=64",
         "--config.model.n_head=4", "--config.data.seq_len=32", "--config.train.global_batch_size=8",

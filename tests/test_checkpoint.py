@@ -15,6 +15,8 @@ from lightjax.trainer import train
 from tests.helpers import ROOT
 from tests.runs import assert_same_run, cli_command, final_params, losses, run_config, wait_for_rows
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 def test_exact_resume(uninterrupted, tmp_path):
     workdir = tmp_path / "run"

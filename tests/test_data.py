@@ -20,8 +20,10 @@ from lightjax.data.pipeline import (
 from lightjax.data.sources import load_split, split_documents
 from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer
 from lightjax.run_config import default_config
+from tests.helpers import SHAKESPEARE
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 
 def _data_config(tmp_path, **kw):

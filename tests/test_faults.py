@@ -18,6 +18,8 @@ from lightjax.trainer import train
 from tests.helpers import ROOT
 from tests.runs import assert_same_run, cli_command, losses, run_config
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 @pytest.fixture
 def saved_run(tmp_path):

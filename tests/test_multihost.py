@@ -18,6 +18,8 @@ from lightjax.launch import free_port
 from tests.fake_gcs import fake_gcs
 from tests.helpers import ROOT, SHAKESPEARE
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 # The README's multi-host example, shortened to 8 steps, evaluated at the end.
 SMOKE = ["--config", "configs/smoke.py", f"--config.data.local_path={SHAKESPEARE}", "--config.train.max_steps=8",
          "--config.optim.warmup_steps=2", "--config.train.log_every=1", "--config.train.eval_every=8",

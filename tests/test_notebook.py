@@ -11,6 +11,8 @@ from nbclient import NotebookClient
 
 from tests.helpers import ROOT, SHAKESPEARE
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 NOTEBOOKS = ROOT / "colab"
 
 

@@ -13,6 +13,8 @@ from lightjax.trainer import train
 from tests.helpers import tiny_run_config
 from tests.runs import losses, run_config
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 def test_max_tokens_and_max_time_end_the_run(tmp_path):
     c = run_config(tmp_path, max_steps=12, save_every=0)

@@ -14,6 +14,8 @@ from lightjax.trainer import train
 from tests.conftest import require_hf
 from tests.helpers import VOCAB, load_config, random_hf_model, run_script
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):

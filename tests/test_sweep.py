@@ -13,6 +13,8 @@ from lightjax.sweep import markdown, plot, settings, sweep
 from tests.helpers import ROOT, SHAKESPEARE, tiny_run_config
 from tests.test_hardware import _require_libtpu
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 def test_settings_are_every_combination():
     got = settings("8,1,1:1,8,1", "default,replicated", "none", "8,16")

@@ -15,6 +15,8 @@ from lightjax.data.tokenizers import (
     train_sentencepiece,
 )
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

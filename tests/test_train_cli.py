@@ -15,9 +15,10 @@ import pytest
 
 from lightjax.run_config import ConfigError, validate
 from lightjax.trainer import train
+from tests.helpers import ROOT, SHAKESPEARE
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen", "elapsed_s"}
 EVAL_KEYS = {"step", "val_loss", "val_ppl", "val_bpc", "val_tokens", "tokens_seen", "elapsed_s"}
 

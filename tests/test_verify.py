@@ -22,6 +22,8 @@ from lightjax.verify import (
 )
 from tests.helpers import SHAKESPEARE, load_config, run_script, tiny_run_config
 
+pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
+
 
 @pytest.mark.parametrize("mesh", [(1, 1, 1), (2, 2, 2)])
 def test_smoke_config_overfits_one_batch_with_gradient_in_every_layer(mesh):
