@@ -1,6 +1,7 @@
 """Sharding on 8 simulated CPU devices: the same training on every mesh, and the layouts the rules promise."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -110,22 +111,20 @@ def test_tensor_parallel_splits_outputs_then_inputs():
     assert ways(layer["norm_1"]["scale"]) == (1,)
 
 
-def _argument_bytes(config):
-    training = setup_training(config)
-    state = training.init_state()
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size,
-                                        config.data.seq_len, training.model_config.vocab_size), training.mesh)
-    return training.train_step.lower(state, batch).compile().memory_analysis().argument_size_in_bytes
+def _state_bytes_per_device(config):
+    """Bytes of one device's share of the train state, from the shardings (nothing compiled)."""
+    state = setup_training(config).abstract_state()
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 def test_fsdp_cuts_per_device_state_memory():
-    base = default_config()  # baseline-tiny
+    base = default_config()  # baseline-tiny: 10.7M parameters, 123 MiB of state
     base.data.seq_len, base.train.global_batch_size, base.train.scan_layers = 64, 8, True
     base.mesh.data, base.mesh.fsdp = 8, 1
-    data_bytes = _argument_bytes(base)
+    data_bytes = _state_bytes_per_device(base)
     base.mesh.data, base.mesh.fsdp = 1, 8
-    fsdp_bytes = _argument_bytes(base)
-    assert fsdp_bytes <= data_bytes / 4, (fsdp_bytes, data_bytes)
+    fsdp_bytes = _state_bytes_per_device(base)
+    assert data_bytes > 120 * 2**20 and fsdp_bytes <= data_bytes / 7, (fsdp_bytes, data_bytes)
 
 
 def test_gradient_accumulation_matches_one_big_batch():

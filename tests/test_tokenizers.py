@@ -78,7 +78,9 @@ def test_sentencepiece_round_trips_every_split(splits, tmp_path):
 
 
 def test_train_tokenizer_script(tmp_path):
-    out = subprocess.run([sys.executable, "scripts/train_tokenizer.py", f"--tiny_shakespeare={SHAKESPEARE}",
+    """The script over a small corpus (the SentencePiece training itself is tested above on the split)."""
+    (tmp_path / "corpus.txt").write_text(SHAKESPEARE.read_text()[:60_000])
+    out = subprocess.run([sys.executable, "scripts/train_tokenizer.py", f"--input={tmp_path}/*.txt",
                           "--vocab_size=400", f"--out={tmp_path / 'spm'}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
