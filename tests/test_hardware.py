@@ -80,7 +80,8 @@ def test_train_step_compiles_for_a_tpu_slice(mesh):
     memory = compiled.memory_analysis()
     assert memory.argument_size_in_bytes > 0 and memory.output_size_in_bytes > 0
     model_flops = flops_per_token(training.model_config, 16) * 8 * 16 / 4
-    assert 0.8 < compiled_flops(compiled) / model_flops < 1.6  # per chip, the scanned stack counted per layer
+    # Per chip, the scanned stack counted per layer (measured 1.08-1.17; once per stack it would be ~0.55).
+    assert 0.95 < compiled_flops(compiled) / model_flops < 1.25
     sent = collectives(text)
     if mesh[1] == 4:
         assert sent["all-gather"]["bytes"] > 0 and sent["reduce-scatter"]["bytes"] > 0
