@@ -1,4 +1,4 @@
-"""The baseline with the seed project's SentencePiece tokenizer (16,000 pieces trained on the Tiny
+"""The baseline with a SentencePiece tokenizer (16,000 pieces trained on the Tiny
 Shakespeare training split) instead of characters. Its loss is per token, so compare runs across
 tokenizers by the validation bits per character (`val_bpc` in metrics.jsonl).
 

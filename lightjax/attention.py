@@ -27,8 +27,8 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | N
     Then `jax.nn.dot_product_attention` computes it, grouped queries natively: cuDNN flash attention
     on GPU for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's elsewhere.
     The explicit path below runs instead with `mask` (bool, broadcastable to [B, 1, T, S]: which
-    keys each query sees, as decoding with a KV cache needs; measured 2.6x faster for one query
-    against a cache on CPU), with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)),
+    keys each query sees, as decoding with a KV cache needs: for one query against a cache it is
+    faster than the fused call on CPU), with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)),
     and in float64 (gradient checks): the fused version's softmax is float32.
     """
     if mask is None and softcap is None and q.dtype != jnp.float64:

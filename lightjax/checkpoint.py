@@ -38,6 +38,7 @@ import lightjax
 from lightjax.distributed import is_leader, print_once
 from lightjax.files import staged_dir
 from lightjax.model import unstack_layers
+from lightjax.run_config import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +276,6 @@ def absolute(path: str | epath.PathLike) -> epath.Path:
     return path if "://" in str(path) else path.absolute()
 
 
-DTYPE_NAMES = ("float32", "bfloat16")
-
-
 def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tuple[Any, Any, int]:
     """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
     run's checkpoint (default: the latest); the optimizer state is not kept."""
@@ -309,8 +307,8 @@ def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step
     OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
     from lightjax.run_config import model_config
 
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     config, params, step = restore_params(workdir, step)
     with staged_dir(absolute(out)) as stage:  # a failed export leaves no half-written folder
         save_exported(stage, model_config(config), params, dtype, step)
@@ -328,8 +326,8 @@ def save_exported(out: str | epath.PathLike, cfg: Any, params: Any, dtype: str =
     the export format, also written by `scripts/convert_hf.py import`."""
     import jax.numpy as jnp
 
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
     out = absolute(out)
     out.mkdir(parents=True, exist_ok=True)

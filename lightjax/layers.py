@@ -40,7 +40,7 @@ class Linear(nn.Module):
     """y = x @ kernel (+ bias), where the kernel may have several input and output axes.
 
     Written with `self.param` and `dot_general` rather than `nn.DenseGeneral`, whose multi-dimensional
-    logically partitioned kernels fail under `jax.set_mesh` (see STACK_NOTES.md).
+    logically partitioned kernels fail under `jax.set_mesh` in the Flax versions lightjax supports.
     """
 
     in_shape: tuple[int, ...]

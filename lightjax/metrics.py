@@ -61,7 +61,7 @@ def lookup_peak_flops(device_kind: str) -> float | None:
 def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 10,
                          device: jax.Device | None = None) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul on one device: a practical peak for CPUs,
-    which publish none (about 490 GFLOP/s in float32 on the 2-core development machine)."""
+    which publish none."""
     device = device or jax.local_devices()[0]  # jax.devices()[0] may belong to another process
     a = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)

@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import optax
 
+SCHEDULES = ("cosine", "constant", "linear", "wsd")
+
 
 def lr_schedule(optim: Mapping[str, Any], max_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then:
@@ -33,7 +35,7 @@ def lr_schedule(optim: Mapping[str, Any], max_steps: int) -> optax.Schedule:
         after = optax.join_schedules(
             [optax.constant_schedule(lr), optax.linear_schedule(lr, min_lr, decay)], [stable])
     else:
-        raise ValueError(f"config.optim.schedule={name!r} is not one of 'cosine', 'linear', 'constant', 'wsd'.")
+        raise ValueError(f"config.optim.schedule={name!r} is not one of {', '.join(SCHEDULES)}.")
     if warmup == 0:
         return after
     return optax.join_schedules([warmup_fn, after], [warmup])

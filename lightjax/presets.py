@@ -125,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         block_size=2048, vocab_size=65024, padded_vocab_size=65024, n_layer=32, n_head=71, n_embd=4544,
         n_query_groups=1, rotary_percentage=1.0, shared_attention_norm=True, bias=False, tie_embeddings=True,
     ),
-    # The seed project's baseline: a nanoGPT-sized model with Pythia's block layout, trained
+    # The baseline of configs/baseline.py: a nanoGPT-sized model with Pythia's block layout, trained
     # char-level on Tiny Shakespeare (65 symbols; the vocabulary is padded to 128 for the MXU/tensor cores).
     "baseline-tiny": dict(
         block_size=256, vocab_size=65, padding_multiple=64, n_layer=6, n_head=6, n_embd=384,

@@ -18,9 +18,9 @@ from ml_collections import config_dict
 from lightjax.config import ModelConfig
 from lightjax.data import tiny_shakespeare
 from lightjax.model import REMAT_POLICIES
+from lightjax.optim import SCHEDULES
 from lightjax.sharding import mesh_shape
 
-SCHEDULES = ("cosine", "constant", "linear", "wsd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.dtype / train.param_dtype names
 
 

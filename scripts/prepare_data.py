@@ -2,7 +2,7 @@
 
     python scripts/prepare_data.py --config configs/baseline.py
     python scripts/prepare_data.py --config configs/baseline.py \\
-        --config.data.local_path=../shared/data/tinyshakespeare/input.txt          # offline
+        --config.data.local_path=path/to/input.txt          # offline
     python scripts/prepare_data.py --config configs/baseline.py \\
         --config.data.tokenizer=spm:tokenizers/spm16k/tokenizer.model --spm_vocab_size=16000
 

@@ -1,7 +1,7 @@
 """Train a SentencePiece tokenizer (BPE or unigram) that round-trips text exactly.
 
     python scripts/train_tokenizer.py --input 'data/*.txt' --vocab_size 16000 --out tokenizers/spm16k
-    python scripts/train_tokenizer.py --tiny_shakespeare ../shared/data/tinyshakespeare/input.txt \\
+    python scripts/train_tokenizer.py --tiny_shakespeare path/to/input.txt \\
         --vocab_size 16000 --out tokenizers/shakespeare_spm16k
 
 With --tiny_shakespeare it trains on the training split only (TFDS's first 90% of the characters),
