@@ -232,9 +232,12 @@ class Checkpointer:
 
     def check(self) -> None:
         """Raise (CheckpointError) if a save running in the background has failed: called every step,
-        so that a full disk or a lost permission stops the run at once, not at the next save."""
+        so that a full disk or a lost permission stops the run at once, not at the next save. Free once
+        the last save is known to have succeeded."""
+        if not self._unconfirmed:
+            return
         self._guard(self.manager.check_for_errors)
-        if self._unconfirmed and not self.manager.is_saving_in_progress():
+        if not self.manager.is_saving_in_progress():
             self._unconfirmed = False
             self.wait()  # returns at once after a save that succeeded, raises its error after one that failed
 

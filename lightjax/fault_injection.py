@@ -13,13 +13,14 @@ exactly, in their deterministic fields (everything but timings), and so must its
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lightjax.metrics import read_metrics
 
 # Row fields that depend on the clock, not on the computation.
 TIMING_FIELDS = ("tokens_per_sec", "mfu", "elapsed_s")
@@ -38,18 +39,11 @@ class Kill:
 
 def rows_of(workdir: Path) -> list[dict[str, Any]]:
     """The metrics rows without their timing fields; a torn last line (a kill mid-write) is dropped."""
-    path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if i < len(lines) - 1:
-                raise AssertionError(f"{path}, line {i + 1} is damaged") from None
-            continue
-        rows.append({k: v for k, v in row.items() if k not in TIMING_FIELDS})
-    return rows
+    try:
+        rows = read_metrics(workdir)
+    except ValueError as e:  # damage before the last line: no kill makes that
+        raise AssertionError(str(e)) from None
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
 
 
 def check_rows(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
@@ -145,37 +146,52 @@ def _trip_count(comps: dict[str, list[str]], rest: str, caller: list[str] | None
     return max(0, -(-(bound - init) // step))
 
 
-def _walk(comps: dict[str, list[str]], name: str, times: int, extra: list[float], seen: set) -> None:
-    """Add to extra[0] the matmul FLOPs of `name` (and what it calls) run `times` times but counted once."""
-    if (name, times) in seen or name not in comps:
-        return
-    seen.add((name, times))
+def _executions(comps: dict[str, list[str]], entry: str) -> Iterator[tuple[str, int]]:
+    """(computation, how many times one run of `entry` runs it) for every computation it reaches:
+    a while loop's body runs its trip count times as often as the loop. Each pair is given once (a
+    computation called from places with different counts is given once per count)."""
+    pending, seen = [(entry, 1)], set()
+    while pending:
+        name, times = pending.pop()
+        if (name, times) in seen or name not in comps:
+            continue
+        seen.add((name, times))
+        yield name, times
+        for line in comps[name]:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            op, rest = m.group(3), m.group(4)
+            trip = _trip_count(comps, rest, comps[name]) if op == "while" else 1
+            for callee in _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest)
+                                                 for c in g.split(",")]:
+                body = re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest)
+                pending.append((callee, times * trip if body else times))
+
+
+def _matmul_flops(lines: list[str]) -> float:
+    """FLOPs of the dots and convolutions of one computation's instructions."""
     shapes: dict[str, list[int] | None] = {}
-    for line in comps[name]:
+    total = 0.0
+    for line in lines:
         m = _INSTRUCTION.match(line)
         if not m:
             continue
         inst, shape, op, rest = m.groups()
         shapes[inst] = _dims(shape)
-        if op in ("dot", "convolution") and times > 1:
+        if op in ("dot", "convolution"):
             operands = re.findall(r"%([^,\s)]+)", rest.split(")")[0])
             lhs, rhs, result = shapes.get(operands[0]), shapes.get(operands[-1]), shapes[inst]
             if lhs is not None and rhs is not None and result is not None:
-                flops = _dot_flops(result, lhs, rest) if op == "dot" else _conv_flops(result, lhs, rhs, rest)
-                extra[0] += (times - 1) * flops
-        trip = _trip_count(comps, rest, comps[name]) if op == "while" else 1
-        callees = _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest) for c in g.split(",")]
-        for callee in callees:
-            inner = times * trip if re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest) else times
-            _walk(comps, callee, inner, extra, seen)
+                total += _dot_flops(result, lhs, rest) if op == "dot" else _conv_flops(result, lhs, rhs, rest)
+    return total
 
 
 def loop_corrected_flops(text: str, xla_flops: float) -> float:
     """`xla_flops` (cost analysis of the program in `text`) plus the loop iterations it left out."""
     comps, entry = computations(text)
-    extra = [0.0]
-    _walk(comps, entry, 1, extra, set())
-    return xla_flops + extra[0]
+    return xla_flops + sum((times - 1) * _matmul_flops(comps[name])
+                           for name, times in _executions(comps, entry) if times > 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,11 +233,7 @@ def collectives(text: str) -> dict[str, dict[str, float]]:
     operand, an all-reduce's result."""
     comps, entry = computations(text)
     totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
-
-    def visit(name: str, times: int, seen: set) -> None:
-        if (name, times) in seen or name not in comps:
-            return
-        seen.add((name, times))
+    for name, times in _executions(comps, entry):
         parsed = [m.groups() for line in comps[name] for m in [_INSTRUCTION.match(line)] if m]
         shapes = {inst: shape for inst, shape, _, _ in parsed}
         users: dict[str, list[tuple[str, str]]] = {}
@@ -230,22 +242,16 @@ def collectives(text: str) -> dict[str, dict[str, float]]:
                 users.setdefault(operand, []).append((inst, op))
         for inst, shape, op, rest in parsed:
             kind = op.removesuffix("-start")
-            if kind in COLLECTIVES:
-                nbytes = _nbytes(shape)
-                if kind == "reduce-scatter":
-                    operand = re.match(r"\s*%([^,\s)]+)", rest)
-                    nbytes = _nbytes(shapes.get(operand.group(1), "")) if operand else nbytes
-                elif kind == "all-reduce" and _scattered(inst, users):
-                    kind = "reduce-scatter"
-                totals[kind]["count"] += times
-                totals[kind]["bytes"] += times * nbytes
-            trip = _trip_count(comps, rest, comps[name]) if op == "while" else 1
-            for callee in _CALL.findall(rest) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(rest)
-                                                 for c in g.split(",")]:
-                body = re.search(rf"body=%{re.escape(callee)}(?=[,\s]|$)", rest)
-                visit(callee, times * trip if body else times, seen)
-
-    visit(entry, 1, set())
+            if kind not in COLLECTIVES:
+                continue
+            nbytes = _nbytes(shape)
+            if kind == "reduce-scatter":
+                operand = re.match(r"\s*%([^,\s)]+)", rest)
+                nbytes = _nbytes(shapes.get(operand.group(1), "")) if operand else nbytes
+            elif kind == "all-reduce" and _scattered(inst, users):
+                kind = "reduce-scatter"
+            totals[kind]["count"] += times
+            totals[kind]["bytes"] += times * nbytes
     return totals
 
 

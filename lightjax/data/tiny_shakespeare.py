@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import urllib.request
 from pathlib import Path
+
+from lightjax.files import write_atomic
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -60,7 +61,5 @@ def download(url: str, dest: Path, timeout_s: float = 10.0) -> Path:
         raise ConnectionError(f"Cannot download Tiny Shakespeare from {url} ({reason}). Without network, point "
                               "--config.data.local_path at a copy of its input.txt.")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    partial.write_bytes(result["data"])
-    partial.replace(dest)
+    write_atomic(dest, result["data"])
     return dest
