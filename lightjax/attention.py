@@ -10,8 +10,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lightjax.config import ModelConfig
 from lightjax.layers import Array, Dtype, Linear, apply_rope, compute_dtype, constrain, init_stds, make_norm
+from lightjax.model_config import ModelConfig
 
 ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
 CACHE_AXES = ("layers", "batch", None, "act_heads", "act_kv")  # kv heads over tensor, like the qkv kernel

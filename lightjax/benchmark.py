@@ -8,23 +8,32 @@ XLA's own count of the compiled step.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
+from lightjax.checkpoint import Checkpointer, state_digests
+from lightjax.data.pipeline import TokenRows, train_iterator, write_token_file
+from lightjax.data.sources import load_split
+from lightjax.data.tokenizers import make_tokenizer
+from lightjax.generate import generate
 from lightjax.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
+from lightjax.run import build_model, build_run
+from lightjax.run_config import resolve_model_config, validate
 from lightjax.sharding import shard_batch
-from lightjax.train_step import setup_training, synthetic_batch
+from lightjax.train_step import synthetic_batch
 
 
 def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
                          devices: list[jax.Device] | None = None) -> dict[str, Any]:
-    training = setup_training(config, devices)
+    training = build_run(config, devices)
     state = training.init_state()
-    cfg, mesh = training.model_config, training.mesh
+    cfg, mesh = training.model.config, training.mesh
     t, seq = config.train, config.data.seq_len
     local_batch = t.global_batch_size // jax.process_count()
     rng = np.random.default_rng(0)
@@ -98,14 +107,6 @@ def format_result(r: dict[str, Any]) -> str:
 def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[str, Any]:
     """What preparing the training split costs (time, disk) and the tokens/s that the training
     pipeline then delivers for the configured data settings (one process)."""
-    import tempfile
-
-    from etils import epath
-
-    from lightjax.data.pipeline import TokenRows, train_iterator, write_token_file
-    from lightjax.data.sources import load_split
-    from lightjax.data.tokenizers import make_tokenizer
-
     d, t = config.data, config.train
     start = time.perf_counter()
     docs = load_split(d, "train")
@@ -141,13 +142,9 @@ def format_data_result(r: dict[str, Any]) -> str:
 def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> dict[str, Any]:
     """How long an (async) save blocks the loop, and the mean step time with and without saving
     every `save_every` steps (synthetic batches, so only the model and the saves are timed)."""
-    import tempfile
-
-    from lightjax.checkpoint import Checkpointer, state_digests
-
-    training = setup_training(config)
+    training = build_run(config)
     state = training.init_state()
-    cfg, seq = training.model_config, config.data.seq_len
+    cfg, seq = training.model.config, config.data.seq_len
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size, seq,
                                         cfg.vocab_size), training.mesh)
     state, metrics = training.train_step(state, batch)  # compile
@@ -172,7 +169,7 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
         checkpointer = Checkpointer(tmp, keep=2, async_save=config.checkpoint.async_save)
         saving_s, blocked = run(steps, checkpointer)
         checkpointer.wait()
-        restore_s = _timed(lambda: checkpointer.restore(checkpointer.steps()[-1], training.abstract_state()))
+        restore_s = _timed(lambda: checkpointer.restore(checkpointer.steps()[-1], training.abstract_state))
         checkpointer.close()
     digest_s = _timed(lambda: state_digests(state))  # part of every save and every restore
     return {"model": cfg.name, "async_save": config.checkpoint.async_save, "steps": steps,
@@ -197,11 +194,8 @@ def benchmark_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens
                        repeats: int = 3) -> dict[str, Any]:
     """Decode speed of the config's model (random weights: speed does not depend on them): new
     tokens/s for `batch` prompts of `prompt_len` tokens, median of `repeats` after a compiling run."""
-    from lightjax.generate import generate
-    from lightjax.run_config import validate
-    from lightjax.train_step import build_model
-
-    cfg = validate(config, 1)
+    validate(config, 1)
+    cfg = resolve_model_config(config)
     model = build_model(cfg, config.train)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))()
     new_tokens = min(new_tokens, cfg.block_size - prompt_len)

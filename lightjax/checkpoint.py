@@ -308,13 +308,13 @@ def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step
                   dtype: str = "float32") -> epath.Path:
     """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
     OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
-    from lightjax.run_config import model_config
+    from lightjax.run_config import resolve_model_config
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     config, params, step = restore_params(workdir, step)
     with staged_dir(absolute(out)) as stage:  # a failed export leaves no half-written folder
-        save_exported(stage, model_config(config), params, dtype, step)
+        save_exported(stage, resolve_model_config(config), params, dtype, step)
         tokenizer = epath.Path(workdir) / "tokenizer"
         if tokenizer.is_dir():
             (stage / "tokenizer").mkdir(parents=True, exist_ok=True)
@@ -367,7 +367,7 @@ def check_same_architecture(run_cfg: Any, weights_cfg: Any, source: str) -> None
 
 def load_exported(directory: str | epath.PathLike) -> tuple[Any, Any]:
     """(ModelConfig, params) from an `export_params` directory."""
-    from lightjax.config import ModelConfig
+    from lightjax.model_config import ModelConfig
 
     directory = absolute(directory)
     if not (directory / "model_config.json").is_file():

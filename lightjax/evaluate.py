@@ -18,8 +18,8 @@ from lightjax.data.pipeline import eval_batches, token_stream
 from lightjax.data.sources import load_split, pieces
 from lightjax.data.tokenizers import load_tokenizer
 from lightjax.metrics import append_row
+from lightjax.run import Run, build_run
 from lightjax.sharding import shard_batch
-from lightjax.train_step import Training, setup_training
 
 
 def text_units(docs: Any, num_tokens: int) -> dict[str, float]:
@@ -32,7 +32,7 @@ def text_units(docs: Any, num_tokens: int) -> dict[str, float]:
     return {"tokens_per_char": num_tokens / max(chars, 1), "tokens_per_byte": num_tokens / max(nbytes, 1)}
 
 
-def evaluate(training: Training, params: Any, tokens: Any, config: Any, tokens_per_char: float,
+def evaluate(training: Run, params: Any, tokens: Any, config: Any, tokens_per_char: float,
              max_batches: int | None = None) -> dict[str, float]:
     """Validation loss, perplexity and bits per character of a split's token stream over `max_batches`
     batches (default config.train.eval_batches; 0: the whole split). Padding rows of the last batch are
@@ -59,7 +59,7 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         if local_path:
             config.data.local_path = local_path
-    training = setup_training(config)
+    training = build_run(config)
     params = jax.device_put(params, training.shardings.params)
     tokenizer = load_tokenizer(workdir / "tokenizer")
     docs = load_split(config.data, split)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.config import ModelConfig
+from lightjax.model_config import ModelConfig
 
 Dtype = Any
 Array = jax.Array

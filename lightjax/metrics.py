@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from lightjax.config import ModelConfig
 from lightjax.files import write_atomic
 from lightjax.hardware import chip_for
 from lightjax.hlo import loop_corrected_flops
 from lightjax.model import abstract_params, count_params
+from lightjax.model_config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:

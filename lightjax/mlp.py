@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lightjax.config import ModelConfig
 from lightjax.layers import Array, Dtype, Linear, compute_dtype, constrain, init_stds
+from lightjax.model_config import ModelConfig
 
 ACT_MLP = ("batch", "length", "act_mlp")
 

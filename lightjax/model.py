@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from lightjax.attention import CACHE_AXES, CausalSelfAttention, KVCache, causal_attention
-from lightjax.config import ModelConfig
 from lightjax.layers import (
     Array,
     Dtype,
@@ -42,6 +41,7 @@ from lightjax.layers import (
     rope_cos_sin,
 )
 from lightjax.mlp import MLP_CLASSES
+from lightjax.model_config import ModelConfig
 
 __all__ = ["GPT", "Block", "KVCache", "causal_attention", "REMAT_POLICIES", "stack_layers", "unstack_layers",
            "count_params", "abstract_params"]

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from lightjax.config import ModelConfig
 from lightjax.data import tiny_shakespeare
 from lightjax.model import REMAT_POLICIES
+from lightjax.model_config import ModelConfig
 from lightjax.optim import SCHEDULES
 from lightjax.sharding import mesh_shape
 
@@ -118,7 +118,7 @@ def _model_placeholders() -> dict[str, Any]:
     return out
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+def resolve_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig of a run: the named preset with the other `config.model` keys as overrides."""
     fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
     name = fields.pop("name")
@@ -130,8 +130,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"config.model: {e}") from None
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> ModelConfig:
-    """Check everything that can be checked before building anything; returns the ModelConfig.
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Check everything that can be checked before building anything.
 
     Every problem found is reported, in one ConfigError whose message names each key."""
     problems: list[str] = []
@@ -177,7 +177,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     cfg = None
     try:
-        cfg = model_config(config)
+        cfg = resolve_model_config(config)
     except ConfigError as e:
         problems.append(str(e).rstrip("."))
     if cfg is not None:
@@ -201,7 +201,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                   f"must divide the model's n_query_groups={cfg.n_query_groups}")
     if problems:
         raise ConfigError("; ".join(problems) + ".")
-    return cfg
 
 
 def _is_weights_dir(path: str) -> bool:

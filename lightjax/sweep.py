@@ -31,8 +31,9 @@ import numpy as np
 from lightjax.hardware import chip_for
 from lightjax.hlo import COLLECTIVES, collectives, partitioned_text
 from lightjax.metrics import compiled_flops, flops_per_token, peak_flops_per_device
+from lightjax.run import build_run
 from lightjax.sharding import batch_sharding, shard_batch
-from lightjax.train_step import setup_training, synthetic_batch
+from lightjax.train_step import synthetic_batch
 
 # Bytes each device moves over its links per byte of the combined tensor, for ring algorithms.
 _LINK_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,
@@ -95,8 +96,8 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     row.update(device_kind=device.device_kind, devices=len(devices),
                hbm_bytes=chip.hbm_bytes if chip and device.platform == "tpu" else None)
     try:
-        training = setup_training(c, devices)
-        state = training.abstract_state()
+        training = build_run(c, devices)
+        state = training.abstract_state
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), np.int32,
                                       sharding=batch_sharding(training.mesh))
         start = time.perf_counter()
@@ -112,7 +113,7 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
                temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
                fits=None if row["hbm_bytes"] is None else used <= row["hbm_bytes"])
     n = len(devices)
-    model_flops = flops_per_token(training.model_config, seq) * batch * seq / n
+    model_flops = flops_per_token(training.model.config, seq) * batch * seq / n
     xla_flops = compiled_flops(compiled)
     row.update(model_flops_per_device=model_flops, xla_flops_per_device=xla_flops,
                collectives=collectives(text))
@@ -141,7 +142,7 @@ def _measure(training: Any, compiled: Any, config: Any, steps: int, model_flops:
     """Median step time of the compiled step on real devices, synthetic batches, after one warm-up."""
     state = training.init_state()
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size,
-                                        config.data.seq_len, training.model_config.vocab_size), training.mesh)
+                                        config.data.seq_len, training.model.config.vocab_size), training.mesh)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

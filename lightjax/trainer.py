@@ -47,8 +47,8 @@ from lightjax.distributed import any_process, is_leader, print_once, run_once
 from lightjax.evaluate import evaluate
 from lightjax.files import WorkdirLock
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
+from lightjax.run import Run, build_run
 from lightjax.sharding import shard_batch
-from lightjax.train_step import Training, setup_training
 
 
 class _StopSignal:
@@ -113,7 +113,7 @@ def _token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict
     return paths
 
 
-def _resume(config: Any, checkpointer: Checkpointer, training: Training,
+def _resume(config: Any, checkpointer: Checkpointer, training: Run,
             config_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(state, meta): restored per config.checkpoint.resume, or freshly initialised (from
     config.train.init_from's weights when given)."""
@@ -128,7 +128,7 @@ def _resume(config: Any, checkpointer: Checkpointer, training: Training,
     if mode == "never" or (mode == "auto" and not checkpointer.steps()):
         return _fresh_state(config, training), {}
     if mode == "auto":
-        restored = checkpointer.restore_latest(training.abstract_state(), same_run)
+        restored = checkpointer.restore_latest(training.abstract_state, same_run)
         if restored is None:
             raise CheckpointError(f"No checkpoint under {checkpointer.directory} could be read.")
         where = checkpointer.directory / str(restored[1]["step"])
@@ -138,7 +138,7 @@ def _resume(config: Any, checkpointer: Checkpointer, training: Training,
     return restored
 
 
-def _restore_from(mode: str, training: Training, same_run: Any) -> tuple[tuple[Any, dict[str, Any]], epath.Path]:
+def _restore_from(mode: str, training: Run, same_run: Any) -> tuple[tuple[Any, dict[str, Any]], epath.Path]:
     """checkpoint.resume=PATH: another run's latest checkpoint (PATH its workdir) or one of them
     (PATH = RUN/checkpoints/STEP). Nothing in that run is changed; a damaged checkpoint is an error."""
     path = epath.Path(mode)
@@ -154,17 +154,17 @@ def _restore_from(mode: str, training: Training, same_run: Any) -> tuple[tuple[A
             raise CheckpointError(f"config.checkpoint.resume={mode!r}: no complete checkpoint "
                                   f"{'there' if step is None else step} (there are {steps or 'none'}).")
         same_run(source.read_meta(step))
-        return source.restore(step, training.abstract_state()), source.directory / str(step)
+        return source.restore(step, training.abstract_state), source.directory / str(step)
     finally:
         source.close()
 
 
-def _fresh_state(config: Any, training: Training) -> Any:
+def _fresh_state(config: Any, training: Run) -> Any:
     source = config.train.init_from
     if not source:
         return training.init_state()
     weights_cfg, params = load_weights(source)
-    check_same_architecture(training.model_config, weights_cfg, source)
+    check_same_architecture(training.model.config, weights_cfg, source)
     print_once(f"Starting from the weights in {source}.")
     return training.init_state(params)
 
@@ -203,12 +203,12 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare(config: Any, workdir: epath.Path) -> tuple[Training, Sequence[np.ndarray], Any, float]:
+def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Sequence[np.ndarray], Any, float]:
     """What the loop needs before the first step: the built steps, the training rows, the validation
     tokens and their tokens per character (each file prepared once, by process 0)."""
-    training = setup_training(config)
+    training = build_run(config)
     tokenizer = _tokenizer(config, workdir)
-    check_vocab(tokenizer, training.model_config.vocab_size)
+    check_vocab(tokenizer, training.model.config.vocab_size)
     paths = _token_files(config, workdir, tokenizer)
     val_meta = read_token_meta(paths["validation"])
     tokens_per_char = val_meta["tokens"] / max(val_meta["characters"], 1)
@@ -242,7 +242,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     closing.callback(rows.close)
     if hasattr(val_tokens, "close"):
         closing.callback(val_tokens.close)
-    cfg, t = training.model_config, config.train
+    cfg, t = training.model.config, config.train
     config_dict = json.loads(config.to_json_best_effort())
 
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)

@@ -28,10 +28,12 @@ import numpy as np
 from lightjax.data.pipeline import TokenRows, token_stream, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
+from lightjax.loss import make_loss_fn
 from lightjax.metrics import read_metrics
 from lightjax.model import unstack_layers
+from lightjax.run import Run, build_run
 from lightjax.sharding import shard_batch
-from lightjax.train_step import Step, Training, make_loss_fn, setup_training
+from lightjax.train_step import Step
 from lightjax.trainer import train
 
 
@@ -88,7 +90,7 @@ def _per_layer(tree: Any) -> dict[str, Any]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
 
 
-def gradient_flow(training: Training, params: Any, batch: Any) -> tuple[int, list[str]]:
+def gradient_flow(training: Run, params: Any, batch: Any) -> tuple[int, list[str]]:
     """(leaves checked, names of leaves whose gradient is all zero or not finite) for one batch."""
     loss_fn = make_loss_fn(training.model)
 
@@ -106,7 +108,7 @@ def overfit_one_batch(config: Any, steps: int | None = None, min_reduction: floa
     """Train `steps` (default config.train.max_steps) updates on one fixed batch; check that every
     parameter leaf, layer by layer, gets a non-zero finite gradient on the first."""
     steps = config.train.max_steps if steps is None else steps
-    training = setup_training(config, devices)
+    training = build_run(config, devices)
     batch = shard_batch(fixed_batch(config), training.mesh)
     state = training.init_state()
     start = time.perf_counter()

@@ -55,7 +55,7 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
     from lightjax.checkpoint import load_exported, restore_params
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
     from lightjax.files import staged_dir
-    from lightjax.run_config import model_config
+    from lightjax.run_config import resolve_model_config
 
     token_ids = {}
     if export_dir:
@@ -68,7 +68,7 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
             token_ids = original
     else:
         config, params, step = restore_params(workdir, step)
-        cfg, source = model_config(config), Path(workdir)
+        cfg, source = resolve_model_config(config), Path(workdir)
     model_type = hf_model_type(cfg, model_type)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     with staged_dir(Path(out).absolute()) as stage:  # a failed export leaves no half-written folder

@@ -46,11 +46,11 @@ def load(workdir, step, hf_dir, export_dir):
         cfg, params = load_hf_checkpoint(hf_dir)
         return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})"
     from lightjax.checkpoint import restore_params
-    from lightjax.run_config import model_config
-    from lightjax.train_step import build_model
+    from lightjax.run import build_model
+    from lightjax.run_config import resolve_model_config
 
     config, params, step = restore_params(workdir, step)
-    model = build_model(model_config(config), config.train)
+    model = build_model(resolve_model_config(config), config.train)
     return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}"
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightjax.config import ModelConfig
+from lightjax.model_config import ModelConfig
 from lightjax.run_config import default_config
 
 

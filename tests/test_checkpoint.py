@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from lightjax.checkpoint import Checkpointer, CheckpointError
+from lightjax.run import build_run
 from lightjax.sharding import shard_batch
-from lightjax.train_step import setup_training, synthetic_batch
+from lightjax.train_step import synthetic_batch
 from lightjax.trainer import train
 from tests.helpers import ROOT
 from tests.runs import assert_same_run, cli_command, final_params, losses, run_config, wait_for_rows
@@ -94,7 +95,7 @@ def test_restore_onto_other_meshes(tmp_path):
         c = run_config(tmp_path)
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
         devices = jax.devices()[: int(np.prod(mesh))]
-        return setup_training(c, devices), c
+        return build_run(c, devices), c
 
     training, config = setup((8, 1, 1))
     state = training.init_state()
@@ -112,7 +113,7 @@ def test_restore_onto_other_meshes(tmp_path):
         want.append(float(m["loss"]))
     for mesh in [(1, 4, 2), (1, 1, 1)]:
         other, _ = setup(mesh)
-        restored, meta = Checkpointer(tmp_path / "saved").restore(2, other.abstract_state())
+        restored, meta = Checkpointer(tmp_path / "saved").restore(2, other.abstract_state)
         assert meta["step"] == 2
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved_params)
         leaf = restored.params["h_0"]["mlp"]["fc"]["kernel"]
@@ -190,7 +191,7 @@ def test_export_params(uninterrupted, tmp_path, dtype):
 
 
 def test_keeps_the_last_n_and_the_best_by_validation_loss(tmp_path):
-    training = setup_training(run_config(tmp_path), jax.devices()[:1])
+    training = build_run(run_config(tmp_path), jax.devices()[:1])
     state = training.init_state()
     ckpt = Checkpointer(tmp_path / "run", keep=2, async_save=False)
     for step, val in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0], strict=True):

@@ -10,14 +10,14 @@ import pytest
 
 from lightjax.data.sources import TextFile
 from lightjax.evaluate import evaluate, text_units
-from lightjax.train_step import setup_training
+from lightjax.run import build_run
 from tests.helpers import tiny_run_config
 
 
 def test_evaluation_equals_numpy_on_a_padded_split():
     config = tiny_run_config()  # seq_len 16, global batch 8
     config.train.eval_batches = 0
-    training = setup_training(config, jax.devices()[:1])
+    training = build_run(config, jax.devices()[:1])
     params = training.init_state().params
     tokens = np.random.default_rng(0).integers(0, 96, 100).astype(np.int32)  # 99 targets: 6 full rows + 3
     got = evaluate(training, params, tokens, config, tokens_per_char=0.5)

@@ -68,18 +68,18 @@ def test_train_step_compiles_for_a_tpu_slice(mesh):
 
     from lightjax.hlo import collectives, partitioned_text
     from lightjax.metrics import compiled_flops, flops_per_token
+    from lightjax.run import build_run
     from lightjax.sharding import batch_sharding
-    from lightjax.train_step import setup_training
     from tests.helpers import tiny_run_config
 
     _require_libtpu()
     config = tiny_run_config(mesh=mesh, scan_layers=True)
-    training = setup_training(config, tpu_topology("v5e:2x2").devices())
+    training = build_run(config, tpu_topology("v5e:2x2").devices())
     tokens = jax.ShapeDtypeStruct((8, 17), np.int32, sharding=batch_sharding(training.mesh))
-    compiled, text = partitioned_text(training.train_step.lower(training.abstract_state(), {"tokens": tokens}))
+    compiled, text = partitioned_text(training.train_step.lower(training.abstract_state, {"tokens": tokens}))
     memory = compiled.memory_analysis()
     assert memory.argument_size_in_bytes > 0 and memory.output_size_in_bytes > 0
-    model_flops = flops_per_token(training.model_config, 16) * 8 * 16 / 4
+    model_flops = flops_per_token(training.model.config, 16) * 8 * 16 / 4
     # Per chip, the scanned stack counted per layer (measured 1.08-1.17; once per stack it would be ~0.55).
     assert 0.95 < compiled_flops(compiled) / model_flops < 1.25
     sent = collectives(text)

@@ -6,8 +6,9 @@ import pytest
 
 from lightjax.hlo import loop_corrected_flops
 from lightjax.metrics import compiled_flops, flops_per_token
+from lightjax.run import build_run
 from lightjax.sharding import shard_batch
-from lightjax.train_step import setup_training, synthetic_batch
+from lightjax.train_step import synthetic_batch
 from tests.helpers import tiny_run_config
 
 # A CPU/GPU-style loop (XLA records its trip count) around a fused [4,8] x [8,16] dot.
@@ -89,10 +90,10 @@ def test_loop_matmuls_are_counted_per_iteration():
 def _flops_ratios(scan_layers):
     c = tiny_run_config(scan_layers=scan_layers)
     c.model.n_layer = 6
-    training = setup_training(c, jax.devices()[:1])
+    training = build_run(c, jax.devices()[:1])
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 16, 96), training.mesh)
-    compiled = training.train_step.lower(training.abstract_state(), batch).compile()
-    model = flops_per_token(training.model_config, 16) * 8 * 16
+    compiled = training.train_step.lower(training.abstract_state, batch).compile()
+    model = flops_per_token(training.model.config, 16) * 8 * 16
     analysis = compiled.cost_analysis()
     raw = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
     return raw / model, compiled_flops(compiled) / model
@@ -112,8 +113,8 @@ def _collectives(mesh, batch):
 
     c = tiny_run_config(mesh=mesh)
     c.train.global_batch_size = batch
-    training = setup_training(c)
-    state = training.abstract_state()
+    training = build_run(c)
+    state = training.abstract_state
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     tokens = jax.ShapeDtypeStruct((batch, 17), np.int32, sharding=batch_sharding(training.mesh))
     _, text = partitioned_text(training.train_step.lower(state, {"tokens": tokens}))

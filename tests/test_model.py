@@ -7,7 +7,6 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from lightjax.config import ModelConfig
 from lightjax.layers import apply_rope, rope_cos_sin
 from lightjax.model import (
     GPT,
@@ -18,6 +17,7 @@ from lightjax.model import (
     stack_layers,
     unstack_layers,
 )
+from lightjax.model_config import ModelConfig
 from tests.helpers import tiny_config, tiny_preset
 
 FAMILIES = ["pythia", "llama"]
@@ -43,7 +43,7 @@ def test_compute_dtype_reaches_every_matmul_while_norms_and_softmax_stay_float32
     attention softmax and the norms' rsqrt in float32 either way."""
     import re
 
-    from lightjax.train_step import build_model
+    from lightjax.run import build_model
 
     cfg = tiny_config("llama")
     model = build_model(cfg, {"dtype": dtype, "param_dtype": "float32", "scan_layers": False, "remat": "none"})

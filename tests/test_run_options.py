@@ -8,7 +8,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lightjax.checkpoint import CheckpointError, export_params
-from lightjax.train_step import cross_entropy, make_loss_fn, setup_training, synthetic_batch
+from lightjax.loss import cross_entropy, make_loss_fn
+from lightjax.run import build_run
+from lightjax.train_step import synthetic_batch
 from lightjax.trainer import train
 from tests.helpers import tiny_run_config
 from tests.runs import losses, run_config
@@ -67,7 +69,7 @@ def test_init_from_starts_the_optimizer_fresh_and_a_resume_restores_the_run(unin
 
 def test_z_loss_adds_the_squared_log_partition_function():
     c = tiny_run_config()
-    training = setup_training(c, jax.devices()[:1])
+    training = build_run(c, jax.devices()[:1])
     params = training.init_state().params
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(np.random.default_rng(0), 4, 16, 96).items()}
     rng = jax.random.PRNGKey(0)

@@ -126,14 +126,14 @@ def test_convert_hf_export_of_a_training_run(smoke_run, tmp_path):
     torch, transformers = require_hf()
     from lightjax.checkpoint import restore_params
     from lightjax.model import GPT
-    from lightjax.run_config import model_config
+    from lightjax.run_config import resolve_model_config
 
     out = run_script("convert_hf.py", "export", f"--workdir={smoke_run}", f"--out={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "as HF gpt_neox (float32)" in out.stdout and "'char' tokenizer has no Hugging Face file" in out.stdout
     config, params, _ = restore_params(smoke_run)
     tokens = np.random.default_rng(0).integers(0, 65, (2, 16))
-    want = np.asarray(GPT(model_config(config)).apply({"params": params}, tokens))
+    want = np.asarray(GPT(resolve_model_config(config)).apply({"params": params}, tokens))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
@@ -148,7 +148,7 @@ def test_export_script_and_a_bfloat16_hugging_face_export(smoke_run, tmp_path):
 
     from lightjax.checkpoint import load_exported, restore_params
     from lightjax.convert.hf import params_to_hf
-    from lightjax.run_config import model_config
+    from lightjax.run_config import resolve_model_config
 
     config, params, _ = restore_params(smoke_run)
     bf16 = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), params)
@@ -160,7 +160,7 @@ def test_export_script_and_a_bfloat16_hugging_face_export(smoke_run, tmp_path):
     out = run_script("convert_hf.py", "export", f"--workdir={smoke_run}", f"--out={tmp_path / 'hf'}",
                      "--dtype=bfloat16")
     assert out.returncode == 0, out.stderr[-3000:]
-    written, want = read_hf_state_dict(tmp_path / "hf"), params_to_hf(bf16, model_config(config))
+    written, want = read_hf_state_dict(tmp_path / "hf"), params_to_hf(bf16, resolve_model_config(config))
     assert sorted(written) == sorted(want)
     assert all(written[k].dtype == ml_dtypes.bfloat16 and np.array_equal(written[k], want[k]) for k in want)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"

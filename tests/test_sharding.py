@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.config import ModelConfig
 from lightjax.model import abstract_params
-from lightjax.run_config import ConfigError, default_config, model_config, validate
+from lightjax.model_config import ModelConfig
+from lightjax.run import build_run
+from lightjax.run_config import ConfigError, default_config, resolve_model_config, validate
 from lightjax.sharding import make_mesh, mesh_shape, resolve_rules, shard_batch
-from lightjax.train_step import setup_training, synthetic_batch
+from lightjax.train_step import synthetic_batch
 from tests.helpers import preset_run_config, tiny_run_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
@@ -20,13 +21,13 @@ MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
 
 def run_steps(config, n_steps=3, seed=0):
     devices = jax.devices()[: int(np.prod([config.mesh.data, config.mesh.fsdp, config.mesh.tensor]))]
-    training = setup_training(config, devices)
+    training = build_run(config, devices)
     state = training.init_state()
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(n_steps):
         batch = synthetic_batch(rng, config.train.global_batch_size, config.data.seq_len,
-                                training.model_config.vocab_size)
+                                training.model.config.vocab_size)
         state, metrics = training.train_step(state, shard_batch(batch, training.mesh))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state.params), state
@@ -79,7 +80,7 @@ def test_every_family_trains_on_a_2x2x2_mesh_like_one_device(preset):
 
 def test_fsdp_splits_every_embed_axis_eight_ways():
     _, _, state = run_steps(tiny_run_config(mesh=(1, 8, 1)), n_steps=1)
-    boxed = abstract_params(model_config(tiny_run_config()))
+    boxed = abstract_params(resolve_model_config(tiny_run_config()))
     names = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     arrays = jax.tree.leaves(state.params)
     checked = 0
@@ -113,7 +114,7 @@ def test_tensor_parallel_splits_outputs_then_inputs():
 
 def _state_bytes_per_device(config):
     """Bytes of one device's share of the train state, from the shardings (nothing compiled)."""
-    state = setup_training(config).abstract_state()
+    state = build_run(config).abstract_state
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
@@ -144,7 +145,7 @@ def test_bfloat16_compute_tracks_float32():
     def ten_steps(dtype):
         c = tiny_run_config(dtype=dtype)
         c.optim.lr = 3e-3
-        training = setup_training(c, jax.devices()[:1])
+        training = build_run(c, jax.devices()[:1])
         state = training.init_state()
         # A learnable stream (a repeating pattern), so the loss moves over the 10 steps.
         tokens = np.tile(np.arange(17, dtype=np.int32) % 11, (8, 1))

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from lightjax.run import build_run
 from lightjax.sharding import shard_batch
-from lightjax.train_step import setup_training
 from lightjax.verify import (
     audit_markdown,
     determinism_check,
@@ -46,7 +46,7 @@ def test_smoke_fails_when_the_loss_does_not_fall_enough():
 def test_gradient_flow_names_the_leaves_that_get_no_gradient(scan_layers):
     config = tiny_run_config(scan_layers=scan_layers)
     config.data.local_path = str(SHAKESPEARE)
-    training = setup_training(config, jax.devices()[:1])
+    training = build_run(config, jax.devices()[:1])
     params = training.init_state().params
     batch = shard_batch(fixed_batch(config), training.mesh)
     assert gradient_flow(training, params, batch)[1] == []

@@ -1,0 +1,107 @@
+"""Build a run from its config, once: mesh, model, optimizer, the train state's shapes and
+shardings, the jitted steps; `Run.init_state` then creates the state directly in its shards.
+
+The shardings come from the logical names the model gives its parameters (sharding.py maps them
+onto the mesh): init is traced once with `eval_shape`, its boxed result gives every leaf's
+NamedSharding, and the real init runs under `jax.jit` with those as out_shardings, so no device ever
+holds the whole model. The optimizer moments inherit their parameter's names (optax maps over the
+boxed tree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from lightjax.model import GPT, stack_layers
+from lightjax.model_config import ModelConfig
+from lightjax.optim import check_no_decay, lr_schedule, make_optimizer
+from lightjax.run_config import DTYPES, ConfigError, resolve_model_config, validate
+from lightjax.sharding import Rules, logical_to_sharding, make_mesh, resolve_rules, with_mesh
+from lightjax.train_step import Step, TrainState, make_eval_step, make_train_step
+
+# The shape of a PRNG key, for tracing init without creating one: nothing runs eagerly on the mesh, so
+# shapes and shardings also come out for devices that can only compile (TPU topologies on a laptop).
+_ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run's config builds before the first step."""
+
+    mesh: Mesh
+    rules: Rules
+    model: GPT  # model.config is the run's ModelConfig
+    abstract_state: TrainState  # shapes, dtypes and shardings of every leaf; allocates nothing
+    train_step: Step
+    eval_step: Step
+    init_fn: Callable[[jax.Array], TrainState]  # rng -> the initial state, logically boxed
+    seed: int
+
+    @property
+    def shardings(self) -> TrainState:
+        return jax.tree.map(lambda x: x.sharding, self.abstract_state)
+
+    def init_state(self, pretrained: Any = None) -> TrainState:
+        """A freshly initialised train state, created directly in its shards. `pretrained` parameters
+        (loop layout, host arrays, this model's shapes) replace the initial ones, cast to the run's
+        param_dtype and placed in the same shards; the optimizer state starts fresh either way."""
+        with with_mesh(self.mesh, self.rules):
+            init = jax.jit(lambda rng: nn.unbox(self.init_fn(rng)), out_shardings=self.shardings)
+            state = init(jax.random.PRNGKey(self.seed))
+        if pretrained is None:
+            return state
+        if self.model.scan_layers:
+            pretrained = stack_layers(pretrained, self.model.config.n_layer)
+        params = jax.tree.map(lambda p, like: jax.device_put(np.asarray(p).astype(like.dtype), like.sharding),
+                              pretrained, self.abstract_state.params)
+        return state.replace(params=params)
+
+
+def build_model(cfg: ModelConfig, train: Mapping[str, Any]) -> GPT:
+    """The GPT of `cfg` as config.train asks for it: dtypes, layer layout, remat policy."""
+    return GPT(cfg, dtype=DTYPES[train["dtype"]], param_dtype=DTYPES[train["param_dtype"]],
+               scan_layers=train["scan_layers"], remat=train["remat"])
+
+
+def _init_fn(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, seq_len: int) -> Callable:
+    batch = mesh.shape["data"] * mesh.shape["fsdp"]  # any batch size divisible by the batch shards
+
+    def init(rng: jax.Array) -> TrainState:
+        params = model.init(rng, jnp.zeros((batch, seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    return init
+
+
+def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
+    """Validate the run config, then build mesh, model, optimizer, the state's shardings and the
+    jitted steps. Raises ConfigError (one line, naming the key) on bad settings."""
+    devices = list(jax.devices() if devices is None else devices)
+    validate(config, len(devices))
+    t = config.train
+    mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
+    model = build_model(resolve_model_config(config), t)
+    tx, schedule = make_optimizer(config.optim, t.max_steps), lr_schedule(config.optim, t.max_steps)
+    init_fn = _init_fn(model, tx, mesh, config.data.seq_len)
+    with with_mesh(mesh, rules):
+        boxed = jax.eval_shape(init_fn, _ABSTRACT_KEY)
+    shardings = logical_to_sharding(boxed, mesh, rules)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  nn.unbox(boxed), shardings)
+    try:
+        check_no_decay(config.optim.no_decay, shardings.params)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, t.grad_accum_steps, t.z_loss,
+                                 t.skip_nonfinite)
+    eval_step = make_eval_step(model, mesh, rules, shardings.params)
+    return Run(mesh, rules, model, abstract_state, train_step, eval_step, init_fn, t.seed)
