@@ -1,5 +1,12 @@
 """Causal self-attention: grouped-query heads, RoPE, optional q/k norms, sliding windows, soft-capping,
-and the KV cache that decoding passes through the model."""
+and the KV cache that decoding passes through the model.
+
+Shapes, as the einsums name them:
+    b  batch                          t  query position (T of them)
+    s  key position (S: T, or the cache's length when decoding)
+    g  key/value head = query group   q  query head within its group (q_per_kv)
+    h  channel of a head (head_size)  n  query head overall (n = g * q_per_kv + q)
+"""
 
 from __future__ import annotations
 
@@ -17,33 +24,44 @@ ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
 CACHE_AXES = ("layers", "batch", None, "act_heads", "act_kv")  # kv heads over tensor, like the qkv kernel
 
 
-def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | None = None,
-                     window: int | None = None, softcap: float | None = None,
-                     window_on: Array | None = None) -> Array:
-    """softmax(q k^T * scale + mask) v for q [B, T, n_head, hs], k and v [B, S, n_groups, hs].
+class LayerKind(flax.struct.PyTreeNode):
+    """What sets a layer apart from the others (Gemma 2/3 alternate local and global layers).
 
-    Without `mask` the mask is causal (S == T), limited to the last `window` keys when given (and,
-    with a traced bool `window_on`, only where it is true: the layers of a scanned stack differ).
-    Then `jax.nn.dot_product_attention` computes it, grouped queries natively: cuDNN flash attention
-    on GPU for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's elsewhere.
-    The explicit path below runs instead with `mask` (bool, broadcastable to [B, 1, T, S]: which
-    keys each query sees, as decoding with a KV cache needs: for one query against a cache it is
-    faster than the fused call on CPU), with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)),
-    and in float64 (gradient checks): the fused version's softmax is float32.
+    Each field is a Python bool when it is known while tracing, so that the layer compiles for its own
+    kind; in a scanned stack whose layers differ it is a traced int32 scalar (0 or 1), and the layer
+    picks its attention and RoPE table at run time."""
+
+    windowed: bool | Array = False  # attends to the last config.sliding_window_size keys only
+    local_rope: bool | Array = False  # rotates with the local RoPE table (rope_local_base_freq)
+
+    @property
+    def rope_table(self) -> int | Array:
+        """0: the global RoPE table, 1: the local one."""
+        return int(self.local_rope) if isinstance(self.local_rope, bool) else self.local_rope
+
+
+def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | None = None,
+                     window: int | None = None, softcap: float | None = None) -> Array:
+    """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, s, g, h].
+
+    Without `mask` the queries see their own and earlier positions (S == T), the last `window` of
+    them when given; `jax.nn.dot_product_attention` computes it, grouped queries natively: cuDNN
+    flash attention on GPU for bfloat16/float16 (asked for by name: JAX's default is XLA's version),
+    XLA's elsewhere. The explicit path below runs instead with a `mask` (bool, broadcastable to
+    [b, 1, t, s], window included: decoding against a cache builds it, and for one query against a
+    cache it is faster than the fused call on CPU), with `softcap` (Gemma 2: scores -> softcap *
+    tanh(scores / softcap)), and in float64 (gradient checks): the fused version's softmax is float32.
     """
     if mask is None and softcap is None and q.dtype != jnp.float64:
-        if window_on is None or window is None:
-            return _fused_attention(q, k, v, scale, window)
-        return jax.lax.cond(window_on, lambda: _fused_attention(q, k, v, scale, window),
-                            lambda: _fused_attention(q, k, v, scale, None))
+        return _fused_attention(q, k, v, scale, window)
     B, T, N, hs = q.shape
     S, G = k.shape[1], k.shape[2]
-    qg = q.reshape(B, T, G, N // G, hs)  # query head n belongs to group n // (N // G)
-    scores = jnp.einsum("btgqh,bsgh->bgqts", qg, k).astype(compute_dtype(q.dtype)) * scale
+    q_bt_gqh = q.reshape(B, T, G, N // G, hs)  # query head n belongs to group n // q_per_kv
+    scores = jnp.einsum("btgqh,bsgh->bgqts", q_bt_gqh, k).astype(compute_dtype(q.dtype)) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     if mask is None:
-        mask = causal_mask(jnp.arange(T), S, window, window_on)
+        mask = causal_mask(jnp.arange(T), S, window)
     probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, -jnp.inf), axis=-1).astype(v.dtype)
     return jnp.einsum("bgqts,bsgh->btgqh", probs, v).reshape(B, T, N, hs)
 
@@ -59,23 +77,23 @@ def _fused_attention(q: Array, k: Array, v: Array, scale: float, window: int | N
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local)
 
 
-def causal_mask(q_slot: Array, S: int, window: int | None = None, window_on: Array | None = None) -> Array:
+def causal_mask(q_slot: Array, S: int, window: int | None = None) -> Array:
     """[1, 1, T, S]: query slot q_slot[t] sees key slots <= its own, and with a window the last
-    `window` of them only (itself included, as Hugging Face counts), where `window_on` (if given)."""
+    `window` of them only (itself included, as Hugging Face counts)."""
     k_slot = jnp.arange(S)[None, :]
     mask = k_slot <= q_slot[:, None]
     if window is not None:
-        inside = k_slot > q_slot[:, None] - window
-        mask &= inside if window_on is None else (inside | ~window_on)
+        mask &= k_slot > q_slot[:, None] - window
     return mask[None, None]
 
 
 class KVCache(flax.struct.PyTreeNode):
-    """Keys and values of every layer for decoding: slots [0, index) are filled. Row b's real tokens
-    start at slot start[b] (prompts are left-padded to a common length), so its RoPE position is
-    slot - start[b] and its queries never see the padding."""
+    """Keys and values for decoding: slots [0, index) are filled. Row b's real tokens start at slot
+    start[b] (prompts are left-padded to a common length), so its RoPE position is slot - start[b]
+    and its queries never see the padding. The model's cache holds every layer (k, v [L, b, s, g, h]);
+    each layer is handed its own slice of it (k, v [b, s, g, h])."""
 
-    k: Array  # [n_layer, B, S, n_query_groups, head_size]
+    k: Array
     v: Array
     index: Array  # int32 scalar: the next free slot
     start: Array  # int32 [B]
@@ -86,14 +104,20 @@ class KVCache(flax.struct.PyTreeNode):
         start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
 
-    def mask(self, T: int) -> Array:
-        """[B, 1, T, S]: the query in slot index+t sees keys from start[b] up to its own slot. A padding
-        query sees only itself, so that its (unused) output stays finite."""
-        q_slot = self.index + jnp.arange(T)[:, None]  # [T, 1]
-        k_slot = jnp.arange(self.k.shape[2])[None, :]  # [1, S]
-        causal = k_slot <= q_slot
-        real = (k_slot[None] >= self.start[:, None, None]) | (k_slot == q_slot)[None]
-        return (causal[None] & real)[:, None]
+    def write(self, k: Array, v: Array) -> KVCache:
+        """A layer's cache with this call's keys and values [b, t, g, h] written at slots index.."""
+        k_all, v_all = (jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=1)
+                        for cache, new in ((self.k, k), (self.v, v)))
+        return self.replace(k=constrain(k_all, CACHE_AXES[1:]), v=constrain(v_all, CACHE_AXES[1:]))
+
+    def mask(self, T: int, window: int | None = None) -> Array:
+        """[B, 1, T, S]: the query in slot index+t sees keys from start[b] up to its own slot (the last
+        `window` of them, with a window). A padding query sees only itself, so that its (unused)
+        output stays finite."""
+        q_slot = self.index + jnp.arange(T)
+        k_slot = jnp.arange(self.k.shape[-3])[None, :]  # [1, S]
+        real = (k_slot[None] >= self.start[:, None, None]) | (k_slot == q_slot[:, None])[None]
+        return causal_mask(q_slot, self.k.shape[-3], window)[0] & real[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,11 +134,11 @@ class CausalSelfAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, kv: tuple[Array, Array] | None = None,
-                 index: Array | None = None, mask: Array | None = None,
-                 window: int | None = None, window_on: Array | None = None) -> tuple[Array, tuple | None]:
-        """-> (output, kv): with a layer's cache `kv` ([B, S, G, hs] each), this call's keys and values
-        are written at slots index.. and the queries attend over the cache under `mask`."""
+    def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind,
+                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """-> (output, cache). `rope` is (cos, sin), each [tables, B, T, rope_n_elem]; `kind` picks the
+        table and the window. With a layer's `cache`, this call's keys and values are written into it
+        and the queries attend over all of it."""
         c = self.config
         std, proj_std = init_stds(c)
         B, T, _ = x.shape
@@ -122,27 +146,33 @@ class CausalSelfAttention(nn.Module):
             (c.n_embd,), (c.n_query_groups, c.q_per_kv + 2, c.head_size), ("embed", "heads", None, "kv"),
             c.bias or c.attn_bias, std, self.dtype, self.param_dtype, name="qkv",
         )(x)
-        q = qkv[:, :, :, : c.q_per_kv].reshape(B, T, c.n_head, c.head_size)  # head h uses group h // q_per_kv
+        q = qkv[:, :, :, : c.q_per_kv].reshape(B, T, c.n_head, c.head_size)  # head n uses group n // q_per_kv
         k, v = qkv[:, :, :, c.q_per_kv], qkv[:, :, :, c.q_per_kv + 1]
         q, k = self._norm_qk(q, k)
+        cos, sin = rope[0][kind.rope_table], rope[1][kind.rope_table]
         q = constrain(apply_rope(q, cos, sin, c.rope_interleave), ACT_HEADS)
         k = constrain(apply_rope(k, cos, sin, c.rope_interleave), ACT_HEADS)
         v = constrain(v, ACT_HEADS)
-        if kv is not None:
-            k, v = (jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
-                    for cache, new in zip(kv, (k, v), strict=True))
-            kv = (constrain(k, CACHE_AXES[1:]), constrain(v, CACHE_AXES[1:]))
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-            if window is not None:
-                mask = mask & causal_mask(index + jnp.arange(T), k.shape[1], window, window_on)
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
         scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
-        y = causal_attention(q, k, v, scale, mask, window, c.attention_logit_softcapping, window_on)
-        y = constrain(y, ACT_HEADS)
+
+        def attend(window: int | None) -> Array:
+            mask = None if cache is None else cache.mask(T, window)
+            return causal_attention(q, k, v, scale, mask, window, c.attention_logit_softcapping)
+
+        if c.sliding_window_size is None or kind.windowed is False:
+            y = attend(None)
+        elif kind.windowed is True:
+            y = attend(c.sliding_window_size)
+        else:
+            y = jax.lax.cond(kind.windowed > 0, lambda: attend(c.sliding_window_size), lambda: attend(None))
         out = Linear(
             (c.n_head, c.head_size), (c.n_embd,), ("heads", "kv", "embed"),
             c.bias, proj_std, self.dtype, self.param_dtype, name="proj",
-        )(y)
-        return out, kv
+        )(constrain(y, ACT_HEADS))
+        return out, cache
 
     def _norm_qk(self, q: Array, k: Array) -> tuple[Array, Array]:
         """RMSNorm of queries and keys before RoPE: over each head (Qwen 3, Gemma 3), or over the whole
@@ -150,10 +180,11 @@ class CausalSelfAttention(nn.Module):
         c = self.config
         if not c.norm_qk:
             return q, k
-        norm = lambda name: make_norm(c, self.dtype, self.param_dtype, name, rms=True)  # noqa: E731
+        norm_q = make_norm(c, self.dtype, self.param_dtype, "norm_q", rms=True)
+        norm_k = make_norm(c, self.dtype, self.param_dtype, "norm_k", rms=True)
         if c.norm_qk_type == "default":
-            return norm("norm_q")(q), norm("norm_k")(k)
-        (B, T), flat = q.shape[:2], lambda a: a.reshape(*a.shape[:2], -1)  # noqa: E731
-        q = norm("norm_q")(flat(q)).reshape(B, T, c.n_head, c.head_size)
-        k = norm("norm_k")(flat(k)).reshape(B, T, c.n_query_groups, c.head_size)
+            return norm_q(q), norm_k(k)
+        B, T = q.shape[:2]
+        q = norm_q(q.reshape(B, T, -1)).reshape(B, T, c.n_head, c.head_size)
+        k = norm_k(k.reshape(B, T, -1)).reshape(B, T, c.n_query_groups, c.head_size)
         return q, k

@@ -31,16 +31,16 @@ from lightjax.train_step import synthetic_batch
 
 def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
                          devices: list[jax.Device] | None = None) -> dict[str, Any]:
-    training = build_run(config, devices)
-    state = training.init_state()
-    cfg, mesh = training.model.config, training.mesh
+    run = build_run(config, devices)
+    state = run.init_state()
+    cfg, mesh = run.model.config, run.mesh
     t, seq = config.train, config.data.seq_len
     local_batch = t.global_batch_size // jax.process_count()
     rng = np.random.default_rng(0)
     batch = shard_batch(synthetic_batch(rng, local_batch, seq, cfg.vocab_size), mesh)
 
     start = time.perf_counter()
-    compiled = training.train_step.lower(state, batch).compile()
+    compiled = run.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
 
     times = []
@@ -57,7 +57,7 @@ def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
     tokens_per_s = tokens_per_step / step_s
     flops_tok = flops_per_token(cfg, seq)
     device = mesh.devices.flat[0]  # the mesh's own devices, not necessarily jax.devices()
-    peak, peak_source = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype, device=device)
+    peak, peak_source = peak_flops_per_device(t.peak_flops, dtype=run.model.dtype, device=device)
     mem = compiled.memory_analysis()
     xla_flops = compiled_flops(compiled)
     # XLA counts one device's share of the partitioned program; the model count is for all tokens.
@@ -142,20 +142,20 @@ def format_data_result(r: dict[str, Any]) -> str:
 def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> dict[str, Any]:
     """How long an (async) save blocks the loop, and the mean step time with and without saving
     every `save_every` steps (synthetic batches, so only the model and the saves are timed)."""
-    training = build_run(config)
-    state = training.init_state()
-    cfg, seq = training.model.config, config.data.seq_len
+    run = build_run(config)
+    state = run.init_state()
+    cfg, seq = run.model.config, config.data.seq_len
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size, seq,
-                                        cfg.vocab_size), training.mesh)
-    state, metrics = training.train_step(state, batch)  # compile
+                                        cfg.vocab_size), run.mesh)
+    state, metrics = run.train_step(state, batch)  # compile
     jax.block_until_ready(metrics)
 
-    def run(n: int, checkpointer: Checkpointer | None) -> tuple[float, list[float]]:
+    def timed_steps(n: int, checkpointer: Checkpointer | None) -> tuple[float, list[float]]:
         nonlocal state
         blocked = []
         start = time.perf_counter()
         for i in range(1, n + 1):
-            state, metrics = training.train_step(state, batch)
+            state, metrics = run.train_step(state, batch)
             if checkpointer is not None and i % save_every == 0:
                 jax.block_until_ready(state)  # time the save alone, not the step it would wait for
                 t0 = time.perf_counter()
@@ -164,12 +164,12 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
             jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / n, blocked
 
-    plain_s, _ = run(steps, None)
+    plain_s, _ = timed_steps(steps, None)
     with tempfile.TemporaryDirectory() as tmp:
         checkpointer = Checkpointer(tmp, keep=2, async_save=config.checkpoint.async_save)
-        saving_s, blocked = run(steps, checkpointer)
+        saving_s, blocked = timed_steps(steps, checkpointer)
         checkpointer.wait()
-        restore_s = _timed(lambda: checkpointer.restore(checkpointer.steps()[-1], training.abstract_state))
+        restore_s = _timed(lambda: checkpointer.restore(checkpointer.steps()[-1], run.abstract_state))
         checkpointer.close()
     digest_s = _timed(lambda: state_digests(state))  # part of every save and every restore
     return {"model": cfg.name, "async_save": config.checkpoint.async_save, "steps": steps,

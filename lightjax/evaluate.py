@@ -32,7 +32,7 @@ def text_units(docs: Any, num_tokens: int) -> dict[str, float]:
     return {"tokens_per_char": num_tokens / max(chars, 1), "tokens_per_byte": num_tokens / max(nbytes, 1)}
 
 
-def evaluate(training: Run, params: Any, tokens: Any, config: Any, tokens_per_char: float,
+def evaluate(run: Run, params: Any, tokens: Any, config: Any, tokens_per_char: float,
              max_batches: int | None = None) -> dict[str, float]:
     """Validation loss, perplexity and bits per character of a split's token stream over `max_batches`
     batches (default config.train.eval_batches; 0: the whole split). Padding rows of the last batch are
@@ -41,7 +41,7 @@ def evaluate(training: Run, params: Any, tokens: Any, config: Any, tokens_per_ch
     local_batch = config.train.global_batch_size // jax.process_count()
     max_batches = config.train.eval_batches if max_batches is None else max_batches
     for batch in eval_batches(tokens, config.data.seq_len, local_batch, max_batches=max_batches):
-        out = training.eval_step(params, shard_batch(batch, training.mesh))
+        out = run.eval_step(params, shard_batch(batch, run.mesh))
         nll, count = nll + float(out["nll_sum"]), count + float(out["tokens"])
     loss = nll / max(count, 1.0)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpc": loss / math.log(2) * tokens_per_char,
@@ -59,13 +59,13 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
         if local_path:
             config.data.local_path = local_path
-    training = build_run(config)
-    params = jax.device_put(params, training.shardings.params)
+    run = build_run(config)
+    params = jax.device_put(params, run.shardings.params)
     tokenizer = load_tokenizer(workdir / "tokenizer")
     docs = load_split(config.data, split)
     tokens = token_stream(docs, tokenizer)  # tokenized once, for the units and the batches
     units = text_units(docs, len(tokens))
-    ev = evaluate(training, params, tokens, config, units["tokens_per_char"], max_batches)
+    ev = evaluate(run, params, tokens, config, units["tokens_per_char"], max_batches)
     row = {"step": step, "split": split, "eval_loss": ev["val_loss"], "eval_ppl": ev["val_ppl"],
            "eval_bpc": ev["val_bpc"], "eval_bpb": ev["val_loss"] / math.log(2) * units["tokens_per_byte"],
            "eval_tokens": int(ev["val_tokens"])}

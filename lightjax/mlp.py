@@ -45,9 +45,9 @@ class LLaMAMLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = self.config
         std, proj_std = init_stds(c)
-        up = lambda name: Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,  # noqa: E731
-                                 self.dtype, self.param_dtype, name=name)(x)
-        h = constrain(self.activation(up("fc_1")) * up("fc_2"), ACT_MLP)
+        fc_1, fc_2 = (Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,
+                             self.dtype, self.param_dtype, name=name) for name in ("fc_1", "fc_2"))
+        h = constrain(self.activation(fc_1(x)) * fc_2(x), ACT_MLP)
         return Linear((c.intermediate_size,), (c.n_embd,), ("mlp", "embed"), c.bias, proj_std,
                       self.dtype, self.param_dtype, name="proj")(h)
 
@@ -98,4 +98,5 @@ class LLaMAMoE(nn.Module):
         return jnp.einsum("btem,emd->btd", h, proj)
 
 
-MLP_CLASSES = {"GptNeoxMLP": GptNeoxMLP, "LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP, "LLaMAMoE": LLaMAMoE}
+# The modules that config.mlp_class_name names.
+MLP_MODULES = {"GptNeoxMLP": GptNeoxMLP, "LLaMAMLP": LLaMAMLP, "GemmaMLP": GemmaMLP, "LLaMAMoE": LLaMAMoE}

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lightjax.attention import CACHE_AXES, CausalSelfAttention, KVCache, causal_attention
+from lightjax.attention import CACHE_AXES, CausalSelfAttention, KVCache, LayerKind, causal_attention
 from lightjax.layers import (
     Array,
     Dtype,
@@ -40,11 +40,11 @@ from lightjax.layers import (
     make_norm,
     rope_cos_sin,
 )
-from lightjax.mlp import MLP_CLASSES
+from lightjax.mlp import MLP_MODULES
 from lightjax.model_config import ModelConfig
 
-__all__ = ["GPT", "Block", "KVCache", "causal_attention", "REMAT_POLICIES", "stack_layers", "unstack_layers",
-           "count_params", "abstract_params"]
+__all__ = ["GPT", "Block", "KVCache", "LayerKind", "causal_attention", "REMAT_POLICIES", "stack_layers",
+           "unstack_layers", "count_params", "abstract_params"]
 
 # Remat (activation checkpointing) policies by name: what the backward pass may keep from the forward.
 REMAT_POLICIES = {
@@ -65,45 +65,36 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     deterministic: bool = True  # a field, not an argument, so that nn.scan/nn.remat see it as static
-    window: int | None = None  # this layer's attention window (sliding_window_size), None: unbounded
-    local_rope: bool = False  # this layer uses the local RoPE table (Gemma 3)
 
     @nn.compact
-    def __call__(self, x: Array, rope: tuple[Array, Array], kv: tuple[Array, Array] | None = None,
-                 index: Array | None = None, mask: Array | None = None,
-                 layer_flags: Array | None = None) -> tuple[Array, tuple | None]:
-        """-> (x, kv): the layer's output and, when decoding, its updated cache. `rope` is (cos, sin),
-        each [tables, B, T, rope_n_elem]: table 0 global, table 1 local. `layer_flags` ([2] int32:
-        windowed or not, local rope or not) replaces `window`/`local_rope` in a scanned stack whose
-        layers differ; attention then picks its kernel per layer at run time."""
+    def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind,
+                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """-> (x, cache): the layer's output and, when decoding, its updated cache. `rope` is
+        (cos, sin), each [tables, B, T, rope_n_elem]: table 0 global, table 1 local."""
         c = self.config
-        window, table, window_on = self.window, int(self.local_rope), None
-        if layer_flags is not None:
-            window, window_on, table = c.sliding_window_size, layer_flags[0] > 0, layer_flags[1]
-        cos, sin = rope[0][table], rope[1][table]
-        dropout = lambda h: nn.Dropout(c.dropout)(h, deterministic=self.deterministic)  # noqa: E731
-        norm = lambda name: make_norm(c, self.dtype, self.param_dtype, name)  # noqa: E731
-        mlp = MLP_CLASSES[c.mlp_class_name](c, self.dtype, self.param_dtype, name="mlp")
-
-        x_normed = norm("norm_1")(x) if c.norm_1 else x
-        h, kv = CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(
-            x_normed, cos, sin, kv, index, mask, window, window_on)
+        mlp = MLP_MODULES[c.mlp_class_name](c, self.dtype, self.param_dtype, name="mlp")
+        x_normed = self._norm("norm_1")(x) if c.norm_1 else x
+        h, cache = CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(x_normed, rope, kind, cache)
         if c.post_attention_norm:
-            h = norm("post_attention_norm")(h)
-        h = dropout(h)
+            h = self._norm("post_attention_norm")(h)
+        h = self._dropout(h)
         if c.parallel_residual:
             if not c.shared_attention_norm:
-                x_normed = norm("norm_2")(x) if c.norm_2 else x
-            x = x + h + dropout(self._post_mlp(mlp(x_normed)))
+                x_normed = self._norm("norm_2")(x) if c.norm_2 else x
+            x = x + h + self._dropout(self._post_mlp(mlp(x_normed)))
         else:
             x = x + h
-            x = x + dropout(self._post_mlp(mlp(norm("norm_2")(x) if c.norm_2 else x)))
-        return constrain(x, ("batch", "length", "act_embed")), kv
+            x = x + self._dropout(self._post_mlp(mlp(self._norm("norm_2")(x) if c.norm_2 else x)))
+        return constrain(x, ("batch", "length", "act_embed")), cache
+
+    def _norm(self, name: str) -> nn.Module:
+        return make_norm(self.config, self.dtype, self.param_dtype, name)
+
+    def _dropout(self, h: Array) -> Array:
+        return nn.Dropout(self.config.dropout)(h, deterministic=self.deterministic)
 
     def _post_mlp(self, h: Array) -> Array:
-        if not self.config.post_mlp_norm:
-            return h
-        return make_norm(self.config, self.dtype, self.param_dtype, "post_mlp_norm")(h)
+        return self._norm("post_mlp_norm")(h) if self.config.post_mlp_norm else h
 
 
 class GPT(nn.Module):
@@ -158,45 +149,43 @@ class GPT(nn.Module):
 
     def _blocks(self, x: Array, rope: tuple[Array, Array], deterministic: bool,
                 cache: KVCache | None) -> tuple[Array, KVCache | None]:
-        c = self.config
-        kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
+        c, L = self.config, self.config.n_layer
+        kinds = [LayerKind(c.sliding_window(i) is not None, c.local_rope(i)) for i in range(L)]
+        uniform = len(set(kinds)) == 1
         block_cls = Block
         if self.remat != "none":
+            # A layer's kind, when known, stays a Python value (static) so the layer compiles for it.
             # Inside scan, CSE cannot merge the recomputation with the forward pass, so skip the guard.
-            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
-        index, mask = (None, None) if cache is None else (cache.index, cache.mask(x.shape[1]))
-        layers = [(c.sliding_window(i), c.local_rope(i)) for i in range(c.n_layer)]
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers,
+                                 static_argnums=(3,) if uniform or not self.scan_layers else ())
+        block_args = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
         if not self.scan_layers:
-            for i, (window, local) in enumerate(layers):
-                kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, kv = block_cls(**kwargs, window=window, local_rope=local, name=f"h_{i}")(
-                    x, rope, kv, index, mask)
+            for i, kind in enumerate(kinds):
+                layer_cache = None if cache is None else cache.replace(k=cache.k[i], v=cache.v[i])
+                x, layer_cache = block_cls(**block_args, name=f"h_{i}")(x, rope, kind, layer_cache)
                 if cache is not None:  # written back layer by layer: XLA updates the buffer in place
-                    cache = cache.replace(k=cache.k.at[i].set(kv[0]), v=cache.v.at[i].set(kv[1]))
+                    cache = cache.replace(k=cache.k.at[i].set(layer_cache.k), v=cache.v.at[i].set(layer_cache.v))
         else:
-            # The layer stack is one scanned block: x is the carry, a layer's cache is scanned over.
-            # Layers that differ (Gemma 2/3's local and global ones) get their settings as scanned data.
-            flags = None
-            if len(set(layers)) == 1:
-                kwargs.update(window=layers[0][0], local_rope=layers[0][1])
-            else:
-                flags = jnp.asarray([(int(w is not None), int(local)) for w, local in layers], jnp.int32)
+            # The layer stack is one scanned block: x is the carry, each layer's cache is scanned over,
+            # and so are the layers' kinds when they differ (Gemma 2/3's local and global layers).
+            kind = kinds[0] if uniform else LayerKind(windowed=jnp.asarray([k.windowed for k in kinds], jnp.int32),
+                                                      local_rope=jnp.asarray([k.local_rope for k in kinds], jnp.int32))
+            layer_caches = None if cache is None else cache.replace(
+                index=jnp.broadcast_to(cache.index, (L,)), start=jnp.broadcast_to(cache.start, (L, *cache.start.shape)))
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0),
-                length=c.n_layer,
+                in_axes=(nn.broadcast, nn.broadcast if uniform else 0, 0),
+                length=L,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            kv = None if cache is None else (cache.k, cache.v)
-            x, kv = stack(**kwargs, name="h")(x, rope, kv, index, mask, flags)
+            x, layer_caches = stack(**block_args, name="h")(x, rope, kind, layer_caches)
             if cache is not None:
-                cache = cache.replace(k=kv[0], v=kv[1])
+                cache = cache.replace(k=layer_caches.k, v=layer_caches.v)
         if cache is not None:
-            T = x.shape[1]
             cache = cache.replace(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES),
-                                  index=cache.index + T)
+                                  index=cache.index + x.shape[1])
         return x, cache
 
 

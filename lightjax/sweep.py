@@ -96,12 +96,12 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     row.update(device_kind=device.device_kind, devices=len(devices),
                hbm_bytes=chip.hbm_bytes if chip and device.platform == "tpu" else None)
     try:
-        training = build_run(c, devices)
-        state = training.abstract_state
+        run = build_run(c, devices)
+        state = run.abstract_state
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), np.int32,
-                                      sharding=batch_sharding(training.mesh))
+                                      sharding=batch_sharding(run.mesh))
         start = time.perf_counter()
-        compiled, text = partitioned_text(training.train_step.lower(state, {"tokens": tokens}))
+        compiled, text = partitioned_text(run.train_step.lower(state, {"tokens": tokens}))
         row["compile_s"] = time.perf_counter() - start
     except Exception as e:  # noqa: BLE001 (a setting that cannot work is a row, and the sweep goes on)
         row.update(fits=False if "RESOURCE_EXHAUSTED" in str(e) else None, error=_first_line(e))
@@ -113,13 +113,13 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
                temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
                fits=None if row["hbm_bytes"] is None else used <= row["hbm_bytes"])
     n = len(devices)
-    model_flops = flops_per_token(training.model.config, seq) * batch * seq / n
+    model_flops = flops_per_token(run.model.config, seq) * batch * seq / n
     xla_flops = compiled_flops(compiled)
     row.update(model_flops_per_device=model_flops, xla_flops_per_device=xla_flops,
                collectives=collectives(text))
     row.update(_estimate(row, c, device, chip))
     if measure_steps:  # real devices only: compile-only ones cannot run
-        row.update(_measure(training, compiled, c, measure_steps, model_flops, row["peak_flops"]))
+        row.update(_measure(run, compiled, c, measure_steps, model_flops, row["peak_flops"]))
     return row
 
 
@@ -137,12 +137,12 @@ def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[
             "predicted_mfu": row["model_flops_per_device"] / (peak * step_s)}
 
 
-def _measure(training: Any, compiled: Any, config: Any, steps: int, model_flops: float,
+def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: float,
              peak: float) -> dict[str, Any]:
     """Median step time of the compiled step on real devices, synthetic batches, after one warm-up."""
-    state = training.init_state()
+    state = run.init_state()
     batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size,
-                                        config.data.seq_len, training.model.config.vocab_size), training.mesh)
+                                        config.data.seq_len, run.model.config.vocab_size), run.mesh)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

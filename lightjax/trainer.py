@@ -113,7 +113,7 @@ def _token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict
     return paths
 
 
-def _resume(config: Any, checkpointer: Checkpointer, training: Run,
+def _resume(config: Any, checkpointer: Checkpointer, run: Run,
             config_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(state, meta): restored per config.checkpoint.resume, or freshly initialised (from
     config.train.init_from's weights when given)."""
@@ -126,19 +126,19 @@ def _resume(config: Any, checkpointer: Checkpointer, training: Run,
                                   + "; ".join(changes) + ". Use a new --workdir or --config.checkpoint.resume=never.")
 
     if mode == "never" or (mode == "auto" and not checkpointer.steps()):
-        return _fresh_state(config, training), {}
+        return _fresh_state(config, run), {}
     if mode == "auto":
-        restored = checkpointer.restore_latest(training.abstract_state, same_run)
+        restored = checkpointer.restore_latest(run.abstract_state, same_run)
         if restored is None:
             raise CheckpointError(f"No checkpoint under {checkpointer.directory} could be read.")
         where = checkpointer.directory / str(restored[1]["step"])
     else:
-        restored, where = _restore_from(mode, training, same_run)
+        restored, where = _restore_from(mode, run, same_run)
     print_once(f"Resumed from {where} (step {restored[1]['step']}) on {jax.process_count()} process(es).")
     return restored
 
 
-def _restore_from(mode: str, training: Run, same_run: Any) -> tuple[tuple[Any, dict[str, Any]], epath.Path]:
+def _restore_from(mode: str, run: Run, same_run: Any) -> tuple[tuple[Any, dict[str, Any]], epath.Path]:
     """checkpoint.resume=PATH: another run's latest checkpoint (PATH its workdir) or one of them
     (PATH = RUN/checkpoints/STEP). Nothing in that run is changed; a damaged checkpoint is an error."""
     path = epath.Path(mode)
@@ -154,19 +154,19 @@ def _restore_from(mode: str, training: Run, same_run: Any) -> tuple[tuple[Any, d
             raise CheckpointError(f"config.checkpoint.resume={mode!r}: no complete checkpoint "
                                   f"{'there' if step is None else step} (there are {steps or 'none'}).")
         same_run(source.read_meta(step))
-        return source.restore(step, training.abstract_state), source.directory / str(step)
+        return source.restore(step, run.abstract_state), source.directory / str(step)
     finally:
         source.close()
 
 
-def _fresh_state(config: Any, training: Run) -> Any:
+def _fresh_state(config: Any, run: Run) -> Any:
     source = config.train.init_from
     if not source:
-        return training.init_state()
+        return run.init_state()
     weights_cfg, params = load_weights(source)
-    check_same_architecture(training.model.config, weights_cfg, source)
+    check_same_architecture(run.model.config, weights_cfg, source)
     print_once(f"Starting from the weights in {source}.")
-    return training.init_state(params)
+    return run.init_state(params)
 
 
 class _Progress:
@@ -206,13 +206,13 @@ class _Progress:
 def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Sequence[np.ndarray], Any, float]:
     """What the loop needs before the first step: the built steps, the training rows, the validation
     tokens and their tokens per character (each file prepared once, by process 0)."""
-    training = build_run(config)
+    run = build_run(config)
     tokenizer = _tokenizer(config, workdir)
-    check_vocab(tokenizer, training.model.config.vocab_size)
+    check_vocab(tokenizer, run.model.config.vocab_size)
     paths = _token_files(config, workdir, tokenizer)
     val_meta = read_token_meta(paths["validation"])
     tokens_per_char = val_meta["tokens"] / max(val_meta["characters"], 1)
-    return training, TokenRows(paths["train"], config.data.seq_len), open_tokens(paths["validation"]), tokens_per_char
+    return run, TokenRows(paths["train"], config.data.seq_len), open_tokens(paths["validation"]), tokens_per_char
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
@@ -238,17 +238,17 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 
 
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
-    training, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
+    run, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
     closing.callback(rows.close)
     if hasattr(val_tokens, "close"):
         closing.callback(val_tokens.close)
-    cfg, t = training.model.config, config.train
+    cfg, t = run.model.config, config.train
     config_dict = json.loads(config.to_json_best_effort())
 
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     closing.callback(checkpointer.close)
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
-    state, meta = _resume(config, checkpointer, training, config_dict)
+    state, meta = _resume(config, checkpointer, run, config_dict)
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     step = int(meta.get("step", 0))
@@ -265,8 +265,8 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     closing.callback(stop.restore)
 
     flops_tok = flops_per_token(cfg, config.data.seq_len)
-    peak, _ = peak_flops_per_device(t.peak_flops, dtype=training.model.dtype,
-                                    device=training.mesh.local_mesh.devices.flat[0])
+    peak, _ = peak_flops_per_device(t.peak_flops, dtype=run.model.dtype,
+                                    device=run.mesh.local_mesh.devices.flat[0])
     tokens_per_step = t.global_batch_size * config.data.seq_len
     start = time.perf_counter()
     window = {"time": start, "step": step}  # throughput is measured between logged steps
@@ -307,7 +307,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
         tok_s = (step - window["step"]) * tokens_per_step / max(now - window["time"], 1e-9)
         window.update(time=now, step=step)
         row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_sec": tok_s, "mfu": mfu(tok_s, flops_tok, peak, training.mesh.size),
+               "tokens_per_sec": tok_s, "mfu": mfu(tok_s, flops_tok, peak, run.mesh.size),
                "tokens_seen": tokens_at_start + (step - first_step) * tokens_per_step, "elapsed_s": elapsed()}
         if t.skip_nonfinite:
             row["skipped"] = bool(m["skipped"])
@@ -323,8 +323,8 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
 
     pending, asked = None, False  # pending: (step, metrics) of the step before the one just dispatched
     while not finished(step):
-        batch = shard_batch(next(data_iter), training.mesh)
-        state, metrics = training.train_step(state, batch)
+        batch = shard_batch(next(data_iter), run.mesh)
+        state, metrics = run.train_step(state, batch)
         checkpointer.check()
         step += 1
         tokens_seen += tokens_per_step
@@ -341,7 +341,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
             progress.step(read_back(step, metrics, step % t.log_every == 0 or end or asked))
             pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
         if evaluate_now:
-            ev = evaluate(training, state.params, val_tokens, config, tokens_per_char)
+            ev = evaluate(run, state.params, val_tokens, config, tokens_per_char)
             val_loss = ev["val_loss"]
             best_val = min(best_val, val_loss)
             writers.write({"step": step, **ev, "tokens_seen": tokens_seen, "elapsed_s": elapsed()})

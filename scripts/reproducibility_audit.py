@@ -25,7 +25,7 @@ _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "Largest relative difference 
 
 
 def _write(out: Path, report: dict) -> None:
-    from lightjax.verify import audit_markdown
+    from lightjax.audit import audit_markdown
 
     (out / "environment.json").write_text(json.dumps(report, indent=1))
     (out / "environment.md").write_text(audit_markdown(report))
@@ -33,8 +33,8 @@ def _write(out: Path, report: dict) -> None:
 
 def main(argv):
     del argv
+    from lightjax.audit import determinism_check, environment
     from lightjax.run_config import validate
-    from lightjax.verify import determinism_check, environment
 
     config, out = _CONFIG.value, Path(_OUT.value)
     try:

@@ -26,7 +26,7 @@ def main(argv):
     simulate_host_devices(_HOST_DEVICES.value)
     import jax
 
-    from lightjax.verify import overfit_one_batch
+    from lightjax.smoke import overfit_one_batch
 
     try:
         result = overfit_one_batch(_CONFIG.value, min_reduction=_MIN_REDUCTION.value)

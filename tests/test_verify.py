@@ -10,16 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from lightjax.audit import audit_markdown, determinism_check, environment
 from lightjax.run import build_run
 from lightjax.sharding import shard_batch
-from lightjax.verify import (
-    audit_markdown,
-    determinism_check,
-    environment,
-    fixed_batch,
-    gradient_flow,
-    overfit_one_batch,
-)
+from lightjax.smoke import fixed_batch, gradient_flow, overfit_one_batch
 from tests.helpers import SHAKESPEARE, load_config, run_script, tiny_run_config
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
