@@ -9,15 +9,14 @@ from lightjax.run_config import default_config
 
 def get_config():
     c = default_config()
-    c.model.name = "baseline-tiny"
+    # A model small enough to train three times in a minute or two on a laptop CPU.
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 2, 4, 64, 64
     c.data.seq_len = 64
-    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.schedule = 3e-3, 3e-4, 10, "cosine"
-    c.train.seed = 1337
+    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 3e-3, 3e-4, 10  # a short run: warm up fast, learn fast
     c.train.global_batch_size = 16
     c.train.max_steps = 300
     c.train.log_every = 1  # the audit compares the loss of every step
-    c.train.eval_every = 300
+    c.train.eval_every = 300  # one evaluation, at the end: its loss is the one compared across seeds
     c.train.eval_batches = 16
-    c.checkpoint.save_every = 0
+    c.checkpoint.save_every = 0  # only the final save: the audit is about the losses
     return c

@@ -13,17 +13,17 @@ from lightjax.run_config import default_config
 def get_config():
     c = default_config()
     c.model.name = "pythia-160m"
-    c.data.source = "tfds:c4/en"
-    c.data.tokenizer = "byte"
+    c.data.source = "tfds:c4/en"  # a web-scale corpus for a model of this size
+    c.data.tokenizer = "byte"  # needs no tokenizer files
     c.data.seq_len = 2048
-    c.data.num_workers = 8
-    c.mesh.data, c.mesh.fsdp = 1, -1
-    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.b2 = 6e-4, 6e-5, 1000, 0.95
-    c.train.global_batch_size = 256
+    c.data.num_workers = 8  # keep the accelerators fed
+    c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every device
+    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 6e-4, 6e-5, 1000  # Pythia's own rates
+    c.train.global_batch_size = 256  # 0.5M tokens per step
     c.train.max_steps = 20000
-    c.train.dtype, c.train.param_dtype = "bfloat16", "float32"
-    c.train.remat = "dots_with_no_batch_dims_saveable"
-    c.train.scan_layers = True
+    c.train.dtype = "bfloat16"  # compute in bf16, keep float32 master weights
+    c.train.remat = "dots_with_no_batch_dims_saveable"  # keep the weight matmuls, recompute the rest
+    c.train.scan_layers = True  # one compiled layer: faster compiles
     c.train.eval_every, c.train.eval_batches, c.train.log_every = 1000, 50, 50
     c.checkpoint.save_every = 1000
     return c

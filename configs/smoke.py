@@ -11,13 +11,12 @@ from lightjax.run_config import default_config
 
 def get_config():
     c = default_config()
-    c.model.name = "baseline-tiny"
+    # Small enough to overfit one batch in seconds: the smoke test checks wiring, not quality.
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 2, 4, 64, 64
     c.data.seq_len = 64
-    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-3, 10, "constant"
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-3, 10, "constant"  # no decay within 100 steps
     c.train.global_batch_size = 16
     c.train.max_steps = 100
-    c.train.log_every = 10
     c.train.eval_every = 50
     c.train.eval_batches = 4
     c.checkpoint.save_every = 50

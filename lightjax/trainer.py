@@ -242,124 +242,163 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     closing.callback(rows.close)
     if hasattr(val_tokens, "close"):
         closing.callback(val_tokens.close)
-    cfg, t = run.model.config, config.train
     config_dict = json.loads(config.to_json_best_effort())
-
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     closing.callback(checkpointer.close)
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
     state, meta = _resume(config, checkpointer, run, config_dict)
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
-    step = int(meta.get("step", 0))
+    t, step = config.train, int(meta.get("step", 0))
     position = int(meta.get("data_position", step))  # global batches consumed; any process count reads on from it
-    data_iter = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers, start_step=position)
-    if hasattr(data_iter, "close"):
-        closing.callback(data_iter.close)
-    tokens_seen = tokens_at_start = int(meta.get("tokens_seen", 0))
-    elapsed_before = float(meta.get("elapsed_s", 0.0))
+    batches = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers, start_step=position)
+    if hasattr(batches, "close"):
+        closing.callback(batches.close)
     writers = closing.enter_context(contextlib.closing(
         MetricWriters(workdir, step, config.logging.tensorboard, config.logging.wandb_project, config_dict)))
     progress = closing.enter_context(contextlib.closing(_Progress(config.logging.progress, step, t.max_steps)))
     stop = _StopSignal()
     closing.callback(stop.restore)
+    loop = _Loop(config, config_dict, run, checkpointer, writers, progress, stop, meta)
+    loop.train(state, batches, lambda params: evaluate(run, params, val_tokens, config, tokens_per_char))
+    return loop.summary(workdir)
 
-    flops_tok = flops_per_token(cfg, config.data.seq_len)
-    peak, _ = peak_flops_per_device(t.peak_flops, dtype=run.model.dtype,
-                                    device=run.mesh.local_mesh.devices.flat[0])
-    tokens_per_step = t.global_batch_size * config.data.seq_len
-    start = time.perf_counter()
-    window = {"time": start, "step": step}  # throughput is measured between logged steps
-    best_val, val_loss, last_saved = math.inf, None, step
-    first_step = step
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
+class _Clock:
+    """Wall time of the whole run (earlier invocations included), and tokens/s between logged steps."""
 
-    def finished(step: int) -> bool:
-        return bool(step >= t.max_steps or (t.max_tokens and tokens_seen >= t.max_tokens)
-                    or (t.stop_after and step >= t.stop_after))
+    def __init__(self, elapsed_before: float, step: int):
+        self.start = self.window_start = time.perf_counter()
+        self.elapsed_before, self.window_step = elapsed_before, step
 
-    def limits(step: int) -> tuple[bool, bool]:
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def restart_window(self, step: int) -> None:
+        self.window_start, self.window_step = time.perf_counter(), step
+
+    def tokens_per_sec(self, step: int, tokens_per_step: int) -> float:
+        """Throughput since the window started; starts the next window."""
+        now = time.perf_counter()
+        rate = (step - self.window_step) * tokens_per_step / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_step = now, step
+        return rate
+
+
+class _Loop:
+    """The training loop and where it stands: step, best validation loss, last saved step."""
+
+    def __init__(self, config: Any, config_dict: dict[str, Any], run: Run, checkpointer: Checkpointer,
+                 writers: MetricWriters, progress: _Progress, stop: _StopSignal, meta: dict[str, Any]):
+        self.config, self.config_dict, self.t, self.run = config, config_dict, config.train, run
+        self.checkpointer, self.writers, self.progress, self.stop = checkpointer, writers, progress, stop
+        self.step = self.first_step = self.last_saved = int(meta.get("step", 0))
+        self.data_position = int(meta.get("data_position", self.step))
+        self.tokens_at_start = int(meta.get("tokens_seen", 0))
+        self.clock = _Clock(float(meta.get("elapsed_s", 0.0)), self.step)
+        self.tokens_per_step = self.t.global_batch_size * config.data.seq_len
+        self.best_val, self.val_loss, self.asked = math.inf, None, False
+        self.flops_per_token = flops_per_token(run.model.config, config.data.seq_len)
+        self.peak, _ = peak_flops_per_device(self.t.peak_flops, dtype=run.model.dtype,
+                                             device=run.mesh.local_mesh.devices.flat[0])
+
+    def tokens_seen(self, step: int) -> int:
+        return self.tokens_at_start + (step - self.first_step) * self.tokens_per_step
+
+    def finished(self) -> bool:
+        t = self.t
+        return bool(self.step >= t.max_steps or (t.max_tokens and self.tokens_seen(self.step) >= t.max_tokens)
+                    or (t.stop_after and self.step >= t.stop_after))
+
+    def train(self, state: Any, batches: Any, evaluate_params: Any) -> None:
+        """Step until the run is finished, its time is up or a stop is asked for; save at the end."""
+        t, save_every = self.t, self.config.checkpoint.save_every
+        pending = None  # (step, metrics) of the step before the one just dispatched
+        while not self.finished():
+            state, metrics = self.run.train_step(state, shard_batch(next(batches), self.run.mesh))
+            self.checkpointer.check()
+            self.step += 1
+            self.val_loss = None
+            if pending is not None:  # read back one step late: the device is already busy with this step
+                self._read_back(*pending, log=pending[0] % t.log_every == 0)
+            pending = (self.step, metrics)
+            self.asked, time_up = self._limits()
+            end = self.finished() or time_up
+            evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or end)
+            save_now = save_every and self.step % save_every == 0
+            if evaluate_now or save_now or end or self.asked:
+                # Nothing from a non-finite step reaches an evaluation or a checkpoint.
+                self._read_back(self.step, metrics, log=self.step % t.log_every == 0 or end or self.asked)
+                pending = None
+            if evaluate_now:
+                self._evaluate(evaluate_params(state.params))
+            if save_now:
+                self._save(state)
+            if end or self.asked:
+                break
+        if pending is not None:
+            self._read_back(*pending, log=True)
+        if self.step != self.last_saved:
+            self._save(state)
+        self.checkpointer.wait()
+
+    def _limits(self) -> tuple[bool, bool]:
         """(a stop was asked for, the time limit is reached). Each process has its own clock and
-        signals; several processes act on them together (at logged steps), or their collectives
-        would no longer match."""
-        asked = stop.received is not None
-        time_up = bool(t.max_time_s and elapsed() >= t.max_time_s)
+        signals; several processes act on them together, at logged steps, or their collectives would
+        no longer match. Preemption notices are agreed on at every step (by JAX)."""
+        asked = self.stop.received is not None
+        time_up = bool(self.t.max_time_s and self.clock.elapsed() >= self.t.max_time_s)
         if jax.process_count() == 1:
             return asked, time_up
-        if step % t.log_every:
-            return checkpointer.preempted(step), False
-        return any_process(asked) or checkpointer.preempted(step), any_process(time_up)
+        agree_now = self.step % self.t.log_every == 0
+        asked = (agree_now and any_process(asked)) or self.checkpointer.preempted(self.step)
+        return asked, agree_now and any_process(time_up)
 
-    def read_back(step: int, metrics: Any, log: bool) -> dict[str, Any] | None:
-        """The metrics of `step`, fetched from the device; stops the run on a non-finite loss."""
+    def _read_back(self, step: int, metrics: Any, log: bool) -> None:
+        """Fetch the metrics of `step` from the device; write and show them when `log`. A non-finite
+        loss stops the run."""
         m = jax.device_get(metrics)
-        if not np.isfinite(m["loss"]) and not t.skip_nonfinite:
+        if not np.isfinite(m["loss"]) and not self.t.skip_nonfinite:
             raise FloatingPointError(f"Non-finite loss ({m['loss']}) at step {step}; stopped without saving it "
-                                     f"(the last checkpoint is step {last_saved}). Lower optim.lr, or set "
+                                     f"(the last checkpoint is step {self.last_saved}). Lower optim.lr, or set "
                                      "train.skip_nonfinite=True to skip such updates.")
-        now = time.perf_counter()
         if not log:
-            if step == first_step + 1:  # compilation ends with the first step: time throughput from here
-                window.update(time=now, step=step)
-            return None
-        tok_s = (step - window["step"]) * tokens_per_step / max(now - window["time"], 1e-9)
-        window.update(time=now, step=step)
+            if step == self.first_step + 1:  # compilation ends with the first step: time throughput from here
+                self.clock.restart_window(step)
+            self.progress.step(None)
+            return
+        tok_s = self.clock.tokens_per_sec(step, self.tokens_per_step)
         row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_sec": tok_s, "mfu": mfu(tok_s, flops_tok, peak, run.mesh.size),
-               "tokens_seen": tokens_at_start + (step - first_step) * tokens_per_step, "elapsed_s": elapsed()}
-        if t.skip_nonfinite:
+               "tokens_per_sec": tok_s, "mfu": mfu(tok_s, self.flops_per_token, self.peak, self.run.mesh.size),
+               "tokens_seen": self.tokens_seen(step), "elapsed_s": self.clock.elapsed()}
+        if self.t.skip_nonfinite:
             row["skipped"] = bool(m["skipped"])
-        writers.write(row)
-        return row
+        self.writers.write(row)
+        self.progress.step(row)
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        checkpointer.save(step, state, {"data_position": position + step - first_step, "tokens_seen": tokens_seen,
-                                        "elapsed_s": elapsed(), "config": config_dict}, val_loss=val_loss)
-        writers.flush()
-        last_saved = step
+    def _evaluate(self, ev: dict[str, float]) -> None:
+        self.val_loss = ev["val_loss"]
+        self.best_val = min(self.best_val, self.val_loss)
+        self.writers.write({"step": self.step, **ev, "tokens_seen": self.tokens_seen(self.step),
+                            "elapsed_s": self.clock.elapsed()})
+        self.progress.message(f"step {self.step:6d} | val_loss {self.val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
+                              f"val_bpc {ev['val_bpc']:.4f}")
 
-    pending, asked = None, False  # pending: (step, metrics) of the step before the one just dispatched
-    while not finished(step):
-        batch = shard_batch(next(data_iter), run.mesh)
-        state, metrics = run.train_step(state, batch)
-        checkpointer.check()
-        step += 1
-        tokens_seen += tokens_per_step
-        val_loss = None
-        if pending is not None:  # read back one step late: the device is already busy with `step`
-            p_step, p_metrics = pending
-            progress.step(read_back(p_step, p_metrics, p_step % t.log_every == 0))
-        pending = (step, metrics)
-        asked, time_up = limits(step)
-        end = finished(step) or time_up
-        evaluate_now = t.eval_every and (step % t.eval_every == 0 or end)
-        save_now = config.checkpoint.save_every and step % config.checkpoint.save_every == 0
-        if evaluate_now or save_now or end or asked:
-            progress.step(read_back(step, metrics, step % t.log_every == 0 or end or asked))
-            pending = None  # nothing from a non-finite step reaches an evaluation or a checkpoint
-        if evaluate_now:
-            ev = evaluate(run, state.params, val_tokens, config, tokens_per_char)
-            val_loss = ev["val_loss"]
-            best_val = min(best_val, val_loss)
-            writers.write({"step": step, **ev, "tokens_seen": tokens_seen, "elapsed_s": elapsed()})
-            progress.message(f"step {step:6d} | val_loss {val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
-                             f"val_bpc {ev['val_bpc']:.4f}")
-        if save_now:
-            save(step)
-        if end or asked:
-            break
-    if pending is not None:
-        progress.step(read_back(*pending, log=True))
-    if step != last_saved:
-        save(step)
-    checkpointer.wait()
-    if asked:
-        reason = stop.received or "a stop signal to another process, or a preemption notice"
-        progress.message(f"{reason}: saved step {step} to {checkpointer.directory / str(step)}.")
-    run_s = time.perf_counter() - start
-    return {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed(),
-            "tokens_per_sec": (step - first_step) * tokens_per_step / max(run_s, 1e-9), "workdir": str(workdir),
-            "stopped_by": stop.received or ("preemption" if asked else None)}
+    def _save(self, state: Any) -> None:
+        meta = {"data_position": self.data_position + self.step - self.first_step,
+                "tokens_seen": self.tokens_seen(self.step), "elapsed_s": self.clock.elapsed(),
+                "config": self.config_dict}
+        self.checkpointer.save(self.step, state, meta, val_loss=self.val_loss)
+        self.writers.flush()
+        self.last_saved = self.step
+
+    def summary(self, workdir: epath.Path) -> dict[str, Any]:
+        if self.asked:
+            reason = self.stop.received or "a stop signal to another process, or a preemption notice"
+            where = self.checkpointer.directory / str(self.step)
+            self.progress.message(f"{reason}: saved step {self.step} to {where}.")
+        run_s = time.perf_counter() - self.clock.start
+        return {"step": self.step, "tokens_seen": self.tokens_seen(self.step), "best_val_loss": self.best_val,
+                "elapsed_s": self.clock.elapsed(),
+                "tokens_per_sec": (self.step - self.first_step) * self.tokens_per_step / max(run_s, 1e-9),
+                "workdir": str(workdir), "stopped_by": self.stop.received or ("preemption" if self.asked else None)}

@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before JAX is imported) and the Hugging Face gate."""
+"""Test setup: 8 simulated CPU devices (set before JAX is imported), the local-data gate, and the
+uninterrupted reference run."""
 
 import os
 
@@ -22,19 +23,6 @@ def pytest_runtest_setup(item):
         if os.environ.get("LIGHTJAX_REQUIRE_DATA") == "1":
             pytest.fail(f"LIGHTJAX_REQUIRE_DATA=1 but {reason}")
         pytest.skip(reason)
-
-
-def require_hf():
-    """(torch, transformers) for parity tests. Skips locally when missing; fails when
-    LIGHTJAX_REQUIRE_HF=1 (set by .ci/run), so CI can never pass by skipping them."""
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        if os.environ.get("LIGHTJAX_REQUIRE_HF") == "1":
-            pytest.fail(f"LIGHTJAX_REQUIRE_HF=1 but the parity tests cannot import torch/transformers: {e}")
-        pytest.skip(f"torch/transformers not installed: {e}")
-    return torch, transformers
 
 
 @pytest.fixture(scope="module")

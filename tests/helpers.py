@@ -1,5 +1,5 @@
 """What the tests share: tiny model and run configs (one per block layout the model supports), the
-local data path, config loading and script running."""
+local data path, config loading, script running and the Hugging Face gate."""
 
 import importlib.util
 import os
@@ -7,33 +7,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lightjax.model_config import ModelConfig
 from lightjax.run_config import default_config
 
+# The tiny model's two block layouts: 2 layers, 32 wide, small enough for float64 gradient checks.
+TINY_FAMILIES = {
+    # GPT-NeoX layout: parallel residual, partial rotary, LayerNorm, biases.
+    "pythia": dict(name="tiny-pythia", block_size=32, vocab_size=96, padding_multiple=32, n_layer=2,
+                   n_embd=32, n_head=4, rotary_percentage=0.25),
+    # Llama layout: sequential residual, full rotary, RMSNorm, SwiGLU, GQA.
+    "llama": dict(name="tiny-llama", block_size=32, vocab_size=96, padding_multiple=32, n_layer=2, n_embd=32,
+                  n_head=4, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                  norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=64),
+}
+
 
 def tiny_config(family: str = "pythia", **overrides) -> ModelConfig:
-    """A 2-layer model small enough for float64 gradient checks and 8-way sharding."""
-    base = {
-        # GPT-NeoX layout: parallel residual, partial rotary, LayerNorm, biases.
-        "pythia": dict(name="tiny-pythia", block_size=32, vocab_size=96, padding_multiple=32, n_layer=2,
-                       n_embd=32, n_head=4, rotary_percentage=0.25),
-        # Llama layout: sequential residual, full rotary, RMSNorm, SwiGLU, GQA.
-        "llama": dict(name="tiny-llama", block_size=32, vocab_size=96, padding_multiple=32, n_layer=2, n_embd=32,
-                      n_head=4, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
-                      norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=64),
-    }[family]
-    return ModelConfig(**{**base, **overrides})
+    return ModelConfig(**{**TINY_FAMILIES[family], **overrides})
+
+
+def model_overrides(config, fields: dict) -> None:
+    """Set config.model's keys to `fields` (the run's preset name stays)."""
+    for k, v in fields.items():
+        if k != "name" and v is not None:
+            setattr(config.model, k, v)
 
 
 def tiny_run_config(family="pythia", mesh=(1, 1, 1), **train):
+    """A run of the tiny model at 64 wide with 8 heads, so that every mesh of 8 devices splits it."""
     c = default_config()
     c.model.name = "pythia-14m"
-    common = dict(block_size=32, vocab_size=96, padding_multiple=32, n_layer=2, n_embd=64, n_head=8)
-    if family == "llama":
-        common.update(n_query_groups=4, rotary_percentage=1.0, parallel_residual=False, bias=False,
-                      norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128)
-    for k, v in common.items():
-        setattr(c.model, k, v)
+    wider = dict(n_embd=64, n_head=8) if family == "pythia" else dict(n_embd=64, n_head=8, n_query_groups=4,
+                                                                         intermediate_size=128)
+    model_overrides(c, {**TINY_FAMILIES[family], **wider})
     c.data.seq_len = 16
     c.optim.warmup_steps = 1
     c.train.max_steps = 20
@@ -48,23 +56,51 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def load_config(name: str, local_data: bool = True):
-    """configs/<name>.py's get_config(), pointed at the local Tiny Shakespeare copy."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+def load_config_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return module
+
+
+def load_config(name: str, local_data: bool = True):
+    """configs/<name>.py's get_config(), pointed at the local Tiny Shakespeare copy."""
+    config = load_config_module(ROOT / "configs" / f"{name}.py").get_config()
     if local_data:
         config.data.local_path = str(SHAKESPEARE)
     return config
 
 
-def run_script(script: str, *args: str, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """scripts/<script> in a subprocess with its own device count (XLA_FLAGS is not inherited)."""
+def script_env(root: Path = ROOT) -> dict[str, str]:
+    """The environment scripts run in: the checkout at `root` importable, and no inherited XLA_FLAGS
+    (a script sets its own device count)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(root)
+    return env
+
+
+def run_script(script: str, *args: str, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """scripts/<script> in a subprocess with its own device count."""
     cmd = [sys.executable, f"scripts/{script}", *args, *([f"--host_devices={devices}"] if devices > 1 else [])]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def local_data_flags(workdir) -> list[str]:
+    """Command-line flags that point a run at the local Tiny Shakespeare copy, prepared beside workdir."""
+    return [f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={Path(workdir).parent / 'tfds'}"]
+
+
+def require_hf():
+    """(torch, transformers) for parity tests. Skips locally when missing; fails when
+    LIGHTJAX_REQUIRE_HF=1 (set by .ci/run), so CI can never pass by skipping them."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        if os.environ.get("LIGHTJAX_REQUIRE_HF") == "1":
+            pytest.fail(f"LIGHTJAX_REQUIRE_HF=1 but the parity tests cannot import torch/transformers: {e}")
+        pytest.skip(f"torch/transformers not installed: {e}")
+    return torch, transformers
 
 
 VOCAB = 100  # of the random Hugging Face models
@@ -110,7 +146,5 @@ def preset_run_config(name: str, mesh=(1, 1, 1), **overrides):
     """tiny_run_config's training settings around `tiny_preset(name, **overrides)`."""
     c = tiny_run_config(mesh=mesh)
     c.model.name = name
-    for k, v in tiny_preset(name, **overrides).to_dict().items():
-        if k != "name" and v is not None:
-            setattr(c.model, k, v)
+    model_overrides(c, tiny_preset(name, **overrides).to_dict())
     return c

@@ -2,7 +2,6 @@
 line), its losses and final parameters, and the check that two runs are the same run."""
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.helpers import ROOT, SHAKESPEARE, tiny_run_config
+from tests.helpers import SHAKESPEARE, script_env, tiny_run_config
 
 TINY = dict(n_layer=1, n_embd=64, n_head=4, vocab_size=65, padding_multiple=64, block_size=32)
 CLI_TINY = [f"--config.model.{k}={v}" for k, v in TINY.items()] + [
@@ -52,10 +51,9 @@ def assert_same_run(a, b):
 
 
 def cli_command(workdir, *extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    """(command, environment) of the tiny run through scripts/train.py, for tests that signal it."""
     return [sys.executable, "scripts/train.py", "--config", "configs/baseline.py", f"--workdir={workdir}",
-            *CLI_TINY, f"--config.data.data_dir={Path(workdir).parent / 'tfds'}", *extra], env
+            *CLI_TINY, f"--config.data.data_dir={Path(workdir).parent / 'tfds'}", *extra], script_env()
 
 
 def wait_for_rows(workdir, n, proc, timeout=120):

@@ -1,27 +1,21 @@
 """scripts/benchmark.py end to end, in subprocesses (1 device, 8 simulated devices, a bad setting)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_script
+
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config.model.n_embd=64",
         "--config.model.n_head=4", "--config.data.seq_len=32", "--config.train.global_batch_size=8",
         "--steps=2", "--warmup=1"]
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices stay here
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("benchmark.py", *args, timeout=300)
 
 
 def test_benchmark_one_device_json():

@@ -1,6 +1,7 @@
 """Checkpoints and resumption: exact resume, kill -9, corruption, SIGTERM, another mesh, config changes."""
 
 import json
+import os
 import signal
 import subprocess
 
@@ -8,12 +9,24 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.checkpoint import Checkpointer, CheckpointError
+from lightjax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    _flatten,
+    config_changes,
+    export_params,
+    load_exported,
+    restore_params,
+    save_exported,
+)
+from lightjax.convert.hf import load_hf_checkpoint
+from lightjax.model import GPT, stack_layers
 from lightjax.run import build_run
+from lightjax.run_config import default_config
 from lightjax.sharding import shard_batch
 from lightjax.train_step import synthetic_batch
-from lightjax.trainer import train
-from tests.helpers import ROOT
+from lightjax.trainer import _StopSignal, train
+from tests.helpers import ROOT, random_hf_model, require_hf
 from tests.runs import assert_same_run, cli_command, final_params, losses, run_config, wait_for_rows
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
@@ -73,8 +86,6 @@ def _changed(value):
 
 
 def test_every_frozen_key_is_refused_and_every_other_allowed():
-    from lightjax.checkpoint import _flatten, config_changes
-    from lightjax.run_config import default_config
 
     saved = json.loads(default_config().to_json_best_effort())
     keys = _flatten(saved)
@@ -145,9 +156,7 @@ def test_a_stop_signal_saves_exits_zero_and_the_run_resumes_exactly(tmp_path, st
 
 def test_a_second_ctrl_c_aborts_at_once():
     """The first SIGINT asks the loop to save and stop; a second one raises KeyboardInterrupt at once."""
-    import os
 
-    from lightjax.trainer import _StopSignal
 
     stop = _StopSignal()
     try:
@@ -174,8 +183,6 @@ def test_ctrl_c_before_the_loop_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_params(uninterrupted, tmp_path, dtype):
-    from lightjax.checkpoint import export_params, load_exported
-    from lightjax.model import GPT
 
     out = export_params(uninterrupted, tmp_path / "export", dtype=dtype)
     cfg, params = load_exported(out)
@@ -204,12 +211,6 @@ def test_keeps_the_last_n_and_the_best_by_validation_loss(tmp_path):
 def test_training_starts_from_imported_weights(tmp_path, scan_layers):
     """config.train.init_from: a Hugging Face directory (or its lightjax export) gives the first
     parameters of a run; a different architecture is refused, naming each field."""
-    from lightjax.checkpoint import restore_params, save_exported
-    from lightjax.convert.hf import load_hf_checkpoint
-    from lightjax.model import stack_layers
-    from tests.conftest import require_hf
-    from tests.helpers import random_hf_model
-
     hf = require_hf()
     random_hf_model(hf, "Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=16).save_pretrained(
         tmp_path / "hf")

@@ -20,7 +20,7 @@ from lightjax.data.pipeline import (
 from lightjax.data.sources import load_split, split_documents
 from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer
 from lightjax.run_config import default_config
-from tests.helpers import SHAKESPEARE
+from tests.helpers import SHAKESPEARE, script_env
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
@@ -255,13 +255,11 @@ def test_pipeline_batch_becomes_a_global_array_split_over_the_batch_axes(corpus)
 
 
 def test_prepare_data_script(tmp_path):
-    import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(root)
+    env = script_env(root)
     args = [sys.executable, "scripts/prepare_data.py", "--config", "configs/baseline.py",
             f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path}"]
     out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)

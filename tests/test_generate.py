@@ -11,8 +11,7 @@ from lightjax.convert.hf import config_from_hf, params_from_hf
 from lightjax.generate import compiled_programs, generate, top_k_filter, top_p_filter
 from lightjax.model import GPT, stack_layers
 from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh
-from tests.conftest import require_hf
-from tests.helpers import VOCAB, random_hf_model, tiny_config, tiny_preset
+from tests.helpers import VOCAB, random_hf_model, require_hf, tiny_config, tiny_preset
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]  # different lengths in one batch
 

@@ -18,8 +18,7 @@ from lightjax.convert.hf import (
     save_hf_checkpoint,
 )
 from lightjax.model import GPT
-from tests.conftest import require_hf
-from tests.helpers import VOCAB, random_hf_model
+from tests.helpers import VOCAB, random_hf_model, require_hf
 
 # family -> (transformers class prefix, config kwargs beyond random_hf_model's, logits tolerance)
 FAMILIES = {

@@ -11,8 +11,7 @@ import pytest
 from lightjax.convert.hf import config_from_hf, config_to_hf, load_hf_checkpoint, params_from_hf
 from lightjax.model import GPT, abstract_params, count_params
 from lightjax.model_config import ModelConfig
-from tests.conftest import require_hf
-from tests.helpers import VOCAB, random_hf_model
+from tests.helpers import VOCAB, random_hf_model, require_hf
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from etils import epath
 
 from lightjax.launch import free_port
 from tests.fake_gcs import fake_gcs
-from tests.helpers import ROOT, SHAKESPEARE
+from tests.helpers import ROOT, SHAKESPEARE, script_env
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
@@ -29,12 +29,6 @@ MESH222 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor
 ONE_DEVICE = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 def run(workdir, processes, devices, *flags, timeout=300):
     """scripts/train.py as `processes` joined processes of `devices` CPU devices each (through
     scripts/launch.py when several); returns the combined output, failing on a non-zero exit."""
@@ -44,7 +38,7 @@ def run(workdir, processes, devices, *flags, timeout=300):
     else:
         cmd = [sys.executable, "scripts/launch.py", f"--processes={processes}", f"--devices_per_process={devices}",
                "--", *train]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -129,7 +123,7 @@ def test_two_processes_on_a_3d_mesh_with_a_gcs_workdir(reference, tmp_path, monk
 def _start(workdir, index, port, *flags):
     cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", *SMOKE, *FSDP8, *flags,
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={index}"]
-    env = _env()
+    env = script_env()
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -167,7 +161,8 @@ def test_sigterm_to_the_job_saves_once_and_exits_zero(tmp_path):
     cmd = [sys.executable, "scripts/launch.py", "--processes=2", "--devices_per_process=4", "--", "scripts/train.py",
            f"--workdir={tmp_path / 'run'}", *SMOKE, *FSDP8, "--config.train.max_steps=100000",
            "--config.checkpoint.save_every=0", f"--config.data.data_dir={tmp_path / 'tfds'}"]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
     _wait_for_rows(tmp_path / "run", 3, [launcher])
     launcher.send_signal(signal.SIGTERM)  # passed on to both processes, as a pod's preemption notice
     out, _ = launcher.communicate(timeout=120)
@@ -183,7 +178,7 @@ def test_launcher_stops_the_others_when_one_fails():
              "print('started', i, os.getpid(), flush=True); time.sleep(1 if i == 1 else 600); sys.exit(3)")
     start = time.time()
     out = subprocess.run([sys.executable, "scripts/launch.py", "--processes=3", "--devices_per_process=0", "--",
-                          "-c", child], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                          "-c", child], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 3 and time.time() - start < 60
     started = [line.split() for line in out.stdout.splitlines() if " started " in line]
     assert sorted(f"{w[0]} {w[2]}" for w in started) == ["[0] 0", "[1] 1", "[2] 2"]

@@ -2,14 +2,13 @@
 copy, and the sharding notebook's placements and sweeps."""
 
 import json
-import os
 import re
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers import ROOT, SHAKESPEARE
+from tests.helpers import ROOT, SHAKESPEARE, script_env
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
@@ -26,7 +25,7 @@ def test_committed_notebook_has_no_outputs(name):
 def _run(name, tmp_path, **env_vars):
     """The notebook executed in a fresh kernel; its code cells' outputs as (text, images)."""
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the notebook sets up its own devices
+    env = script_env()  # the notebook sets up its own devices
     env.update(LIGHTJAX_LOCAL_CHECKOUT=str(ROOT), PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path), **env_vars)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     try:

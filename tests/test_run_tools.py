@@ -11,8 +11,7 @@ from lightjax.data.tokenizers import make_tokenizer
 from lightjax.evaluate import evaluate_run
 from lightjax.metrics import read_metrics
 from lightjax.trainer import train
-from tests.conftest import require_hf
-from tests.helpers import VOCAB, load_config, random_hf_model, run_script
+from tests.helpers import VOCAB, load_config, random_hf_model, require_hf, run_script
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 

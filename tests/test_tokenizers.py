@@ -1,6 +1,5 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +13,9 @@ from lightjax.data.tokenizers import (
     make_tokenizer,
     train_sentencepiece,
 )
+from tests.helpers import ROOT, SHAKESPEARE
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-
 
 @pytest.fixture(scope="module")
 def splits():

@@ -1,11 +1,7 @@
 """The front door, end to end: scripts/train.py in subprocesses, and every config in configs/."""
 
 import csv
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import pytest
 
 from lightjax.run_config import ConfigError, validate
 from lightjax.trainer import train
-from tests.helpers import ROOT, SHAKESPEARE
+from tests.helpers import ROOT, SHAKESPEARE, load_config_module, local_data_flags, run_script
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
@@ -23,15 +19,10 @@ ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_
 EVAL_KEYS = {"step", "val_loss", "val_ppl", "val_bpc", "val_tokens", "tokens_seen", "elapsed_s"}
 
 
-def _run(workdir, *args, config="configs/smoke.py", devices=1, popen=False):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "scripts/train.py", "--config", config, f"--workdir={workdir}",
-           f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={Path(workdir).parent / 'tfds'}",
-           *([f"--host_devices={devices}"] if devices > 1 else []), *args]
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _run(workdir, *args, config="configs/smoke.py", devices=1):
+    """scripts/train.py on the local Tiny Shakespeare copy."""
+    return run_script("train.py", "--config", config, f"--workdir={workdir}", *local_data_flags(workdir), *args,
+                      devices=devices)
 
 
 def _rows(workdir):
@@ -111,12 +102,9 @@ def test_offline_first_run_fails_fast_naming_local_path(tmp_path, host):
     from lightjax.launch import free_port
 
     url = f"http://127.0.0.1:{free_port()}/input.txt" if host == "closed port" else f"https://{host}/input.txt"
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/baseline.py",
-                          f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
-                          f"--config.data.download_url={url}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = run_script("train.py", "--config", "configs/baseline.py", f"--workdir={tmp_path / 'run'}",
+                     f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.download_url={url}", timeout=60)
     assert time.perf_counter() - start < 15
     assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout
     last = out.stderr.strip().splitlines()[-1]
@@ -126,12 +114,9 @@ def test_offline_first_run_fails_fast_naming_local_path(tmp_path, host):
 
 def test_download_from_a_mirror(tmp_path):
     """The download path end to end, from a file:// mirror (this machine has no network)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/smoke.py",
-                          f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
-                          f"--config.data.download_url=file://{SHAKESPEARE}", "--config.train.max_steps=2",
-                          "--config.optim.warmup_steps=1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_script("train.py", "--config", "configs/smoke.py", f"--workdir={tmp_path / 'run'}",
+                     f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.download_url=file://{SHAKESPEARE}",
+                     "--config.train.max_steps=2", "--config.optim.warmup_steps=1", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "tfds" / "lightjax_tiny_shakespeare" / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
     assert len(_rows(tmp_path / "run")) >= 1
@@ -141,9 +126,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
 
 def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(path)
     assert module.__doc__ and len(module.__doc__) > 80, f"{path.name} needs a docstring saying what it is for"
     return module.get_config()
 

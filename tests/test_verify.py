@@ -1,7 +1,6 @@
 """The verification tools: smoke test (overfit one batch, gradient flow) and reproducibility audit."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from lightjax.audit import audit_markdown, determinism_check, environment
 from lightjax.run import build_run
 from lightjax.sharding import shard_batch
 from lightjax.smoke import fixed_batch, gradient_flow, overfit_one_batch
-from tests.helpers import SHAKESPEARE, load_config, run_script, tiny_run_config
+from tests.helpers import SHAKESPEARE, load_config, run_script, script_env, tiny_run_config
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
@@ -125,8 +124,7 @@ def test_the_audit_passes_outside_a_git_checkout(tmp_path):
     copy = tmp_path / "lightjax"
     for part in ("lightjax", "scripts", "configs"):
         shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(copy)
+    env = script_env(copy)
     out = subprocess.run([sys.executable, "scripts/reproducibility_audit.py", f"--out={tmp_path / 'audit'}",
                           f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path / 'tfds'}",
                           "--config.train.max_steps=6", "--config.model.n_layer=1", "--config.train.eval_every=3",
