@@ -90,8 +90,11 @@ def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
     }
 
 
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
+
+
 def format_result(r: dict[str, Any]) -> str:
-    mib = lambda b: "?" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
     mesh = "x".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
     xla = "n/a" if r["xla_flops_ratio"] is None else f"{r['xla_flops_ratio']:.2f}"
     return (f"{r['model']} mesh(data x fsdp x tensor)={mesh} batch={r['global_batch_size']}x{r['seq_len']} "
@@ -99,9 +102,9 @@ def format_result(r: dict[str, Any]) -> str:
             f"compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms (median of {len(r['step_ms_all'])}) | "
             f"{r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% of {r['peak_flops_per_device'] / 1e9:,.0f} "
             f"GFLOP/s/device [{r['peak_source']}] | XLA/model FLOPs {xla} | per device: args "
-            f"{mib(r['argument_bytes_per_device'])}, temp {mib(r['temp_bytes_per_device'])}, "
-            f"out {mib(r['output_bytes_per_device'])}"
-            + ("" if r.get("peak_bytes_per_device") is None else f", peak in use {mib(r['peak_bytes_per_device'])}"))
+            f"{_mib(r['argument_bytes_per_device'])}, temp {_mib(r['temp_bytes_per_device'])}, "
+            f"out {_mib(r['output_bytes_per_device'])}"
+            + ("" if r.get("peak_bytes_per_device") is None else f", peak in use {_mib(r['peak_bytes_per_device'])}"))
 
 
 def benchmark_data(config: Any, num_workers: int, batches: int = 200) -> dict[str, Any]:

@@ -30,15 +30,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
+from lightjax.convert.hf import load_hf_checkpoint
 from lightjax.distributed import is_leader, print_once
 from lightjax.files import staged_dir
 from lightjax.model import unstack_layers
-from lightjax.run_config import DTYPES
+from lightjax.model_config import ModelConfig
+from lightjax.run_config import DTYPES, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +285,6 @@ def absolute(path: str | epath.PathLike) -> epath.Path:
 def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tuple[Any, Any, int]:
     """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
     run's checkpoint (default: the latest); the optimizer state is not kept."""
-    import ml_collections
-
     ckpt = Checkpointer(workdir, async_save=False)
     try:
         steps = ckpt.steps()
@@ -308,8 +309,6 @@ def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step
                   dtype: str = "float32") -> epath.Path:
     """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
     OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
-    from lightjax.run_config import resolve_model_config
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     config, params, step = restore_params(workdir, step)
@@ -327,8 +326,6 @@ def save_exported(out: str | epath.PathLike, cfg: Any, params: Any, dtype: str =
                   step: int = 0) -> epath.Path:
     """OUT/params (Orbax, cast to `dtype`, loop or scan layout as given) and OUT/model_config.json:
     the export format, also written by `scripts/convert_hf.py import`."""
-    import jax.numpy as jnp
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
@@ -346,8 +343,6 @@ def load_weights(directory: str | epath.PathLike) -> tuple[Any, Any]:
     if (epath.Path(directory) / "model_config.json").is_file():
         cfg, params = load_exported(directory)
         return cfg, (unstack_layers(params) if "h" in params else params)
-    from lightjax.convert.hf import load_hf_checkpoint
-
     return load_hf_checkpoint(directory)
 
 
@@ -367,8 +362,6 @@ def check_same_architecture(run_cfg: Any, weights_cfg: Any, source: str) -> None
 
 def load_exported(directory: str | epath.PathLike) -> tuple[Any, Any]:
     """(ModelConfig, params) from an `export_params` directory."""
-    from lightjax.model_config import ModelConfig
-
     directory = absolute(directory)
     if not (directory / "model_config.json").is_file():
         raise FileNotFoundError(f"No model_config.json in {directory}: not a lightjax export directory.")

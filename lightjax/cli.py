@@ -106,7 +106,7 @@ def define_distributed_flags() -> Callable[[], None]:
         explicit = any(f.value is not None for f in (address, count, index))
         if not (distributed.value or explicit):
             return
-        from lightjax.distributed import initialize
+        from lightjax.distributed import initialize  # imports JAX: only after the device flags are set
 
         initialize(address.value, count.value, index.value, heartbeat.value)
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 
@@ -60,8 +61,6 @@ def is_leader() -> bool:
 def barrier(name: str) -> None:
     """Wait until every process has reached the barrier called `name`."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -69,8 +68,6 @@ def leader_value(value: Any) -> Any:
     """Process 0's `value` (a number or an array) on every process."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return multihost_utils.broadcast_one_to_all(np.asarray(value))
 
 
@@ -78,8 +75,6 @@ def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on at least one."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
+from lightjax.checkpoint import restore_params
 from lightjax.metrics import read_metrics
 
 # Row fields that depend on the clock, not on the computation.
@@ -127,10 +129,6 @@ def run(command: list[str], reference_dir: Path, workdir: Path, kills: int, seed
 
 
 def _check_same_params(a: Path, b: Path) -> None:
-    import jax
-
-    from lightjax.checkpoint import restore_params
-
     _, params_a, step_a = restore_params(a)
     _, params_b, step_b = restore_params(b)
     if step_a != step_b:

@@ -10,8 +10,10 @@ transformer's FLOPs.
 
 from __future__ import annotations
 
+import glob
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -258,9 +260,6 @@ def collectives(text: str) -> dict[str, dict[str, float]]:
 def partitioned_text(lowered: Any) -> tuple[Any, str]:
     """(the compiled program, its module right after SPMD partitioning, as text): there each collective
     appears once, before later passes fuse, combine and wrap them in asynchronous pairs."""
-    import glob
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         compiled = lowered.compile(compiler_options={"xla_dump_to": tmp,
                                                      "xla_dump_hlo_pass_re": ".*spmd-partitioning"})

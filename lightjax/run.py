@@ -25,7 +25,7 @@ from lightjax.model import GPT, stack_layers
 from lightjax.model_config import ModelConfig
 from lightjax.optim import check_no_decay, lr_schedule, make_optimizer
 from lightjax.run_config import DTYPES, ConfigError, resolve_model_config, validate
-from lightjax.sharding import Rules, logical_to_sharding, make_mesh, resolve_rules, with_mesh
+from lightjax.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
 from lightjax.train_step import Step, TrainState, make_eval_step, make_train_step
 
 # The shape of a PRNG key, for tracing init without creating one: nothing runs eagerly on the mesh, so
@@ -83,25 +83,26 @@ def _init_fn(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, seq_len: 
 
 
 def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
-    """Validate the run config, then build mesh, model, optimizer, the state's shardings and the
-    jitted steps. Raises ConfigError (one line, naming the key) on bad settings."""
+    """Validate the run config, then build the model, the optimizer, the mesh, the state's shardings
+    and the jitted steps. Raises ConfigError (one line, naming the key) on bad settings."""
     devices = list(jax.devices() if devices is None else devices)
     validate(config, len(devices))
     t = config.train
-    mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
     model = build_model(resolve_model_config(config), t)
     tx, schedule = make_optimizer(config.optim, t.max_steps), lr_schedule(config.optim, t.max_steps)
+    mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
     init_fn = _init_fn(model, tx, mesh, config.data.seq_len)
     with with_mesh(mesh, rules):
         boxed = jax.eval_shape(init_fn, _ABSTRACT_KEY)
-    shardings = logical_to_sharding(boxed, mesh, rules)
+    shardings, batch = logical_to_sharding(boxed, mesh, rules), batch_sharding(mesh)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.unbox(boxed), shardings)
     try:
         check_no_decay(config.optim.no_decay, shardings.params)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    train_step = make_train_step(model, tx, schedule, mesh, rules, shardings, t.grad_accum_steps, t.z_loss,
+    train_step = make_train_step(model, tx, schedule, shardings, batch, t.grad_accum_steps, t.z_loss,
                                  t.skip_nonfinite)
-    eval_step = make_eval_step(model, mesh, rules, shardings.params)
-    return Run(mesh, rules, model, abstract_state, train_step, eval_step, init_fn, t.seed)
+    eval_step = make_eval_step(model, shardings.params, batch)
+    return Run(mesh, rules, model, abstract_state, Step(train_step, mesh, rules), Step(eval_step, mesh, rules),
+               init_fn, t.seed)

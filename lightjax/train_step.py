@@ -2,7 +2,8 @@
 
 `step(state, batch) -> (state, metrics)`: the gradients of the loss (loss.py) over the batch, summed
 over micro-batches when accumulating, divided once by the counted tokens, then the optimizer update.
-The steps are built, with the state they update, by run.py.
+They are built, with the state they update and its shardings, by run.py, which wraps each in a
+`Step` bound to the mesh.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lightjax.loss import batch_nll, make_loss_fn
 from lightjax.model import GPT
-from lightjax.sharding import Rules, batch_sharding, with_mesh
+from lightjax.sharding import Rules, with_mesh
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -74,11 +75,12 @@ def _summed_grads(grad_fn: Any, params: Any, batch: Mapping[str, jax.Array], rng
     return grads, nll_sum, count
 
 
-def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
-                    rules: Rules, shardings: TrainState, grad_accum_steps: int = 1, z_loss: float = 0.0,
-                    skip_nonfinite: bool = False) -> Step:
-    """step(state, batch) -> (state, metrics); metrics: loss, grad_norm, lr, tokens (all scalars), and
-    `skipped` with skip_nonfinite (an update whose loss or gradients are not finite is not applied)."""
+def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: TrainState,
+                    batch_sharding: NamedSharding, grad_accum_steps: int = 1, z_loss: float = 0.0,
+                    skip_nonfinite: bool = False) -> Any:
+    """The jitted step(state, batch) -> (state, metrics), the state donated; metrics: loss, grad_norm,
+    lr, tokens (all scalars, replicated), and `skipped` with skip_nonfinite (an update whose loss or
+    gradients are not finite is not applied)."""
     grad_fn = jax.value_and_grad(make_loss_fn(model, z_loss), has_aux=True)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -98,22 +100,21 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
             metrics["skipped"] = ~ok
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated),
-                 donate_argnums=(0,))
-    return Step(fn, mesh, rules)
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
 
 
-def make_eval_step(model: GPT, mesh: Mesh, rules: Rules, param_shardings: Any) -> Step:
-    """eval_step(params, batch) -> {nll_sum, tokens}: sums, so that a split's loss is their ratio."""
+def make_eval_step(model: GPT, param_shardings: Any, batch_sharding: NamedSharding) -> Any:
+    """The jitted eval_step(params, batch) -> {nll_sum, tokens}: sums, so that a split's loss is their
+    ratio."""
 
     def step(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         nll_sum, _, mask = batch_nll(model, params, batch)
         return {"nll_sum": nll_sum, "tokens": jnp.sum(mask)}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated)
-    return Step(fn, mesh, rules)
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:

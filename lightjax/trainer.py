@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from lightjax.checkpoint import (
     Checkpointer,
@@ -175,8 +176,6 @@ class _Progress:
     def __init__(self, enabled: bool, start_step: int, max_steps: int):
         self.bar = None
         if enabled and sys.stdout.isatty() and jax.process_index() == 0:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def step(self, row: dict[str, Any] | None) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from lightjax.data import tiny_shakespeare
 
@@ -47,8 +48,6 @@ class TextField(Sequence):
 
 
 def _tiny_shakespeare_builder():
-    import tensorflow_datasets as tfds
-
     class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """TFDS's tiny_shakespeare without TensorFlow: one document per split, split by characters."""
 
@@ -222,8 +221,6 @@ def prepare_source(data: Any) -> None:
     if data.source == "tiny_shakespeare":
         builder = _tiny_shakespeare(data)
         if not builder.is_prepared():
-            import tensorflow_datasets as tfds
-
             if not data.local_path:  # fetched here, once, failing fast offline (TFDS's downloader retries for minutes)
                 text = tiny_shakespeare.download(data.download_url, Path(builder.data_dir).parent / "input.txt")
                 builder = _tiny_shakespeare(data, str(text))
@@ -240,8 +237,6 @@ def load_split(data: Any, split: str) -> Sequence[str]:
         prepare_source(data)
         return TextField(_tiny_shakespeare(data).as_data_source(split), "text", "tiny_shakespeare")
     if source.startswith("tfds:"):
-        import tensorflow_datasets as tfds
-
         name = source[len("tfds:"):]
         tfds_split = data.val_split if split == "validation" else split
         src = tfds.data_source(name, split=tfds_split, data_dir=data.data_dir or None, download=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
 from etils import epath
 
 from lightjax.data.sources import pieces
@@ -109,17 +110,14 @@ class SentencePieceTokenizer(Tokenizer):
     MODEL_FILE = "tokenizer.model"
 
     def __init__(self, model_path: str | epath.PathLike):
-        import sentencepiece as spm
-
         self.model_path = epath.Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece model {self.model_path} does not exist.")
         self._sp = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
         self.vocab_size = self._sp.get_piece_size()
-        none_if_negative = lambda i: None if i < 0 else int(i)  # noqa: E731
-        self.bos_id = none_if_negative(self._sp.bos_id())
-        self.eos_id = none_if_negative(self._sp.eos_id())
-        self.pad_id = none_if_negative(self._sp.pad_id())
+        # SentencePiece says -1 for a special token the model does not have.
+        self.bos_id, self.eos_id, self.pad_id = (None if i < 0 else int(i) for i in
+                                                 (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()))
 
     def __getstate__(self) -> dict[str, Any]:  # Grain workers get a pickled copy: reload the model there
         return {"model_path": self.model_path}
@@ -235,8 +233,6 @@ def train_sentencepiece(text_files: list[str | Path], model_prefix: str | Path, 
                         model_type: str = "bpe", character_coverage: float = 0.9995) -> SentencePieceTokenizer:
     """Train a SentencePiece model whose encode/decode round-trips text exactly: no normalisation,
     whitespace kept as is, no dummy prefix, and unknown characters spelled as bytes."""
-    import sentencepiece as spm
-
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type={model_type!r} is not one of 'bpe', 'unigram'.")
     for f in text_files:
