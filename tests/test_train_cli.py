@@ -29,17 +29,30 @@ def _rows(workdir):
     return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_smoke_config_end_to_end(tmp_path, devices):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module", params=[1, 8], ids=["1-device", "8-devices"])
+def smoke_run(request, tmp_path_factory):
+    """configs/smoke.py through scripts/train.py for 40 steps, on 1 device or FSDP over 8."""
+    devices = request.param
+    workdir = tmp_path_factory.mktemp(f"smoke-{devices}") / "run"
     extra = ["--config.mesh.fsdp=8", "--config.mesh.data=1"] if devices == 8 else []
     out = _run(workdir, "--config.train.max_steps=40", "--config.train.eval_every=20",
                "--config.checkpoint.save_every=20", *extra, devices=devices)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return devices, workdir, out
+
+
+def test_smoke_run_writes_its_files(smoke_run):
+    devices, workdir, out = smoke_run
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "loss.png", "tokenizer/tokenizer.json"):
         assert (workdir / name).is_file(), name
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["mesh"]["fsdp"] == (8 if devices == 8 else 1)
+    assert "Done: 40 steps, 40,960 tokens" in out.stdout
+
+
+def test_smoke_run_logs_and_learns(smoke_run):
+    _, workdir, _ = smoke_run
     rows = _rows(workdir)
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "val_loss" in r]
@@ -47,8 +60,13 @@ def test_smoke_config_end_to_end(tmp_path, devices):
     assert [r["step"] for r in train_rows] == [10, 20, 30, 40] and [r["step"] for r in eval_rows] == [20, 40]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3
     assert eval_rows[-1]["val_loss"] < eval_rows[0]["val_loss"]
-    assert json.loads((workdir / "config.json").read_text())["mesh"]["fsdp"] == (8 if devices == 8 else 1)
-    assert "Done: 40 steps, 40,960 tokens" in out.stdout
+
+
+def test_smoke_run_csv_matches_its_jsonl(smoke_run):
+    _, workdir, _ = smoke_run
+    rows = _rows(workdir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
     csv_rows = list(csv.DictReader((workdir / "metrics.csv").open()))
     assert [r["step"] for r in csv_rows] == ["10", "20", "30", "40"]
     assert [bool(r["val_loss"]) for r in csv_rows] == [False, True, False, True]
