@@ -11,8 +11,10 @@ Parameter names follow LitGPT's (`wte`, `h_{i}.norm_1`, `h_{i}.attn.qkv`, `h_{i}
 and every activation is constrained with logical names; `lightjax/sharding.py` alone maps them onto
 mesh axes. Without a mesh the constraints do nothing.
 
-Decoding passes a `KVCache` (keys and values of every layer) and gets the updated cache back with the
-logits: the model itself holds no state (see lightjax/generate.py).
+Each block gets one argument for what sets its layer apart (`LayerKind`: sliding window or not, local
+RoPE or not) and, when decoding, one for its state (its slice of the `KVCache`). Decoding passes the
+cache of every layer and gets the updated cache back with the logits: the model itself holds no state
+(see lightjax/generate.py).
 
 Two layouts of the layer stack exist: `scan_layers=False` gives `h_0 ... h_{L-1}`; `scan_layers=True`
 gives one `h` whose leaves have a leading `layers` axis (one compiled block, faster compiles, the

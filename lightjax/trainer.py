@@ -1,6 +1,8 @@
 """The training loop: data -> train step -> metrics, evaluation, checkpoints, preemption.
 
-`train(config, workdir)` is what `scripts/train.py` runs. One iteration: the next batch from the
+`train(config, workdir)` is what `scripts/train.py` runs. Before the first step it prepares the
+tokenizer and the token files, builds the run once (run.py: mesh, model, state shardings, steps) and
+restores or initialises the state. One iteration of `_Loop.train`: the next batch from the
 Grain iterator is placed on the mesh, the jitted step updates the state, and the previous step's
 metrics are read back (one step late, so the host never waits for the device it just fed). Every
 `eval_every` steps the validation split is evaluated; every `save_every` steps, at the end and on
