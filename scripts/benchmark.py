@@ -6,9 +6,13 @@
 
     python scripts/benchmark.py --config configs/baseline.py --data --config.data.local_path=input.txt
     python scripts/benchmark.py --config configs/baseline.py --generate=1,8
+    python scripts/benchmark.py --config configs/baseline.py --vs_torch   # the same step in PyTorch beside it
 
 Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
-data pipeline's tokens/s with 0 and 2 worker processes instead; --generate=1,8 decoding tokens/s.
+data pipeline's tokens/s with 0 and 2 worker processes instead; --generate=1,8 decoding tokens/s;
+--vs_torch alternates this benchmark with the same architecture and batch trained in PyTorch
+(`transformers`' implementation, torch's AdamW and clipping), each in its own process, and prints both
+medians and the ratio.
 """
 
 import json
@@ -29,6 +33,9 @@ _CHECKPOINT = flags.DEFINE_bool("checkpoint", False, "Measure how long saves blo
                                  "with and without saving every 10 steps.")
 _GENERATE = flags.DEFINE_string("generate", "", "Benchmark decoding instead: batch sizes separated by ',' "
                                 "(e.g. 1,8); 128 new tokens after 16-token prompts.")
+_VS_TORCH = flags.DEFINE_bool("vs_torch", False, "Alternate with the same step in PyTorch; print both and the ratio.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "--vs_torch: rounds of (lightjax, PyTorch) runs.")
+_TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch step alone (what --vs_torch runs).")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
 
@@ -40,6 +47,9 @@ def main(argv):
     from lightjax.run_config import ConfigError
 
     config = _CONFIG.value
+    if _VS_TORCH.value or _TORCH.value:
+        _vs_torch(config)
+        return
     if _GENERATE.value:
         from lightjax.benchmark import benchmark_generate
 
@@ -86,6 +96,33 @@ def main(argv):
             continue
         print(json.dumps(result) if _JSON.value else format_result(result), flush=True)
     sys.exit(1 if failed else 0)
+
+
+def _vs_torch(config) -> None:
+    from lightjax.vs_torch import benchmark_torch_train_step, side_by_side
+
+    try:
+        if _TORCH.value:
+            r = benchmark_torch_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
+            print(json.dumps(r) if _JSON.value else f"{r['framework']} {r['hf_class']} ({r['attention']} attention, "
+                  f"{r['threads']} threads) | step {r['step_ms']:.1f} ms | {r['tokens_per_s']:,.0f} tok/s", flush=True)
+            return
+        args = [a for a in sys.argv[1:] if not a.startswith(("--vs_torch", "--novs_torch", "--rounds", "--json"))]
+        r = side_by_side([sys.executable, __file__, *args], rounds=_ROUNDS.value)
+    except RuntimeError as e:
+        sys.exit(f"benchmark: {e}")
+    if _JSON.value:
+        print(json.dumps(r))
+        return
+    lj, pt = r["rounds"]["lightjax"][0], r["rounds"]["torch"][0]
+    rounds = len(r["rounds"]["torch"])
+    print(f"{lj['model']}, batch {lj['global_batch_size']} x {lj['seq_len']}, {lj['dtype']}, {rounds} alternating "
+          f"rounds of {_STEPS.value} steps (medians):")
+    print(f"  {pt['framework']} {pt['hf_class']}: " + ", ".join(f"{x['step_ms']:.1f}" for x in r["rounds"]["torch"])
+          + f" ms -> {r['torch_step_ms']:.1f} ms/step")
+    print("  lightjax: " + ", ".join(f"{x['step_ms']:.1f}" for x in r["rounds"]["lightjax"])
+          + f" ms -> {r['lightjax_step_ms']:.1f} ms/step")
+    print(f"  lightjax speed: {r['speedup']:.2f}x PyTorch's", flush=True)
 
 
 if __name__ == "__main__":

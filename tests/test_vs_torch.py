@@ -1,0 +1,40 @@
+"""scripts/benchmark.py --vs_torch: the PyTorch model it times is the run's architecture, and the
+side-by-side run prints both figures and their ratio."""
+
+import re
+
+import numpy as np
+import pytest
+
+from lightjax.model import abstract_params, count_params
+from lightjax.run_config import resolve_model_config
+from lightjax.vs_torch import build_torch_model
+from tests.helpers import preset_run_config, require_hf, run_script, tiny_run_config
+
+TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config.model.n_embd=64",
+        "--config.model.n_head=4", "--config.data.seq_len=32", "--config.train.global_batch_size=8",
+        "--steps=2", "--warmup=1"]
+
+
+@pytest.mark.parametrize("config", [tiny_run_config("pythia"), preset_run_config("SmolLM2-135M")],
+                         ids=["gpt-neox", "llama"])
+def test_torch_model_is_the_runs_architecture(config):
+    require_hf()
+    torch_model = build_torch_model(config)
+    want = {"pythia-14m": "GPTNeoXForCausalLM", "SmolLM2-135M": "LlamaForCausalLM"}[config.model.name]
+    assert type(torch_model).__name__ == want
+    torch_params = sum(p.numel() for p in torch_model.parameters())
+    assert torch_params == count_params(abstract_params(resolve_model_config(config)))
+
+
+@pytest.mark.shakespeare  # the baseline config's data keys point at it, though the benchmark reads none
+def test_vs_torch_prints_both_and_the_ratio():
+    require_hf()
+    out = run_script("benchmark.py", *TINY, "--vs_torch", "--rounds=1", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch_ms = re.search(r"torch [\d.]+\S* GPTNeoXForCausalLM: [\d.]+ ms -> ([\d.]+) ms/step", out.stdout)
+    jax_ms = re.search(r"lightjax: [\d.]+ ms -> ([\d.]+) ms/step", out.stdout)
+    ratio = re.search(r"lightjax speed: ([\d.]+)x PyTorch's", out.stdout)
+    assert torch_ms and jax_ms and ratio, out.stdout
+    assert float(ratio.group(1)) == pytest.approx(float(torch_ms.group(1)) / float(jax_ms.group(1)), rel=0.02)
+    assert np.isfinite(float(ratio.group(1)))
