@@ -28,10 +28,11 @@ def targets_and_mask(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Arr
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token negative log-likelihood over counted positions, and log-sum-exp per position.
     Computed in float32 over the padded vocabulary."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - target_logit) * mask), lse
+    with jax.named_scope("loss"):  # names the ops in profiles (lightjax/profile.py)
+        logits = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - target_logit) * mask), lse
 
 
 def batch_nll(model: GPT, params: Any, batch: Mapping[str, jax.Array],

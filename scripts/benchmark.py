@@ -10,6 +10,7 @@
 
 Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
 data pipeline's tokens/s with 0 and 2 worker processes instead; --generate=1,8 decoding tokens/s;
+--profile prints where the step's time goes;
 --vs_torch alternates this benchmark with the same architecture and batch trained in PyTorch
 (`transformers`' implementation, torch's AdamW and clipping), each in its own process, and prints both
 medians and the ratio.
@@ -35,6 +36,8 @@ _GENERATE = flags.DEFINE_string("generate", "", "Benchmark decoding instead: bat
                                 "(e.g. 1,8); 128 new tokens after 16-token prompts.")
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False, "Alternate with the same step in PyTorch; print both and the ratio.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "--vs_torch: rounds of (lightjax, PyTorch) runs.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Trace --steps steps with JAX's profiler and print where the "
+                              "step's time goes, by part of the model (lightjax/profile.py).")
 _TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch step alone (what --vs_torch runs).")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
@@ -47,6 +50,12 @@ def main(argv):
     from lightjax.run_config import ConfigError
 
     config = _CONFIG.value
+    if _PROFILE.value:
+        from lightjax.profile import format_profile, profile_train_step
+
+        r = profile_train_step(config, steps=_STEPS.value)
+        print(json.dumps(r) if _JSON.value else format_profile(r), flush=True)
+        return
     if _VS_TORCH.value or _TORCH.value:
         _vs_torch(config)
         return

@@ -52,7 +52,8 @@ def test_compute_dtype_reaches_every_matmul_while_norms_and_softmax_stay_float32
     short = {"bfloat16": "bf16", "float32": "f32"}[dtype]
     operands = re.findall(r"stablehlo\.dot_general .*: \(tensor<[\dx]*x(\w+)>, tensor<[\dx]*x(\w+)>\)", text)
     assert len(operands) == 15 and all(pair == (short, short) for pair in operands), operands
-    scores = re.findall(r"stablehlo\.exponential .*: tensor<[\dx]*x16x16x(\w+)>", text)  # softmax over [.., T, T]
+    # The softmax over [.., q_per_kv * T, T] (a group's query heads stacked, 2 x 16 queries, 16 keys).
+    scores = re.findall(r"stablehlo\.exponential .*: tensor<[\dx]*x32x16x(\w+)>", text)
     rsqrt = re.findall(r"stablehlo\.rsqrt .*: tensor<[\dx]*x(\w+)>", text)
     assert scores and set(scores) == {"f32"} and rsqrt and set(rsqrt) == {"f32"}
 

@@ -1,0 +1,116 @@
+"""Where a train step's time goes: JAX's profiler over a few steps, each XLA op's time attributed to a
+part of the model by the op's name scope in the compiled program.
+
+`jax.profiler.trace` records one event per executed op (a fusion, a library matmul, a copy) on the
+threads that run them; the compiled program's text names each op's source (`op_name` metadata, e.g.
+`jit(step)/transpose(jvp(GPT))/GPT._blocks/h_3/mlp/fc/dot_general`), from which `category` says which
+part of the step it belongs to, and whether it is the forward or the backward pass. Op times are
+summed per category and divided by the steps traced; ops on the two cores overlap, so the sum can
+exceed the step's wall time (their ratio is the parallelism reached).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from lightjax.run import build_run
+from lightjax.sharding import shard_batch
+from lightjax.train_step import synthetic_batch
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)
+
+# (category, pattern over the op's name scope), first match wins.
+CATEGORIES = (
+    ("matmul: attention qkv/proj", r"/attn/(qkv|proj)/.*dot_general"),
+    ("matmul: MLP", r"/mlp/.*(dot_general|einsum)"),
+    ("matmul: head", r"/lm_head/.*dot_general|/wte/.*(dot_general|matmul)"),
+    ("attention core (scores, softmax, RoPE)", r"/attn/"),
+    ("MLP element-wise (activation)", r"/mlp/"),
+    ("norms", r"norm|/ln_f/"),
+    ("embedding", r"/wte/"),
+    ("other model element-wise (residuals, RoPE tables)", r"GPT"),
+    ("loss", r"/loss/"),
+    ("optimizer (clip, AdamW)", r"/optimizer/"),
+)
+
+
+def category(op_name: str) -> str:
+    for name, pattern in CATEGORIES:
+        if re.search(pattern, op_name):
+            return name
+    return "other (step bookkeeping, copies)"
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """{instruction name: its op_name metadata} for every instruction of a compiled program."""
+    return {m.group(1): m.group(2) for m in _INSTRUCTION.finditer(hlo_text)}
+
+
+def _op_events(trace_dir: str) -> list[dict[str, Any]]:
+    (path,) = glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz")
+    with gzip.open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [e for e in events if e.get("ph") == "X"]
+
+
+def profile_train_step(config: Any, steps: int = 3) -> dict[str, Any]:
+    """Milliseconds per step by category (see CATEGORIES), forward and backward apart, the step's wall
+    time, and the ten most expensive ops."""
+    run = build_run(config, jax.devices()[:1])
+    state = run.init_state()
+    t, seq = config.train, config.data.seq_len
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), t.global_batch_size, seq,
+                                        run.model.config.vocab_size), run.mesh)
+    compiled = run.train_step.lower(state, batch).compile()
+    names = op_names(compiled.as_text())
+    for _ in range(2):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+    walls = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                start = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+                walls.append(time.perf_counter() - start)
+        events = _op_events(tmp)
+    per_category: dict[str, float] = collections.defaultdict(float)
+    per_op: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        op_name = names.get(e["name"])
+        if op_name is None:  # the runtime's own spans (executor, Python), not ops
+            continue
+        ms = e.get("dur", 0) / 1e3 / steps
+        pass_ = "backward" if "transpose(" in op_name else "forward"
+        per_category[(category(op_name), pass_)] += ms
+        per_op[e["name"]] += ms
+    ops_ms = sum(per_category.values())
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
+    return {"model": run.model.config.name, "global_batch_size": t.global_batch_size, "seq_len": seq,
+            "steps": steps, "step_ms": statistics.median(walls) * 1e3, "ops_ms": ops_ms,
+            "categories": {f"{c} [{p}]": ms for (c, p), ms in sorted(per_category.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": n, "ms": ms, "op_name": names[n]} for n, ms in top]}
+
+
+def format_profile(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']}, batch {r['global_batch_size']} x {r['seq_len']}: step {r['step_ms']:.1f} ms wall, "
+             f"{r['ops_ms']:.1f} ms of ops summed over threads ({r['ops_ms'] / r['step_ms']:.2f} ops in parallel "
+             f"on average), {r['steps']} steps traced", "", "| part of the step | ms per step | share of op time |",
+             "|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {ms / r['ops_ms']:.1%} |" for name, ms in r["categories"].items()]
+    lines += ["", "Most expensive ops:"]
+    lines += [f"  {o['ms']:8.1f} ms  {o['op']:<28} {o['op_name']}" for o in r["top_ops"]]
+    return "\n".join(lines)
