@@ -40,7 +40,7 @@ CATEGORIES = (
     ("norms", r"norm|/ln_f/"),
     ("embedding", r"/wte/"),
     ("other model element-wise (residuals, RoPE tables)", r"GPT"),
-    ("loss", r"/loss/"),
+    ("loss", r"[/(]loss[/)]"),
     ("optimizer (clip, AdamW)", r"/optimizer/"),
 )
 
