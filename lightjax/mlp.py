@@ -13,14 +13,6 @@ from lightjax.model_config import ModelConfig
 ACT_MLP = ("batch", "length", "act_mlp")
 
 
-def gelu(x: Array, approximate: str) -> Array:
-    """GELU, exact ("none") or with the tanh approximation ("tanh"). The exact form is written as
-    PyTorch computes it, x/2 (1 + erf(x/sqrt 2)): XLA evaluates erf about twice as fast as the erfc
-    of `jax.nn.gelu`'s form on CPU, and the two agree to float32 rounding."""
-    if approximate == "tanh":
-        return nn.gelu(x, approximate=True)
-    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
-
 
 class GptNeoxMLP(nn.Module):
     """proj(gelu(fc(x)))."""
@@ -35,7 +27,7 @@ class GptNeoxMLP(nn.Module):
         std, proj_std = init_stds(c)
         h = Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,
                    self.dtype, self.param_dtype, name="fc")(x)
-        h = constrain(gelu(h, c.gelu_approximate), ACT_MLP)
+        h = constrain(nn.gelu(h, approximate=c.gelu_approximate == "tanh"), ACT_MLP)
         return Linear((c.intermediate_size,), (c.n_embd,), ("mlp", "embed"), c.bias, proj_std,
                       self.dtype, self.param_dtype, name="proj")(h)
 
@@ -63,7 +55,7 @@ class LLaMAMLP(nn.Module):
 
 class GemmaMLP(LLaMAMLP):
     def activation(self, h: Array) -> Array:
-        return gelu(h, self.config.gelu_approximate)
+        return nn.gelu(h, approximate=self.config.gelu_approximate == "tanh")
 
 
 class LLaMAMoE(nn.Module):
