@@ -23,21 +23,26 @@ from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
 from lightjax.generate import generate
 from lightjax.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
-from lightjax.run import build_model, build_run
+from lightjax.run import Run, build_model, build_run
 from lightjax.run_config import resolve_model_config, validate
 from lightjax.sharding import shard_batch
 from lightjax.train_step import synthetic_batch
 
 
+def synthetic_inputs(run: Run, config: Any) -> tuple[Any, dict[str, jax.Array]]:
+    """(a fresh train state, this process's share of a random batch of the config's shape placed on
+    the mesh): what the benchmarks time the step on, with no data pipeline in the way."""
+    local_batch = config.train.global_batch_size // jax.process_count()
+    tokens = synthetic_batch(np.random.default_rng(0), local_batch, config.data.seq_len, run.model.config.vocab_size)
+    return run.init_state(), shard_batch(tokens, run.mesh)
+
+
 def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,
                          devices: list[jax.Device] | None = None) -> dict[str, Any]:
     run = build_run(config, devices)
-    state = run.init_state()
+    state, batch = synthetic_inputs(run, config)
     cfg, mesh = run.model.config, run.mesh
     t, seq = config.train, config.data.seq_len
-    local_batch = t.global_batch_size // jax.process_count()
-    rng = np.random.default_rng(0)
-    batch = shard_batch(synthetic_batch(rng, local_batch, seq, cfg.vocab_size), mesh)
 
     start = time.perf_counter()
     compiled = run.train_step.lower(state, batch).compile()
@@ -146,10 +151,7 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
     """How long an (async) save blocks the loop, and the mean step time with and without saving
     every `save_every` steps (synthetic batches, so only the model and the saves are timed)."""
     run = build_run(config)
-    state = run.init_state()
-    cfg, seq = run.model.config, config.data.seq_len
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size, seq,
-                                        cfg.vocab_size), run.mesh)
+    state, batch = synthetic_inputs(run, config)
     state, metrics = run.train_step(state, batch)  # compile
     jax.block_until_ready(metrics)
 
@@ -175,7 +177,7 @@ def benchmark_checkpoint(config: Any, steps: int = 20, save_every: int = 10) -> 
         restore_s = _timed(lambda: checkpointer.restore(checkpointer.steps()[-1], run.abstract_state))
         checkpointer.close()
     digest_s = _timed(lambda: state_digests(state))  # part of every save and every restore
-    return {"model": cfg.name, "async_save": config.checkpoint.async_save, "steps": steps,
+    return {"model": run.model.config.name, "async_save": config.checkpoint.async_save, "steps": steps,
             "save_every": save_every, "step_ms_without_saves": plain_s * 1e3,
             "step_ms_with_saves": saving_s * 1e3, "save_blocking_ms": [b * 1e3 for b in blocked],
             "restore_ms": restore_s * 1e3, "digest_ms": digest_s * 1e3,

@@ -22,6 +22,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*)$
 _ARRAY = re.compile(r"^\w+\[([\d,]*)\]")
 _CALL = re.compile(r"\b(?:calls|to_apply|body)=%([\w.\-]+)")
 _CALL_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_OP_NAME = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -187,6 +188,11 @@ def _matmul_flops(lines: list[str]) -> float:
             if lhs is not None and rhs is not None and result is not None:
                 total += _dot_flops(result, lhs, rest) if op == "dot" else _conv_flops(result, lhs, rhs, rest)
     return total
+
+
+def op_names(text: str) -> dict[str, str]:
+    """{instruction: its `op_name` metadata, the JAX source scope it came from} over a whole program."""
+    return {m.group(1): m.group(2) for m in _OP_NAME.finditer(text)}
 
 
 def loop_corrected_flops(text: str, xla_flops: float) -> float:

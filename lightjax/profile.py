@@ -22,13 +22,10 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
+from lightjax.benchmark import synthetic_inputs
+from lightjax.hlo import op_names
 from lightjax.run import build_run
-from lightjax.sharding import shard_batch
-from lightjax.train_step import synthetic_batch
-
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)
 
 # (category, pattern over the op's name scope), first match wins.
 CATEGORIES = (
@@ -52,11 +49,6 @@ def category(op_name: str) -> str:
     return "other (step bookkeeping, copies)"
 
 
-def op_names(hlo_text: str) -> dict[str, str]:
-    """{instruction name: its op_name metadata} for every instruction of a compiled program."""
-    return {m.group(1): m.group(2) for m in _INSTRUCTION.finditer(hlo_text)}
-
-
 def _op_events(trace_dir: str) -> list[dict[str, Any]]:
     (path,) = glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz")
     with gzip.open(path) as f:
@@ -69,10 +61,8 @@ def profile_train_step(config: Any, steps: int = 3) -> dict[str, Any]:
     """Milliseconds per step by category (see CATEGORIES), forward and backward apart, the step's wall
     time, and the ten most expensive ops."""
     run = build_run(config, jax.devices()[:1])
-    state = run.init_state()
+    state, batch = synthetic_inputs(run, config)
     t, seq = config.train, config.data.seq_len
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), t.global_batch_size, seq,
-                                        run.model.config.vocab_size), run.mesh)
     compiled = run.train_step.lower(state, batch).compile()
     names = op_names(compiled.as_text())
     for _ in range(2):

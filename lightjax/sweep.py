@@ -28,12 +28,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from lightjax.benchmark import synthetic_inputs
 from lightjax.hardware import chip_for
 from lightjax.hlo import COLLECTIVES, collectives, partitioned_text
 from lightjax.metrics import compiled_flops, flops_per_token, peak_flops_per_device
 from lightjax.run import build_run
-from lightjax.sharding import batch_sharding, shard_batch
-from lightjax.train_step import synthetic_batch
+from lightjax.sharding import batch_sharding
 
 # Bytes each device moves over its links per byte of the combined tensor, for ring algorithms.
 _LINK_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,
@@ -140,9 +140,7 @@ def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[
 def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: float,
              peak: float) -> dict[str, Any]:
     """Median step time of the compiled step on real devices, synthetic batches, after one warm-up."""
-    state = run.init_state()
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), config.train.global_batch_size,
-                                        config.data.seq_len, run.model.config.vocab_size), run.mesh)
+    state, batch = synthetic_inputs(run, config)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -15,6 +15,7 @@ In a multi-process job every process runs this same loop on its slice of each gl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -250,19 +251,35 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     state, meta = _resume(config, checkpointer, run, config_dict)
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
-    t, step = config.train, int(meta.get("step", 0))
-    position = int(meta.get("data_position", step))  # global batches consumed; any process count reads on from it
-    batches = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers, start_step=position)
+    t, start = config.train, _Start.of(meta)
+    batches = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers,
+                             start_step=start.data_position)
     if hasattr(batches, "close"):
         closing.callback(batches.close)
     writers = closing.enter_context(contextlib.closing(
-        MetricWriters(workdir, step, config.logging.tensorboard, config.logging.wandb_project, config_dict)))
-    progress = closing.enter_context(contextlib.closing(_Progress(config.logging.progress, step, t.max_steps)))
+        MetricWriters(workdir, start.step, config.logging.tensorboard, config.logging.wandb_project, config_dict)))
+    progress = closing.enter_context(contextlib.closing(_Progress(config.logging.progress, start.step, t.max_steps)))
     stop = _StopSignal()
     closing.callback(stop.restore)
-    loop = _Loop(config, config_dict, run, checkpointer, writers, progress, stop, meta)
+    loop = _Loop(config, config_dict, run, checkpointer, writers, progress, stop, start)
     loop.train(state, batches, lambda params: evaluate(run, params, val_tokens, config, tokens_per_char))
     return loop.summary(workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where this invocation starts, from the restored checkpoint's metadata (all 0 for a fresh run)."""
+
+    step: int
+    data_position: int  # global batches consumed; any process count reads on from it
+    tokens_seen: int
+    elapsed_s: float
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> _Start:
+        step = int(meta.get("step", 0))
+        return cls(step, int(meta.get("data_position", step)), int(meta.get("tokens_seen", 0)),
+                   float(meta.get("elapsed_s", 0.0)))
 
 
 class _Clock:
@@ -290,13 +307,12 @@ class _Loop:
     """The training loop and where it stands: step, best validation loss, last saved step."""
 
     def __init__(self, config: Any, config_dict: dict[str, Any], run: Run, checkpointer: Checkpointer,
-                 writers: MetricWriters, progress: _Progress, stop: _StopSignal, meta: dict[str, Any]):
+                 writers: MetricWriters, progress: _Progress, stop: _StopSignal, start: _Start):
         self.config, self.config_dict, self.t, self.run = config, config_dict, config.train, run
         self.checkpointer, self.writers, self.progress, self.stop = checkpointer, writers, progress, stop
-        self.step = self.first_step = self.last_saved = int(meta.get("step", 0))
-        self.data_position = int(meta.get("data_position", self.step))
-        self.tokens_at_start = int(meta.get("tokens_seen", 0))
-        self.clock = _Clock(float(meta.get("elapsed_s", 0.0)), self.step)
+        self.step = self.first_step = self.last_saved = start.step
+        self.data_position, self.tokens_at_start = start.data_position, start.tokens_seen
+        self.clock = _Clock(start.elapsed_s, self.step)
         self.tokens_per_step = self.t.global_batch_size * config.data.seq_len
         self.best_val, self.val_loss, self.asked = math.inf, None, False
         self.flops_per_token = flops_per_token(run.model.config, config.data.seq_len)

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from lightjax.convert.hf_config import config_to_hf
+from lightjax.model_config import ModelConfig
 from lightjax.run_config import resolve_model_config
 
 
@@ -32,10 +33,10 @@ def _import_torch() -> tuple[Any, Any]:
     return torch, transformers
 
 
-def build_torch_model(config: Any, seed: int = 0) -> Any:
-    """The run's architecture as a `transformers` causal LM, float32, randomly initialised."""
+def build_torch_model(cfg: ModelConfig, seed: int = 0) -> Any:
+    """`cfg`'s architecture as a `transformers` causal LM, float32, randomly initialised."""
     torch, transformers = _import_torch()
-    hf = config_to_hf(resolve_model_config(config))
+    hf = config_to_hf(cfg)
     hf_config = transformers.AutoConfig.for_model(**hf)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
@@ -59,11 +60,12 @@ def benchmark_torch_train_step(config: Any, steps: int = 10, warmup: int = 2) ->
     architecture and batch shape on this machine's CPU, with every core."""
     torch, _ = _import_torch()
     torch.set_num_threads(os.cpu_count() or 1)
-    model = build_torch_model(config).train()
+    cfg = resolve_model_config(config)
+    model = build_torch_model(cfg).train()
     optimizer = _adamw(torch, model, config.optim)
     t, seq = config.train, config.data.seq_len
-    vocab = resolve_model_config(config).vocab_size
-    tokens = torch.randint(0, vocab, (t.global_batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (t.global_batch_size, seq + 1), generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> float:
@@ -83,7 +85,7 @@ def benchmark_torch_train_step(config: Any, steps: int = 10, warmup: int = 2) ->
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    return {"framework": f"torch {torch.__version__}", "model": resolve_model_config(config).name,
+    return {"framework": f"torch {torch.__version__}", "model": cfg.name,
             "hf_class": type(model).__name__, "attention": model.config._attn_implementation,
             "threads": torch.get_num_threads(), "global_batch_size": t.global_batch_size, "seq_len": seq,
             "step_ms": step_s * 1e3, "step_ms_all": [x * 1e3 for x in times],

@@ -20,7 +20,7 @@ TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config
                          ids=["gpt-neox", "llama"])
 def test_torch_model_is_the_runs_architecture(config):
     require_hf()
-    torch_model = build_torch_model(config)
+    torch_model = build_torch_model(resolve_model_config(config))
     want = {"pythia-14m": "GPTNeoXForCausalLM", "SmolLM2-135M": "LlamaForCausalLM"}[config.model.name]
     assert type(torch_model).__name__ == want
     torch_params = sum(p.numel() for p in torch_model.parameters())
