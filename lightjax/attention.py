@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lightjax.layers import Array, Dtype, Linear, apply_rope, compute_dtype, constrain, init_stds, make_norm
+from lightjax.lora import lora_for, qkv_lora
 from lightjax.model_config import ModelConfig
 
 ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
@@ -151,7 +152,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         qkv = Linear(
             (c.n_embd,), (c.n_query_groups, c.q_per_kv + 2, c.head_size), ("embed", "heads", None, "kv"),
-            c.bias or c.attn_bias, std, self.dtype, self.param_dtype, name="qkv",
+            c.bias or c.attn_bias, std, self.dtype, self.param_dtype, qkv_lora(c), name="qkv",
         )(x)
         q = qkv[:, :, :, : c.q_per_kv].reshape(B, T, c.n_head, c.head_size)  # head n uses group n // q_per_kv
         k, v = qkv[:, :, :, c.q_per_kv], qkv[:, :, :, c.q_per_kv + 1]
@@ -177,7 +178,7 @@ class CausalSelfAttention(nn.Module):
             y = jax.lax.cond(kind.windowed > 0, lambda: attend(c.sliding_window_size), lambda: attend(None))
         out = Linear(
             (c.n_head, c.head_size), (c.n_embd,), ("heads", "kv", "embed"),
-            c.bias, proj_std, self.dtype, self.param_dtype, name="proj",
+            c.bias, proj_std, self.dtype, self.param_dtype, lora_for(c, "proj"), name="proj",
         )(constrain(y, ACT_HEADS))
         return out, cache
 

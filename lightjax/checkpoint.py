@@ -41,7 +41,7 @@ from lightjax.distributed import is_leader, print_once
 from lightjax.files import staged_dir
 from lightjax.model import unstack_layers
 from lightjax.model_config import ModelConfig
-from lightjax.run_config import DTYPES, resolve_model_config
+from lightjax.run_config import DTYPES, default_config, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # checkpoint cadence, max_steps, data paths, workers) may change between a run and its resumption.
 FROZEN_KEYS = ("model.", "data.source", "data.tokenizer", "data.seq_len", "data.text_field", "data.val_split",
                "data.val_fraction", "train.seed", "train.global_batch_size", "train.param_dtype", "train.z_loss",
-               "optim.")
+               "optim.", "lora.")
 
 
 class CheckpointError(RuntimeError):
@@ -99,8 +99,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved -> current' for every frozen key that differs."""
-    a, b = _flatten(saved), _flatten(current)
+    """'key: saved -> current' for every frozen key that differs. A key the saved config lacks (added
+    to lightjax since) counts as its default."""
+    a, b = {**_flatten(default_config().to_dict()), **_flatten(saved)}, _flatten(current)
     keys = sorted(k for k in set(a) | set(b) if k.startswith(FROZEN_KEYS) and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 

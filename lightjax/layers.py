@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightjax.lora import LoRA
 from lightjax.model_config import ModelConfig
 
 Dtype = Any
@@ -50,18 +51,40 @@ class Linear(nn.Module):
     init_std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRA | None = None  # a low-rank adapter beside the kernel (lora.py)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n_in = len(self.in_shape)
         init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes)
         kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = _contract(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
         if self.use_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:])
             y = y + self.param("bias", init, self.out_shape, self.param_dtype).astype(self.dtype)
+        if self.lora is not None:
+            y = y + self._adapter(x, n_in)
         return y
+
+    def _adapter(self, x: Array, n_in: int) -> Array:
+        """alpha / r * dropout(x) A B. The adapters are kept in at least float32 (they are what trains,
+        also beside bfloat16 base weights), A initialised as LitGPT's (Kaiming-uniform), B at zero."""
+        r, dtype = self.lora.rank, compute_dtype(self.param_dtype)
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
+        a = self.param("lora_a", nn.with_logical_partitioning(a_init, self.kernel_axes[:n_in] + (None,)),
+                       self.in_shape + (r,), dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.kernel_axes[n_in:]),
+                       (r,) + self.out_shape, dtype)
+        # Dropout only while training: the train step passes a dropout key, evaluation and decoding none.
+        x = nn.Dropout(self.lora.dropout)(x, deterministic=not self.has_rng("dropout"))
+        h = _contract(x.astype(self.dtype), a.astype(self.dtype), n_in)
+        return _contract(h, self.lora.mask(b).astype(self.dtype), 1) * jnp.asarray(self.lora.scale, self.dtype)
+
+
+def _contract(x: Array, kernel: Array, n_in: int) -> Array:
+    """x's last n_in axes against the kernel's first n_in."""
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 
 class Embedding(nn.Module):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from lightjax.layers import Array, Dtype, Linear, compute_dtype, constrain, init_stds
+from lightjax.lora import lora_for
 from lightjax.model_config import ModelConfig
 
 ACT_MLP = ("batch", "length", "act_mlp")
@@ -26,10 +27,10 @@ class GptNeoxMLP(nn.Module):
         c = self.config
         std, proj_std = init_stds(c)
         h = Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,
-                   self.dtype, self.param_dtype, name="fc")(x)
+                   self.dtype, self.param_dtype, lora_for(c, "mlp"), name="fc")(x)
         h = constrain(nn.gelu(h, approximate=c.gelu_approximate == "tanh"), ACT_MLP)
         return Linear((c.intermediate_size,), (c.n_embd,), ("mlp", "embed"), c.bias, proj_std,
-                      self.dtype, self.param_dtype, name="proj")(h)
+                      self.dtype, self.param_dtype, lora_for(c, "mlp"), name="proj")(h)
 
 
 class LLaMAMLP(nn.Module):
@@ -47,10 +48,10 @@ class LLaMAMLP(nn.Module):
         c = self.config
         std, proj_std = init_stds(c)
         fc_1, fc_2 = (Linear((c.n_embd,), (c.intermediate_size,), ("embed", "mlp"), c.bias, std,
-                             self.dtype, self.param_dtype, name=name) for name in ("fc_1", "fc_2"))
+                             self.dtype, self.param_dtype, lora_for(c, "mlp"), name=name) for name in ("fc_1", "fc_2"))
         h = constrain(self.activation(fc_1(x)) * fc_2(x), ACT_MLP)
         return Linear((c.intermediate_size,), (c.n_embd,), ("mlp", "embed"), c.bias, proj_std,
-                      self.dtype, self.param_dtype, name="proj")(h)
+                      self.dtype, self.param_dtype, lora_for(c, "mlp"), name="proj")(h)
 
 
 class GemmaMLP(LLaMAMLP):

@@ -42,6 +42,7 @@ from lightjax.layers import (
     make_norm,
     rope_cos_sin,
 )
+from lightjax.lora import lora_for
 from lightjax.mlp import MLP_MODULES
 from lightjax.model_config import ModelConfig
 
@@ -141,7 +142,7 @@ class GPT(nn.Module):
             logits = wte.attend(x)
         else:
             logits = Linear((c.n_embd,), (c.padded_vocab_size,), ("embed", "vocab"), c.lm_head_bias, std,
-                            self.dtype, self.param_dtype, name="lm_head")(x)
+                            self.dtype, self.param_dtype, lora_for(c, "head"), name="lm_head")(x)
         # float32 logits for a numerically safe softmax cross-entropy, also under bfloat16 compute.
         logits = logits.astype(compute_dtype(self.dtype))
         if c.final_logit_softcapping is not None:

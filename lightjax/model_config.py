@@ -22,6 +22,7 @@ NormClass = Literal["LayerNorm", "RMSNorm"]
 MLPClass = Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE"]
 GeluApproximation = Literal["none", "tanh"]
 NormQKType = Literal["default", "olmo2"]
+LoRATarget = Literal["query", "key", "value", "proj", "mlp", "head"]
 # rope_adjustments key sets: linear position interpolation, Llama 3.1, YaRN (required keys; YaRN's
 # optional ones follow Hugging Face's rope_parameters).
 _ROPE_LINEAR = {"factor"}
@@ -113,6 +114,13 @@ class ModelConfig:
     tie_embeddings: bool = False  # lm_head reuses the embedding matrix
     dropout: float = 0.0  # on the embeddings and on each branch's output
 
+    # --- LoRA adapters (lora.py; set from the run's config.lora) -------------------------------------
+    # Rank r of the adapters (0: none); each adapted layer adds alpha / r * dropout(x) A B to x W.
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("query", "value")  # LitGPT's defaults; any of LoRATarget
+
     # --- Derived in __post_init__ ----------------------------------------------------------------
     rope_n_elem: int = dataclasses.field(init=False, default=0)
     # The optional fields that __post_init__ filled in, so that `replace` derives them again.
@@ -129,7 +137,7 @@ class ModelConfig:
             object.__setattr__(self, field, value)  # a frozen dataclass
 
         set_("_derived", frozenset(k for k in _DERIVABLE if getattr(self, k) is None))
-        for field in ("sliding_window_indices", "rope_indices"):  # lists from a JSON or command line
+        for field in ("sliding_window_indices", "rope_indices", "lora_targets"):  # lists from a JSON or command line
             if isinstance(getattr(self, field), list):
                 set_(field, tuple(getattr(self, field)))
         if self.head_size is None and self.n_head > 0 and self.n_embd % self.n_head == 0:
@@ -211,6 +219,7 @@ def _validate(cfg: ModelConfig) -> None:
     _validate_block(cfg)
     _validate_mlp(cfg)
     _validate_attention_variants(cfg)
+    _validate_lora(cfg)
 
 
 def _validate_shapes(cfg: ModelConfig) -> None:
@@ -281,3 +290,18 @@ def _validate_attention_variants(cfg: ModelConfig) -> None:
         _require(cfg, field, len(flags) == cfg.n_layer and set(flags) <= {0, 1},
                  f"must hold one 0 or 1 per layer (n_layer={cfg.n_layer})")
         _require(cfg, field, getattr(cfg, needs) is not None, f"needs {needs} to be set")
+
+
+def _validate_lora(cfg: ModelConfig) -> None:
+    _require(cfg, "lora_r", cfg.lora_r >= 0, "must be >= 0 (0: no adapters)")
+    if cfg.lora_r == 0:
+        return
+    choices = get_args(LoRATarget)
+    _require(cfg, "lora_targets", bool(cfg.lora_targets) and set(cfg.lora_targets) <= set(choices),
+             f"must name one or more of {', '.join(map(repr, choices))}")
+    _require(cfg, "lora_alpha", cfg.lora_alpha > 0, "must be positive")
+    _require(cfg, "lora_dropout", 0.0 <= cfg.lora_dropout < 1.0, "must be in [0, 1)")
+    _require(cfg, "lora_targets", not ("head" in cfg.lora_targets and cfg.tie_embeddings),
+             "cannot include 'head' when the head is tied to the embeddings (tie_embeddings=True)")
+    _require(cfg, "lora_targets", not ("mlp" in cfg.lora_targets and cfg.mlp_class_name == "LLaMAMoE"),
+             "cannot include 'mlp' for a mixture of experts (LLaMAMoE): adapters cover dense layers only")

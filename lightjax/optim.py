@@ -54,7 +54,7 @@ def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
 
 
 # Parameter names of the layers (layers.py): a model may lack some (Llama has no biases).
-PARAMETER_NAMES = ("kernel", "bias", "scale", "embedding")
+PARAMETER_NAMES = ("kernel", "bias", "scale", "embedding", "lora_a", "lora_b")
 
 
 def check_no_decay(no_decay: Any, params: Any) -> None:

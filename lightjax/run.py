@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from lightjax import lora
 from lightjax.model import GPT, stack_layers
 from lightjax.model_config import ModelConfig
 from lightjax.optim import check_no_decay, lr_schedule, make_optimizer
@@ -61,9 +62,10 @@ class Run:
             return state
         if self.model.scan_layers:
             pretrained = stack_layers(pretrained, self.model.config.n_layer)
+        base = lora.split(self.abstract_state.params)[1]  # LoRA adapters start fresh
         params = jax.tree.map(lambda p, like: jax.device_put(np.asarray(p).astype(like.dtype), like.sharding),
-                              pretrained, self.abstract_state.params)
-        return state.replace(params=params)
+                              pretrained, base)
+        return state.replace(params=lora.combine(lora.split(state.params)[0], params))
 
 
 def build_model(cfg: ModelConfig, train: Mapping[str, Any]) -> GPT:
@@ -77,7 +79,8 @@ def _init_fn(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, seq_len: 
 
     def init(rng: jax.Array) -> TrainState:
         params = model.init(rng, jnp.zeros((batch, seq_len), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+        opt_state = tx.init(lora.trainable(model.config, params)[0])  # LoRA: the adapters' state only
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
 
     return init
 

@@ -51,6 +51,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.val_fraction = 0.05
 
+    # LoRA fine-tuning (lora.py): adapters of this rank on the targeted layers train, every other
+    # weight stays frozen (usually with train.init_from set). 0: no adapters, everything trains.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.05
+    c.lora.targets = ("query", "value")  # any of query, key, value, proj, mlp, head
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
     c.mesh.fsdp = 1
@@ -112,22 +120,33 @@ def _model_placeholders() -> dict[str, Any]:
              "sliding_window_indices": tuple, "rope_indices": tuple}
     out = {}
     for f in dataclasses.fields(ModelConfig):
-        if f.init and f.name != "name":
+        if f.init and f.name != "name" and not f.name.startswith("lora_"):  # LoRA is config.lora
             default_type = type(f.default) if f.default is not None else int  # other optional fields are ints
             out[f.name] = config_dict.placeholder(types.get(f.name, default_type))
     return out
 
 
 def resolve_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run: the named preset with the other `config.model` keys as overrides."""
+    """The ModelConfig of a run: the named preset with the other `config.model` keys as overrides,
+    and config.lora's adapters (a config saved before LoRA existed has none)."""
     fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
     name = fields.pop("name")
+    lora = config.get("lora")
+    if lora is not None and lora.rank:
+        fields.update({field: lora[key] for field, key in _LORA_KEYS.items()})
     try:
         return ModelConfig.from_name(name, **fields)
     except TypeError as e:  # an unknown field name
         raise ConfigError(f"config.model: {e}") from None
     except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
+        message = str(e)
+        for field, key in _LORA_KEYS.items():
+            message = message.replace(f"ModelConfig.{field}=", f"config.lora.{key}=")
+        raise ConfigError(message if "config.lora." in message else f"config.model: {message}") from None
+
+
+# ModelConfig's LoRA fields and the config.lora keys that set them.
+_LORA_KEYS = {"lora_r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets"}
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lightjax import lora
 from lightjax.loss import batch_nll, make_loss_fn
 from lightjax.model import GPT
 from lightjax.sharding import Rules, with_mesh
@@ -81,17 +82,20 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
     """The jitted step(state, batch) -> (state, metrics), the state donated; metrics: loss, grad_norm,
     lr, tokens (all scalars, replicated), and `skipped` with skip_nonfinite (an update whose loss or
     gradients are not finite is not applied)."""
-    grad_fn = jax.value_and_grad(make_loss_fn(model, z_loss), has_aux=True)
+    loss_fn = make_loss_fn(model, z_loss)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        grads, nll_sum, count = _summed_grads(grad_fn, state.params, batch, rng, grad_accum_steps)
+        # Gradients of the trained parameters only (LoRA: the adapters; the frozen weights get none).
+        trained, frozen = lora.trainable(model.config, state.params)
+        grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(lora.combine(p, frozen), b, r), has_aux=True)
+        grads, nll_sum, count = _summed_grads(grad_fn, trained, batch, rng, grad_accum_steps)
         # Sums over all counted tokens, divided once: any split into micro-batches gives the same update.
         denom = jnp.maximum(count, 1.0)
         with jax.named_scope("optimizer"):  # names the ops in profiles (lightjax/profile.py)
-            grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trained)
+            updates, opt_state = tx.update(grads, state.opt_state, trained)
+            params = lora.combine(optax.apply_updates(trained, updates), frozen)
             grad_norm = optax.tree.norm(grads)
         metrics = {"loss": nll_sum / denom, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count}
         if skip_nonfinite:
