@@ -31,12 +31,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
+from lightjax import lora
 from lightjax.convert.hf import load_hf_checkpoint
+from lightjax.convert.safetensors_io import write_safetensors
 from lightjax.distributed import is_leader, print_once
 from lightjax.files import staged_dir
 from lightjax.model import unstack_layers
@@ -101,7 +105,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for every frozen key that differs. A key the saved config lacks (added
     to lightjax since) counts as its default."""
-    a, b = {**_flatten(default_config().to_dict()), **_flatten(saved)}, _flatten(current)
+    defaults = json.loads(default_config().to_json_best_effort())  # as saved: tuples as lists
+    a, b = {**_flatten(defaults), **_flatten(saved)}, _flatten(current)
     keys = sorted(k for k in set(a) | set(b) if k.startswith(FROZEN_KEYS) and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
@@ -306,20 +311,46 @@ def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tu
     return ml_collections.ConfigDict(meta["config"]), state["params"], step
 
 
+def restore_model(workdir: str | epath.PathLike, step: int | None = None) -> tuple[ModelConfig, Any, int, Any]:
+    """(ModelConfig, parameters, step, the run's config) of a run's checkpoint, LoRA adapters merged
+    into their kernels (lora.merge): the plain model that the fine-tuned run computes."""
+    config, params, step = restore_params(workdir, step)
+    cfg, params = lora.merge(resolve_model_config(config), params)
+    return cfg, params, step, config
+
+
 def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None,
                   dtype: str = "float32") -> epath.Path:
-    """Parameters only (no optimizer state), cast to `dtype`, for inference and conversion:
-    OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
+    """Parameters only (no optimizer state; LoRA adapters merged), cast to `dtype`, for inference and
+    conversion: OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
-    config, params, step = restore_params(workdir, step)
+    cfg, params, step, _ = restore_model(workdir, step)
     with staged_dir(absolute(out)) as stage:  # a failed export leaves no half-written folder
-        save_exported(stage, resolve_model_config(config), params, dtype, step)
+        save_exported(stage, cfg, params, dtype, step)
         tokenizer = epath.Path(workdir) / "tokenizer"
         if tokenizer.is_dir():
             (stage / "tokenizer").mkdir(parents=True, exist_ok=True)
             for f in tokenizer.iterdir():
                 f.copy(stage / "tokenizer" / f.name, overwrite=True)
+    return absolute(out)
+
+
+def export_adapters(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None) -> epath.Path:
+    """A LoRA run's adapters alone: OUT/adapters.safetensors (every lora_a and lora_b in float32, named by
+    its path, e.g. h_0/attn/qkv/lora_a, loop layout) and OUT/lora_config.json (rank, alpha, dropout,
+    targets, the base model and the weights the run started from)."""
+    config, params, _ = restore_params(workdir, step)
+    cfg = resolve_model_config(config)
+    adapters = lora.split(unstack_layers(params) if "h" in params else params)[0]
+    if not adapters:
+        raise ValueError(f"{workdir} has no LoRA adapters to export (its config.lora.rank is 0).")
+    tensors = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
+    meta = {"rank": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets),
+            "base_model": cfg.name, "base_weights": config.train.init_from}
+    with staged_dir(absolute(out)) as stage:
+        write_safetensors(stage / "adapters.safetensors", tensors)
+        (stage / "lora_config.json").write_text(json.dumps(meta, indent=1))
     return absolute(out)
 
 
@@ -348,7 +379,8 @@ def load_weights(directory: str | epath.PathLike) -> tuple[Any, Any]:
 
 
 # Fields that may differ between pretrained weights and the run that starts from them.
-_FREE_WHEN_LOADING = ("name", "block_size", "dropout", "vocab_size", "padding_multiple")
+_FREE_WHEN_LOADING = ("name", "block_size", "dropout", "vocab_size", "padding_multiple", "lora_r", "lora_alpha",
+                      "lora_dropout", "lora_targets")  # LoRA adapters start fresh beside the loaded weights
 
 
 def check_same_architecture(run_cfg: Any, weights_cfg: Any, source: str) -> None:

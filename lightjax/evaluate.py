@@ -8,12 +8,14 @@ Bits per character and per byte divide out the tokenizer, so runs with different
 from __future__ import annotations
 
 import math
+import tempfile
 from typing import Any
 
 import jax
 from etils import epath
 
 from lightjax.checkpoint import restore_params
+from lightjax.data.instructions import ExampleRows, PromptStyle, is_instruction_source, load_records, write_examples
 from lightjax.data.pipeline import eval_batches, token_stream
 from lightjax.data.sources import load_split, pieces
 from lightjax.data.tokenizers import load_tokenizer
@@ -62,9 +64,12 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
     run = build_run(config)
     params = jax.device_put(params, run.shardings.params)
     tokenizer = load_tokenizer(workdir / "tokenizer")
-    docs = load_split(config.data, split)
-    tokens = token_stream(docs, tokenizer)  # tokenized once, for the units and the batches
-    units = text_units(docs, len(tokens))
+    if is_instruction_source(config.data.source):
+        tokens, units = _instruction_rows(config, split, tokenizer)
+    else:
+        docs = load_split(config.data, split)
+        tokens = token_stream(docs, tokenizer)  # tokenized once, for the units and the batches
+        units = text_units(docs, len(tokens))
     ev = evaluate(run, params, tokens, config, units["tokens_per_char"], max_batches)
     row = {"step": step, "split": split, "eval_loss": ev["val_loss"], "eval_ppl": ev["val_ppl"],
            "eval_bpc": ev["val_bpc"], "eval_bpb": ev["val_loss"] / math.log(2) * units["tokens_per_byte"],
@@ -72,3 +77,15 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
     if write and jax.process_index() == 0:
         append_row(workdir, row)  # the training rows stay as they are
     return row
+
+
+def _instruction_rows(config: Any, split: str, tokenizer: Any) -> tuple[ExampleRows, dict[str, float]]:
+    """The split's instruction rows as training cut them, and the units of their response text."""
+    d = config.data
+    records = load_records(d.source, split, d.val_fraction)
+    style = PromptStyle(d.prompt_style, d.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = write_examples(records, style, tokenizer, f"{tmp}/{split}.examples.npz")
+        rows = ExampleRows(f"{tmp}/{split}.examples.npz", d.seq_len, d.pack)
+    responses = [style(r)[1] for r in records]
+    return rows, text_units(responses, meta["tokens"])

@@ -118,3 +118,4 @@ def _product(a: Any, b: Any, kernel_ndim: int) -> Any:
     r = next(letters)
     return jnp.einsum(f"{shared}{ins}{r},{shared}{r}{outs}->{shared}{ins}{outs}",
                       jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+

@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lightjax.data import tiny_shakespeare
+from lightjax.data.instructions import PROMPT_STYLES
 from lightjax.model import REMAT_POLICIES
 from lightjax.model_config import ModelConfig
 from lightjax.optim import SCHEDULES
@@ -50,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 256
     c.data.num_workers = 0
     c.data.val_fraction = 0.05
+    # Instruction sources (json:/jsonl:): the prompt template ('alpaca', or 'chat': the hf:DIR
+    # tokenizer's chat template), and whether examples are packed into rows or padded one per row.
+    c.data.prompt_style = "alpaca"
+    c.data.pack = False
 
     # LoRA fine-tuning (lora.py): adapters of this rank on the targeted layers train, every other
     # weight stays frozen (usually with train.init_from set). 0: no adapters, everything trains.
@@ -183,8 +188,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     check(d.tokenizer in ("char", "byte") or d.tokenizer.startswith(("spm:", "hf:")), "data.tokenizer", d.tokenizer,
           "is not one of 'char', 'byte', 'spm:PATH', 'hf:DIR'")
-    check(d.source == "tiny_shakespeare" or d.source.startswith(("tfds:", "text:")), "data.source", d.source,
-          "is not one of 'tiny_shakespeare', 'tfds:NAME', 'text:GLOB'")
+    check(d.source == "tiny_shakespeare" or d.source.startswith(("tfds:", "text:", "json:", "jsonl:")), "data.source",
+          d.source, "is not one of 'tiny_shakespeare', 'tfds:NAME', 'text:GLOB', 'json:PATH', 'jsonl:PATH'")
+    check(d.prompt_style in PROMPT_STYLES, "data.prompt_style", d.prompt_style,
+          f"is not one of {', '.join(PROMPT_STYLES)}")
+    check(d.prompt_style != "chat" or d.tokenizer.startswith("hf:"), "data.prompt_style", d.prompt_style,
+          f"needs the model's own tokenizer, data.tokenizer='hf:DIR' (is {d.tokenizer!r})")
     check(not d.local_path or Path(d.local_path).is_file(), "data.local_path", d.local_path, "does not exist")
     check("://" not in d.data_dir, "data.data_dir", d.data_dir,
           "must be a local folder: ArrayRecord files are read with local file I/O (only process 0 reads the data "

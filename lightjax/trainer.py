@@ -37,6 +37,7 @@ from lightjax.checkpoint import (
     config_changes,
     load_weights,
 )
+from lightjax.data.instructions import ExampleRows, PromptStyle, is_instruction_source, load_records, write_examples
 from lightjax.data.pipeline import (
     TokenRows,
     check_vocab,
@@ -92,26 +93,35 @@ def _tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
 
 
 # The data keys a prepared token file depends on; any change prepares it again.
-_TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction")
+_TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction", "prompt_style")
 
 
 def _token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict[str, epath.Path]:
-    """{train,validation}.tokens in config.data.tokens_dir (default WORKDIR/data): the splits tokenized,
-    written by process 0 when missing or made from other data settings. Only process 0 ever reads the
-    data source; the others read these."""
-    directory = epath.Path(config.data.tokens_dir) if config.data.tokens_dir else workdir / "data"
-    paths = {split: directory / f"{split}.tokens" for split in ("train", "validation")}
-    provenance = {k: config.data[k] for k in _TOKEN_FILE_KEYS}
+    """{train,validation}.tokens (instruction sources: .examples.npz) in config.data.tokens_dir
+    (default WORKDIR/data): the splits tokenized, written by process 0 when missing or made from other
+    data settings. Only process 0 ever reads the data source; the others read these."""
+    d = config.data
+    directory = epath.Path(d.tokens_dir) if d.tokens_dir else workdir / "data"
+    suffix = "examples.npz" if is_instruction_source(d.source) else "tokens"
+    paths = {split: directory / f"{split}.{suffix}" for split in ("train", "validation")}
+    provenance = {k: d[k] for k in _TOKEN_FILE_KEYS}
+
+    def write(split: str, path: epath.Path) -> dict[str, Any]:
+        if is_instruction_source(d.source):
+            records = load_records(d.source, split, d.val_fraction)
+            return write_examples(records, PromptStyle(d.prompt_style, d.tokenizer), tokenizer, path, provenance)
+        return write_token_file(load_split(d, split), tokenizer, path, provenance)
 
     def prepare() -> None:
-        prepare_source(config.data)
+        prepare_source(d)
         for split, path in paths.items():
             meta = read_token_meta(path)
             if meta is None or any(meta.get(k) != v for k, v in provenance.items()):
                 start = time.perf_counter()
-                meta = write_token_file(load_split(config.data, split), tokenizer, path, provenance)
-                print(f"Prepared {meta['tokens']:,} {split} tokens into {path} in {time.perf_counter() - start:.1f} s.",
-                      flush=True)
+                meta = write(split, path)
+                count = (meta["examples"], "examples") if "examples" in meta else (meta["tokens"], "tokens")
+                what = f"{count[0]:,} {split} {count[1]}"
+                print(f"Prepared {what} into {path} in {time.perf_counter() - start:.1f} s.", flush=True)
 
     run_once("preparing the data", prepare)
     return paths
@@ -214,7 +224,14 @@ def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Sequence[np.ndarray
     paths = _token_files(config, workdir, tokenizer)
     val_meta = read_token_meta(paths["validation"])
     tokens_per_char = val_meta["tokens"] / max(val_meta["characters"], 1)
-    return run, TokenRows(paths["train"], config.data.seq_len), open_tokens(paths["validation"]), tokens_per_char
+    d = config.data
+    if is_instruction_source(d.source):
+        train, val = (ExampleRows(paths[split], d.seq_len, d.pack) for split in ("train", "validation"))
+        if train.cut:
+            print_once(f"{train.cut} of {len(train.starts)} training examples are longer than data.seq_len + 1 = "
+                       f"{d.seq_len + 1} tokens and are cut ({train.unlearnable} lose their whole response).")
+        return run, train, val, tokens_per_char
+    return run, TokenRows(paths["train"], d.seq_len), open_tokens(paths["validation"]), tokens_per_char
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:

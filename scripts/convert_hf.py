@@ -5,6 +5,8 @@
     # lightjax run or export directory -> HF directory (config.json, model.safetensors, tokenizer)
     python scripts/convert_hf.py export --workdir runs/baseline --out hf/baseline
     python scripts/convert_hf.py export --export_dir exports/qwen3 --out hf/qwen3 --dtype bfloat16
+    # a LoRA run: its adapters merged into the weights (W + alpha/r B A), or with --adapters_only alone
+    python scripts/convert_hf.py export --workdir runs/lora --out hf/lora
 
 An imported directory is what `scripts/generate.py --export_dir` and `checkpoint.load_exported` read;
 an exported one is what `transformers.AutoModelForCausalLM.from_pretrained` reads. Export writes the
@@ -26,6 +28,8 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: a lightjax export
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype written.")
 _MODEL_TYPE = flags.DEFINE_string("model_type", None, "export: the HF architecture (model_type) to write.")
+_ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "export --workdir of a LoRA run: write its adapters "
+                                   "alone (adapters.safetensors, lora_config.json) instead of merged weights.")
 COMMANDS = ("import", "export")
 
 
@@ -52,10 +56,9 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
     import jax
     import jax.numpy as jnp
 
-    from lightjax.checkpoint import load_exported, restore_params
+    from lightjax.checkpoint import load_exported, restore_model
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
     from lightjax.files import staged_dir
-    from lightjax.run_config import resolve_model_config
 
     token_ids = {}
     if export_dir:
@@ -67,8 +70,8 @@ def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out
             model_type = model_type or original["model_type"]
             token_ids = original
     else:
-        config, params, step = restore_params(workdir, step)
-        cfg, source = resolve_model_config(config), Path(workdir)
+        cfg, params, step, _ = restore_model(workdir, step)  # LoRA adapters merged
+        source = Path(workdir)
     model_type = hf_model_type(cfg, model_type)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     with staged_dir(Path(out).absolute()) as stage:  # a failed export leaves no half-written folder
@@ -107,6 +110,14 @@ def main(argv):
         else:
             if bool(_WORKDIR.value) == bool(_EXPORT_DIR.value):
                 sys.exit("convert_hf: export needs exactly one of --workdir and --export_dir.")
+            if _ADAPTERS_ONLY.value:
+                from lightjax.checkpoint import export_adapters
+
+                if not _WORKDIR.value:
+                    sys.exit("convert_hf: --adapters_only needs --workdir (a LoRA run).")
+                out = export_adapters(_WORKDIR.value, _OUT.value, _STEP.value)
+                print(f"Exported the LoRA adapters of {_WORKDIR.value} to {out}.")
+                return
             print(export_hf(_WORKDIR.value, _STEP.value, _EXPORT_DIR.value, _OUT.value, _DTYPE.value,
                             _MODEL_TYPE.value))
     except (OSError, ValueError, CheckpointError) as e:

@@ -1,9 +1,11 @@
 """Export a run's parameters (no optimizer state) for inference or conversion.
 
     python scripts/export.py --workdir runs/baseline-20261124 --out exports/baseline --dtype bfloat16
+    python scripts/export.py --workdir runs/lora --out exports/lora-adapters --adapters_only
 
-Writes OUT/params (Orbax), OUT/model_config.json and OUT/tokenizer/; read them back with
-`lightjax.checkpoint.load_exported(OUT)`.
+Writes OUT/params (Orbax), OUT/model_config.json and OUT/tokenizer/, a LoRA run's adapters merged into
+its weights; read them back with `lightjax.checkpoint.load_exported(OUT)`. With --adapters_only, a
+LoRA run's adapters alone: OUT/adapters.safetensors and OUT/lora_config.json.
 """
 
 import sys
@@ -14,17 +16,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype of the export.")
+_ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "A LoRA run: write its adapters alone, unmerged.")
 
 
 def main(argv):
     del argv
-    from lightjax.checkpoint import CheckpointError, export_params
+    from lightjax.checkpoint import CheckpointError, export_adapters, export_params
 
     try:
-        out = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+        if _ADAPTERS_ONLY.value:
+            out = export_adapters(_WORKDIR.value, _OUT.value, _STEP.value)
+        else:
+            out = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
     except (OSError, ValueError, CheckpointError) as e:
         sys.exit(f"export: {e}")
-    print(f"Exported the parameters to {out} ({_DTYPE.value}).")
+    what = "the LoRA adapters (float32)" if _ADAPTERS_ONLY.value else f"the parameters ({_DTYPE.value})"
+    print(f"Exported {what} to {out}.")
 
 
 if __name__ == "__main__":

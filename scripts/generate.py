@@ -4,6 +4,7 @@
     python scripts/generate.py --workdir runs/baseline --step 1000 --prompt "ROMEO:" --prompt "JULIET:"
     python scripts/generate.py --hf_dir path/to/hf_model --prompt "The capital of France is" --temperature 0
     python scripts/generate.py --export_dir exports/qwen3 --prompt "Hello" --temperature 0
+    python scripts/generate.py --workdir runs/lora --instruction --prompt "Name three primes." --temperature 0
 
 Prints each sample, then decoding tokens/s (the first call compiles; it is timed separately).
 """
@@ -27,10 +28,12 @@ _TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely toke
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this probability mass.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Cut each sample before this string (repeatable).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_INSTRUCTION = flags.DEFINE_bool("instruction", False, "--workdir of a fine-tuning run: each prompt is an "
+                                 "instruction, rendered with the run's data.prompt_style as in training.")
 
 
 def load(workdir, step, hf_dir, export_dir):
-    """(model, params, tokenizer, description)."""
+    """(model, params, tokenizer, description, the run's config or None)."""
     from lightjax.data.tokenizers import load_tokenizer
     from lightjax.model import GPT
 
@@ -38,20 +41,33 @@ def load(workdir, step, hf_dir, export_dir):
         from lightjax.checkpoint import load_exported
 
         cfg, params = load_exported(export_dir)
-        return GPT(cfg), params, load_tokenizer(f"{export_dir}/tokenizer"), f"{export_dir} ({cfg.name})"
+        return GPT(cfg), params, load_tokenizer(f"{export_dir}/tokenizer"), f"{export_dir} ({cfg.name})", None
     if hf_dir:
         from lightjax.convert.hf import load_hf_checkpoint
         from lightjax.data.tokenizers import load_hf_tokenizer
 
         cfg, params = load_hf_checkpoint(hf_dir)
-        return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})"
+        return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})", None
     from lightjax.checkpoint import restore_params
     from lightjax.run import build_model
     from lightjax.run_config import resolve_model_config
 
     config, params, step = restore_params(workdir, step)
-    model = build_model(resolve_model_config(config), config.train)
-    return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}"
+    model = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
+    return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}", config
+
+
+def prompt_token_ids(prompts, tokenizer, config):
+    """Each prompt's ids; with --instruction rendered and encoded as the run's training prompts were."""
+    if not _INSTRUCTION.value:
+        return prompts, [tokenizer.encode(p).tolist() for p in prompts]
+    from lightjax.data.instructions import PromptStyle, prompt_ids
+
+    if config is None:
+        raise ValueError("--instruction needs --workdir (the prompt style is the run's data.prompt_style).")
+    style = PromptStyle(config.data.get("prompt_style", "alpaca"), config.data.tokenizer)
+    rendered = [style.prompt(p) for p in prompts]
+    return rendered, [prompt_ids(p, tokenizer).tolist() for p in rendered]
 
 
 def main(argv):
@@ -62,9 +78,9 @@ def main(argv):
     from lightjax.generate import cut_at_stop, generate
 
     try:
-        model, params, tokenizer, source = load(_WORKDIR.value, _STEP.value, _HF_DIR.value, _EXPORT_DIR.value)
+        model, params, tokenizer, source, config = load(_WORKDIR.value, _STEP.value, _HF_DIR.value, _EXPORT_DIR.value)
         prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
-        ids = [tokenizer.encode(p).tolist() for p in prompts]
+        prompts, ids = prompt_token_ids(prompts, tokenizer, config)
         max_new = _MAX_NEW.value or model.config.block_size - max(len(i) for i in ids)
         kwargs = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                       eos_id=tokenizer.eos_id, seed=_SEED.value)

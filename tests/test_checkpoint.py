@@ -89,7 +89,7 @@ def test_every_frozen_key_is_refused_and_every_other_allowed():
 
     saved = json.loads(default_config().to_json_best_effort())
     keys = _flatten(saved)
-    frozen = {k for k in keys if k.startswith(("model.", "optim."))} | FROZEN
+    frozen = {k for k in keys if k.startswith(("model.", "optim.", "lora."))} | FROZEN
     for key, value in keys.items():
         *path, name = key.split(".")
         changed = json.loads(json.dumps(saved))
@@ -99,6 +99,16 @@ def test_every_frozen_key_is_refused_and_every_other_allowed():
         node[name] = _changed(value)
         expected = [f"{key}: {value!r} -> {_changed(value)!r}"] if key in frozen else []
         assert config_changes(saved, changed) == expected, key
+
+
+def test_a_key_added_since_a_checkpoint_counts_as_its_default():
+    """A checkpoint written before config.lora existed resumes; the new section at its default."""
+    saved = json.loads(default_config().to_json_best_effort())
+    del saved["lora"]
+    current = json.loads(default_config().to_json_best_effort())
+    assert config_changes(saved, current) == []
+    current["lora"]["rank"] = 8
+    assert config_changes(saved, current) == ["lora.rank: 0 -> 8"]
 
 
 def test_restore_onto_other_meshes(tmp_path):

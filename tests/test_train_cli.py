@@ -86,7 +86,7 @@ def test_smoke_run_csv_matches_its_jsonl(smoke_run):
     ("--process_id=2 --num_processes=2 --coordinator_address=127.0.0.1:1",
      "--process_id=2 must be in [0, --num_processes=2)."),
     ("--config.optim.no_decay=7", "config.optim.no_decay=(7,) names no parameter of this model: 7; its parameter "
-                                  "names are bias, embedding, kernel, scale."),
+                                  "names are bias, embedding, kernel, lora_a, lora_b, scale."),
     ("--config.checkpoint.resume=", "config.checkpoint.resume='' must be 'auto', 'never', or a run directory"),
     ("--config.data.source=text:/ --config.data.tokenizer=byte --config.model.vocab_size=257",
      "config.data.source='text:/' matches folders (/); name files"),
@@ -152,6 +152,10 @@ def _load(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads_and_validates(path):
     config = _load(path)
+    if config.train.init_from:  # fine-tuning: the weights are the user's download, named in the error
+        with pytest.raises(ConfigError, match=r"^config.train.init_from='[^']+' is not an export directory[^;]*\.$"):
+            validate(config, device_count=1)
+        config.train.init_from = ""
     validate(config, device_count=1)  # as on this CPU
     if path.stem in ("pythia_160m", "llama_1b"):
         validate(config, device_count=8)  # and on the 8-device machines they are for

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from lightjax.data.instructions import ExampleRows, example_batches
 from lightjax.data.sources import TextFile, pieces
 from lightjax.data.tokenizers import Tokenizer
 
@@ -176,8 +177,9 @@ class TokenRows(Sequence):
         return np.asarray(self._array()[start: start + self.seq_len + 1], dtype=np.int32)
 
 
-def _as_example(row: np.ndarray) -> dict[str, np.ndarray]:
-    return {"tokens": row}
+def _as_example(row: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A training example: a row of tokens, or an instruction row's tokens and response mask as they are."""
+    return row if isinstance(row, dict) else {"tokens": row}
 
 
 def train_dataset(rows: Sequence[np.ndarray], global_batch: int, seed: int, shard: tuple[int, int] | None = None,
@@ -207,7 +209,14 @@ def eval_batches(tokens: Any, seq_len: int, batch_size: int, shard: tuple[int, i
     """This process's share of one pass over a split's token stream (`token_stream`, or `open_tokens`
     of its file): `tokens` [batch_size, seq_len + 1] and `mask` [batch_size, seq_len] (1 for targets
     that count). Every process yields the same number of batches (all take part in each global
-    batch), padding with fully masked rows."""
+    batch), padding with fully masked rows. Instruction rows (`ExampleRows`) are batched in order."""
+    if isinstance(tokens, ExampleRows):
+        return example_batches(tokens, batch_size, shard or process_shard(), max_batches)
+    return _token_batches(tokens, seq_len, batch_size, shard, max_batches)
+
+
+def _token_batches(tokens: Any, seq_len: int, batch_size: int, shard: tuple[int, int] | None,
+                   max_batches: int) -> Iterator[dict[str, np.ndarray]]:
     if len(tokens) < seq_len + 1:
         raise ValueError(f"config.data.seq_len={seq_len} is longer than the validation split "
                          f"({len(tokens)} tokens); it needs at least seq_len + 1.")

@@ -5,6 +5,8 @@ a `.txt` file a `TextFile`, read a piece at a time (`pieces(doc)` gives any docu
   90/5/5 character split; it downloads once, or reads `config.data.local_path` (offline machines).
 - `tfds:NAME`: any TFDS dataset prepared in ArrayRecord format, read with `tfds.data_source`.
 - `text:GLOB`: local `.txt` files (one document each) or `.jsonl` files (a `text` field per line).
+- `json:PATH`, `jsonl:PATH`: instruction records for fine-tuning (instructions.py); as documents,
+  each record's prompt and response as one text.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lightjax.data import tiny_shakespeare
+from lightjax.data.instructions import PromptStyle, is_instruction_source, load_records
 
-SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB")
+SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB", "json:PATH", "jsonl:PATH")
 SPLITS = ("train", "validation", "test")  # text: sources have no test split
 
 
@@ -245,4 +248,9 @@ def load_split(data: Any, split: str) -> Sequence[str]:
         if split == "test":
             raise ValueError(f"config.data.source={source!r} has only 'train' and 'validation' splits.")
         return split_documents(_text_documents(source[len("text:"):], data.text_field), data.val_fraction)[split]
+    if is_instruction_source(source):
+        if split == "test":
+            raise ValueError(f"config.data.source={source!r} has only 'train' and 'validation' splits.")
+        style = PromptStyle(data.prompt_style, data.tokenizer)
+        return ["".join(style(record)) for record in load_records(source, split, data.val_fraction)]
     raise ValueError(f"config.data.source={source!r} is not one of {', '.join(SOURCES)}.")
