@@ -47,8 +47,10 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`: 2 per weight forward,
+    4 backward (gradients of the input and of the weight); LoRA's frozen weights get no weight gradient."""
+    per_weight = 4 if cfg.lora_r else 6
+    return per_weight * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
 
 
 def lookup_peak_flops(device_kind: str) -> float | None:

@@ -36,6 +36,21 @@ def test_model_flops_agree_with_xla_cost_analysis():
     assert 1.02 < ratio < 1.16, ratio
 
 
+def test_lora_flops_count_no_weight_gradients_for_frozen_weights():
+    """With LoRA the step computes no gradient of a frozen weight: 4 FLOPs per weight and token, not 6
+    (a 6 would put the ratio near 0.7)."""
+    config = tiny_run_config("llama")
+    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 128, 256, 16
+    config.lora.rank = 4
+    training = build_run(config, jax.devices()[:1])
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 16, 96), training.mesh)
+    compiled = training.train_step.lower(training.abstract_state, batch).compile()
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    ratio = xla["flops"] / (flops_per_token(training.model.config, 16) * 8 * 16)
+    assert 0.95 < ratio < 1.2, ratio
+
+
 @pytest.mark.parametrize("kind,peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
                                        ("TPU v6 lite", 918e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),

@@ -36,6 +36,12 @@ def test_sweep_on_local_devices_measures_beside_the_estimate(tmp_path):
     assert {p.name for p in plot(rows, epath.Path(tmp_path))} == {"memory.png", "step_time.png"}
 
 
+def test_one_device_compiles_with_no_collectives():
+    (row,) = sweep(tiny_run_config(), settings("1,1,1"), jax.devices()[:1])
+    assert "error" not in row and row["total_bytes"] > 0
+    assert all(c["bytes"] == 0 for c in row["collectives"].values())
+
+
 def test_a_layout_over_the_chips_memory_does_not_fit_and_the_sweep_goes_on():
     from lightjax.hardware import tpu_topology
 
