@@ -17,7 +17,7 @@ from lightjax.model import GPT
 from lightjax.run_config import resolve_model_config
 from lightjax.trainer import train
 from tests.helpers import load_config, model_overrides, random_hf_model, require_hf, run_script, tiny_run_config
-from tests.runs import assert_same_run, run_config
+from tests.runs import assert_same_run, losses, run_config
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
@@ -70,6 +70,10 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     train(lora_config(tmp_path, stop_after=6), tmp_path / "resumed")
     train(lora_config(tmp_path), tmp_path / "resumed")
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
+    no_dropout = lora_config(tmp_path, stop_after=4)  # the same schedule
+    no_dropout.lora.dropout = 0.0
+    train(no_dropout, tmp_path / "no_dropout")
+    assert losses(tmp_path / "no_dropout")[4] != losses(tmp_path / "full")[4]  # the LoRA dropout was on
 
 
 def test_a_lora_run_from_hugging_face_weights_exports_merged_for_transformers(tmp_path):
