@@ -19,18 +19,23 @@ def test_flops_per_token_formula():
     assert matmul_params(tied) == 134_515_008  # the tied table is the output head's matmul
 
 
-def test_model_flops_agree_with_xla_cost_analysis():
-    """Sequences of 256 on a 64-wide model, where attention is 45% of the model's FLOPs: dropping the
-    attention term (ratio ~2.0) or doubling it (~0.76) falls outside the bounds."""
+def xla_to_model_flops(width, seq_len, lora_rank=0):
+    """XLA's count of a compiled train step (tiny Llama layout, batch 8) over flops_per_token's."""
     config = tiny_run_config("llama")
-    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 64, 128, 256
-    config.model.block_size = 256
+    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = width, 2 * width, seq_len
+    config.model.block_size, config.lora.rank = max(seq_len, 32), lora_rank
     training = build_run(config, jax.devices()[:1])
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 256, 96), training.mesh)
+    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, seq_len, 96), training.mesh)
     compiled = training.train_step.lower(training.abstract_state, batch).compile()
     xla = compiled.cost_analysis()
     xla = xla[0] if isinstance(xla, list) else xla
-    ratio = xla["flops"] / (flops_per_token(training.model.config, 256) * 8 * 256)
+    return xla["flops"] / (flops_per_token(training.model.config, seq_len) * 8 * seq_len)
+
+
+def test_model_flops_agree_with_xla_cost_analysis():
+    """Sequences of 256 on a 64-wide model, where attention is 45% of the model's FLOPs: dropping the
+    attention term (ratio ~2.0) or doubling it (~0.76) falls outside the bounds."""
+    ratio = xla_to_model_flops(64, 256)
     # XLA also counts softmax, norms and the optimizer (measured 1.095); the full T x T square of attention
     # is counted by both.
     assert 1.02 < ratio < 1.16, ratio
@@ -39,15 +44,7 @@ def test_model_flops_agree_with_xla_cost_analysis():
 def test_lora_flops_count_no_weight_gradients_for_frozen_weights():
     """With LoRA the step computes no gradient of a frozen weight: 4 FLOPs per weight and token, not 6
     (a 6 would put the ratio near 0.7)."""
-    config = tiny_run_config("llama")
-    config.model.n_embd, config.model.intermediate_size, config.data.seq_len = 128, 256, 16
-    config.lora.rank = 4
-    training = build_run(config, jax.devices()[:1])
-    batch = shard_batch(synthetic_batch(np.random.default_rng(0), 8, 16, 96), training.mesh)
-    compiled = training.train_step.lower(training.abstract_state, batch).compile()
-    xla = compiled.cost_analysis()
-    xla = xla[0] if isinstance(xla, list) else xla
-    ratio = xla["flops"] / (flops_per_token(training.model.config, 16) * 8 * 16)
+    ratio = xla_to_model_flops(128, 16, lora_rank=4)
     assert 0.95 < ratio < 1.2, ratio
 
 
