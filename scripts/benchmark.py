@@ -22,13 +22,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from lightjax.cli import simulate_host_devices
+from lightjax.cli import host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per setting instead of a text line.")
-_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU devices (sets XLA_FLAGS); 0: one per core where the "
+                                     "run can train data-parallel over them (lightjax.cli.host_devices).")
 _DATA = flags.DEFINE_bool("data", False, "Benchmark the data pipeline instead (0 and 2 workers).")
 _CHECKPOINT = flags.DEFINE_bool("checkpoint", False, "Measure how long saves block the loop, and step time "
                                  "with and without saving every 10 steps.")
@@ -45,7 +46,7 @@ _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor'
 
 def main(argv):
     del argv
-    simulate_host_devices(_HOST_DEVICES.value)
+    host_devices(_HOST_DEVICES.value, _CONFIG.value)
     from lightjax.benchmark import benchmark_data, benchmark_train_step, format_data_result, format_result
     from lightjax.run_config import ConfigError
 
@@ -129,7 +130,8 @@ def _vs_torch(config) -> None:
           f"rounds of {_STEPS.value} steps (medians):")
     print(f"  {pt['framework']} {pt['hf_class']}: " + ", ".join(f"{x['step_ms']:.1f}" for x in r["rounds"]["torch"])
           + f" ms -> {r['torch_step_ms']:.1f} ms/step")
-    print("  lightjax: " + ", ".join(f"{x['step_ms']:.1f}" for x in r["rounds"]["lightjax"])
+    print(f"  lightjax ({lj['devices']} {lj['device_kind']} device(s)): "
+          + ", ".join(f"{x['step_ms']:.1f}" for x in r["rounds"]["lightjax"])
           + f" ms -> {r['lightjax_step_ms']:.1f} ms/step")
     print(f"  lightjax speed: {r['speedup']:.2f}x PyTorch's", flush=True)
 

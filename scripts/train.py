@@ -15,17 +15,18 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from lightjax.cli import define_distributed_flags, simulate_host_devices
+from lightjax.cli import define_distributed_flags, host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>-<timestamp>).")
-_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU devices (sets XLA_FLAGS); 0: one per core where the "
+                                     "run can train data-parallel over them (lightjax.cli.host_devices).")
 _START_DISTRIBUTED = define_distributed_flags()
 
 
 def main(argv):
     del argv
-    simulate_host_devices(_HOST_DEVICES.value)
+    host_devices(_HOST_DEVICES.value, _CONFIG.value, multi_process=_START_DISTRIBUTED.requested())
     import jax
 
     from lightjax.distributed import DistributedError, exit_with_error

@@ -72,10 +72,10 @@ def load_config(name: str, local_data: bool = True):
 
 
 def script_env(root: Path = ROOT) -> dict[str, str]:
-    """The environment scripts run in: the checkout at `root` importable, and no inherited XLA_FLAGS
-    (a script sets its own device count)."""
+    """The environment scripts run in: the checkout at `root` importable, and one CPU device unless the
+    script's --host_devices asks for more (not the tests' 8, nor one per core)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(root)
+    env["PYTHONPATH"], env["XLA_FLAGS"] = str(root), "--xla_force_host_platform_device_count=1"
     return env
 
 

@@ -59,3 +59,24 @@ def test_benchmark_modes(tmp_path, mode, pattern):
     out = _run(*TINY, mode, f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(pattern, out.stdout), out.stdout[-2000:]
+
+
+def test_without_host_devices_a_cpu_run_gets_one_device_per_core():
+    """No --host_devices and no device count in XLA_FLAGS: the default mesh trains data-parallel over
+    one CPU device per core (as many as divide the batch), here and in scripts/train.py alike."""
+    import subprocess
+    import sys
+
+    from lightjax.cli import cpu_data_parallelism
+    from lightjax.run_config import default_config
+    from tests.helpers import ROOT, script_env
+
+    env = script_env()
+    del env["XLA_FLAGS"]
+    out = subprocess.run([sys.executable, "scripts/benchmark.py", *TINY, "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    config = default_config()
+    config.train.global_batch_size = 8
+    assert json.loads(line)["devices"] == cpu_data_parallelism(config)

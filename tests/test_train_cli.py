@@ -216,3 +216,29 @@ def test_skip_nonfinite_skips_the_update(tmp_path):
              for s in (3, 6)}
     for a, b in zip(jax.tree.leaves(saved[3]["params"]), jax.tree.leaves(saved[6]["params"]), strict=True):
         assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
+def test_cpu_data_parallelism_takes_the_cores_that_divide_the_batch(monkeypatch):
+    import os
+
+    from lightjax.cli import cpu_data_parallelism, host_devices
+    from lightjax.run_config import default_config
+
+    config = default_config()
+    for cores, batch, accum, want in [(2, 32, 1, 2), (8, 12, 1, 6), (8, 12, 4, 3), (1, 32, 1, 1), (4, 7, 1, 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cores: set(range(n)))
+        config.train.global_batch_size, config.train.grad_accum_steps = batch, accum
+        assert cpu_data_parallelism(config) == want, (cores, batch, accum)
+    config.train.global_batch_size, config.train.grad_accum_steps, config.mesh.fsdp = 32, 1, 2  # the user's mesh
+    assert cpu_data_parallelism(config) == 1
+    config.mesh.fsdp = 1
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3 --xla_cpu_enable_fast_math=false")
+    host_devices(0, config)  # a count already set wins
+    assert os.environ["XLA_FLAGS"].count("device_count=3") == 1
+    host_devices(5, config)  # --host_devices replaces it
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=5"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    host_devices(0, config, multi_process=True)  # each process of a job keeps its one device
+    assert os.environ["XLA_FLAGS"] == ""
+    host_devices(0, config)
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
