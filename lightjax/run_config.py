@@ -37,32 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
     # None (the preset's value) unless set: --config.model.n_layer=4.
     c.model = ml_collections.ConfigDict({"name": "baseline-tiny", **_model_placeholders()})
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "tiny_shakespeare"
-    c.data.local_path = ""  # tiny_shakespeare: a local input.txt instead of the download
-    c.data.download_url = tiny_shakespeare.URL  # tiny_shakespeare: where it is downloaded from (a mirror works)
-    c.data.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default); local, process 0's
-    c.data.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
-    c.data.val_split = "validation"  # tfds:NAME: the split used for validation
-    # Where the tokenized splits are kept ("" = WORKDIR/data). A shared folder (gs:// works) lets runs on
-    # the same data and tokenizer reuse them instead of tokenizing a large corpus again.
-    c.data.tokens_dir = ""
-    c.data.tokenizer = "char"
-    c.data.seq_len = 256
-    c.data.num_workers = 0
-    c.data.val_fraction = 0.05
-    # Instruction sources (json:/jsonl:): the prompt template ('alpaca', or 'chat': the hf:DIR
-    # tokenizer's chat template), and whether examples are packed into rows or padded one per row.
-    c.data.prompt_style = "alpaca"
-    c.data.pack = False
-
-    # LoRA fine-tuning (lora.py): adapters of this rank on the targeted layers train, every other
-    # weight stays frozen (usually with train.init_from set). 0: no adapters, everything trains.
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0
-    c.lora.alpha = 16.0
-    c.lora.dropout = 0.05
-    c.lora.targets = ("query", "value")  # any of query, key, value, proj, mlp, head
+    c.data = _data_defaults()
+    c.lora = _lora_defaults()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
@@ -116,6 +92,40 @@ def default_config() -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.wandb_project = ""
     return c
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+    """config.data: where the text comes from, how it is tokenized and cut."""
+    d = ml_collections.ConfigDict()
+    d.source = "tiny_shakespeare"
+    d.local_path = ""  # tiny_shakespeare: a local input.txt instead of the download
+    d.download_url = tiny_shakespeare.URL  # tiny_shakespeare: where it is downloaded from (a mirror works)
+    d.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default); local, process 0's
+    d.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
+    d.val_split = "validation"  # tfds:NAME: the split used for validation
+    # Where the tokenized splits are kept ("" = WORKDIR/data). A shared folder (gs:// works) lets runs on
+    # the same data and tokenizer reuse them instead of tokenizing a large corpus again.
+    d.tokens_dir = ""
+    d.tokenizer = "char"
+    d.seq_len = 256
+    d.num_workers = 0
+    d.val_fraction = 0.05
+    # Instruction sources (json:/jsonl:): the prompt template ('alpaca', or 'chat': the hf:DIR
+    # tokenizer's chat template), and whether examples are packed into rows or padded one per row.
+    d.prompt_style = "alpaca"
+    d.pack = False
+    return d
+
+
+def _lora_defaults() -> ml_collections.ConfigDict:
+    """config.lora, LoRA fine-tuning (lora.py): adapters of this rank on the targeted layers train, every
+    other weight stays frozen (usually with train.init_from set). 0: no adapters, everything trains."""
+    lora = ml_collections.ConfigDict()
+    lora.rank = 0
+    lora.alpha = 16.0
+    lora.dropout = 0.05
+    lora.targets = ("query", "value")  # any of query, key, value, proj, mlp, head
+    return lora
 
 
 def _model_placeholders() -> dict[str, Any]:
