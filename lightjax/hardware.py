@@ -81,6 +81,12 @@ class TpuTopology:
         return math.prod(self.grid)
 
     @property
+    def host_bounds(self) -> tuple[int, int, int]:
+        """Chips per host along each grid axis: 2x2 (4 chips a host), or the whole slice when smaller."""
+        grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+        return tuple(min(g, b) for g, b in zip(grid, (2, 2, 1), strict=True))
+
+    @property
     def name(self) -> str:
         return f"{self.generation}:{'x'.join(map(str, self.grid))}"
 
@@ -96,7 +102,7 @@ class TpuTopology:
                 desc = topologies.get_topology_desc(
                     platform="tpu", topology_name=self.name,
                     chip_config_name="megacore" if _GENERATIONS[self.generation][1] == 2 else "default",
-                    chips_per_host_bounds=(2, 2, 1), wrap=(False,) * 3, num_slices=1)
+                    chips_per_host_bounds=self.host_bounds, wrap=(False,) * 3, num_slices=1)
         except Exception as e:  # noqa: BLE001 (libtpu missing, or a grid it refuses)
             raise ValueError(f"--topology={self.name}: no TPU compiler to describe it ({str(e).splitlines()[0][:150]}"
                              "); install it with pip install -e \".[aot]\".") from None

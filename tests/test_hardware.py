@@ -37,6 +37,7 @@ def test_compile_only_devices_of_a_slice():
     devices = tpu_topology("v5e:2x2").devices()
     assert len(devices) == 4 and chip_for(devices[0].device_kind).name == "TPU v5e"
     assert len(tpu_topology("v4:2x2x1").devices()) == 4  # one device per chip (megacore)
+    assert len(tpu_topology("v5e-1").devices()) == 1  # a slice smaller than a host's 2x2 chips
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 1), (1, 8, 2), (4, 4, 1)])
