@@ -167,10 +167,11 @@ def test_scan_and_remat_match_plain_model(family, scan_layers, remat):
 
 
 @pytest.mark.parametrize("window", [None, 50])
-def test_cpu_attention_path_matches_jax_nn(window):
-    """The explicit heads-major path that CPUs take, against the fused call: 200 positions, grouped
-    queries and a sliding window included; gradients too."""
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 200, n, 16)) for i, n in enumerate((4, 2, 2)))
+@pytest.mark.parametrize("length", [200, 256])  # 256: in query blocks (attention.QUERY_BLOCKS)
+def test_cpu_attention_path_matches_jax_nn(window, length):
+    """The explicit heads-major path that CPUs take, against the fused call: grouped queries and a
+    sliding window included; gradients too."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, length, n, 16)) for i, n in enumerate((4, 2, 2)))
     local = None if window is None else (window - 1, 0)
 
     def loss(attention):
