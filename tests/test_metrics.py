@@ -33,9 +33,10 @@ def xla_to_model_flops(width, seq_len, lora_rank=0):
 
 
 def test_model_flops_agree_with_xla_cost_analysis():
-    """Sequences of 256 on a 64-wide model, where attention is 45% of the model's FLOPs: dropping the
-    attention term (ratio ~2.0) or doubling it (~0.76) falls outside the bounds."""
-    ratio = xla_to_model_flops(64, 256)
+    """Sequences of 192 on a 64-wide model, where attention is about 40% of the model's FLOPs: dropping
+    the attention term or doubling it falls outside the bounds. (From 256 on, CPU attention runs in
+    query blocks that skip the scores above the diagonal, which the model's count includes.)"""
+    ratio = xla_to_model_flops(64, 192)
     # XLA also counts softmax, norms and the optimizer (measured 1.095); the full T x T square of attention
     # is counted by both.
     assert 1.02 < ratio < 1.16, ratio
