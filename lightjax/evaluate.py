@@ -80,12 +80,14 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
 
 
 def _instruction_rows(config: Any, split: str, tokenizer: Any) -> tuple[ExampleRows, dict[str, float]]:
-    """The split's instruction rows as training cut them, and the units of their response text."""
+    """The split's instruction rows as training cut them, and the units of their response text (from the
+    examples' metadata: the records are rendered once)."""
     d = config.data
     records = load_records(d.source, split, d.val_fraction)
     style = PromptStyle(d.prompt_style, d.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         meta = write_examples(records, style, tokenizer, f"{tmp}/{split}.examples.npz")
         rows = ExampleRows(f"{tmp}/{split}.examples.npz", d.seq_len, d.pack)
-    responses = [style(r)[1] for r in records]
-    return rows, text_units(responses, meta["tokens"])
+    tokens = meta["tokens"]
+    return rows, {"tokens_per_char": tokens / max(meta["characters"], 1),
+                  "tokens_per_byte": tokens / max(meta["bytes"], 1)}

@@ -213,21 +213,21 @@ def write_examples(records: Sequence[Record], style: PromptStyle, tokenizer: Tok
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = path.parent / (path.name + ".json")
     meta_path.unlink(missing_ok=True)
-    ids, prompt_lens, chars = [], [], 0
+    ids, prompt_lens, chars, nbytes = [], [], 0, 0
     for record in records:
         prompt, response = style(record)
         example, n_prompt = encode_example(prompt, response, tokenizer)
         ids.append(example)
         prompt_lens.append(n_prompt)
-        chars += len(response)
+        chars, nbytes = chars + len(response), nbytes + len(response.encode("utf-8"))
     starts = np.cumsum([0] + [len(x) for x in ids])
     with path.open("wb") as f:
         np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), starts=starts,
                  prompt_lens=np.asarray(prompt_lens, np.int64))
     response_tokens = int(sum(len(x) - p for x, p in zip(ids, prompt_lens, strict=True)))
-    # "characters" and "tokens" are the response's: the loss counts response tokens only.
+    # "tokens", "characters" and "bytes" are the responses': the loss counts response tokens only.
     meta = {"examples": len(ids), "tokens": response_tokens, "all_tokens": int(starts[-1]), "characters": chars,
-            **(provenance or {})}
+            "bytes": nbytes, **(provenance or {})}
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
 
