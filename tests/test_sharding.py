@@ -38,10 +38,11 @@ def assert_params_close(params, want_params):
 
     def close(path, a, b):
         if jax.tree_util.keystr(path).endswith("['qkv']['bias']"):
-            # Slots per query group: queries.., key, value. The key bias adds the same q.b to every score of a query, which softmax ignores: its true
-            # gradient is 0 outside the rotary dims, it receives mostly float32 roundoff, and AdamW scales
-            # that noise up to lr-sized steps that differ per mesh. The query bias's gradient is ~10x
-            # smaller than the value bias's, so AdamW scales its roundoff ~10x: compared at 1e-4.
+            # Slots per query group: queries.., key, value. The key bias adds the same q.b to every score
+            # of a query, which softmax ignores: its true gradient is 0 outside the rotary dims, it
+            # receives mostly float32 roundoff, and AdamW scales that noise up to lr-sized steps that
+            # differ per mesh. The query bias's gradient is ~10x smaller than the value bias's, so AdamW
+            # scales its roundoff ~10x: compared at 1e-4.
             np.testing.assert_allclose(a[:, :-2], b[:, :-2], rtol=1e-4, atol=1e-4 * np.abs(b).max())
             a, b = a[:, -1], b[:, -1]
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
