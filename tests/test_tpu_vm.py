@@ -135,3 +135,32 @@ def test_errors_are_one_line(tmp_path, args, env, gcloud, message):
     done = tpu_vm(tmp_path / "gcloud", *args, gcloud=gcloud, **env)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("verb", [
+    ["create", "--name=pod", f"--zone={ZONE}", "--accelerator=v4-32", "--version=tpu-ubuntu2204-base"],
+    ["list", f"--zone={ZONE}", "--project=p1"],
+    ["delete", "--name=pod", f"--zone={ZONE}"],
+])
+def test_dry_run_prints_what_each_verb_issues(tmp_path, verb):
+    state = tmp_path / "gcloud"
+    if verb[0] == "delete":
+        assert tpu_vm(state, "create", "--name=pod", f"--zone={ZONE}", "--accelerator=v4-32").returncode == 0
+    before = len(calls(state)) if state.exists() else 0
+    dry = tpu_vm(state, *verb, "--dry_run")
+    assert dry.returncode == 0, dry.stderr
+    assert (len(calls(state)) if state.exists() else 0) == before
+    done = tpu_vm(state, *verb)
+    assert done.returncode == 0, done.stderr
+    assert [["gcloud", *c] for c in tpu_calls(state)[-1:]] == [shlex.split(line) for line in dry.stdout.splitlines()]
+
+
+def test_git_ref_is_cloned_instead_of_copying(tmp_path):
+    dry = tpu_vm(tmp_path / "gcloud", "run", "--name=t3", f"--zone={ZONE}", "--accelerator=v5litepod-8",
+                 "--git_ref=v1.2", "--repo=https://example.com/lightjax.git", "--dry_run", "--", "scripts/train.py")
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert len(lines) == 2 and "scp" not in dry.stdout
+    clone = "git clone -q https://example.com/lightjax.git ~/lightjax && cd ~/lightjax && git checkout -q v1.2"
+    assert clone in lines[0]
+    assert "--worker=0" in lines[1] and "python3 scripts/train.py" in lines[1]
