@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -116,6 +117,21 @@ def compiled_flops(compiled: Any) -> float | None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _summary_writer() -> Any:
+    """tensorboardX's SummaryWriter class, imported without importing torch where nothing has yet:
+    tensorboardX imports torch (when installed) only to accept torch tensors, which costs a run's
+    start-up about a second, and the rows logged here are floats."""
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriters:
     """Every logged row goes to WORKDIR/metrics.jsonl and, when enabled, TensorBoard and W&B.
     Only process 0 writes; the other processes of a multi-host run keep quiet.
@@ -137,9 +153,7 @@ class MetricWriters:
         if "://" not in str(self.path):
             self._file = self.path.open("a")  # kept open for the run
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+            self._tb = _summary_writer()(str(workdir / "tensorboard"), purge_step=resume_step + 1)
         if wandb_project:
             try:
                 import wandb

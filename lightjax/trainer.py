@@ -53,7 +53,7 @@ from lightjax.evaluate import evaluate
 from lightjax.files import WorkdirLock
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.run import Run, build_run
-from lightjax.sharding import shard_batch
+from lightjax.sharding import PlacedBatches
 
 
 class _StopSignal:
@@ -269,10 +269,12 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     t, start = config.train, _Start.of(meta)
-    batches = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers,
-                             start_step=start.data_position)
-    if hasattr(batches, "close"):
-        closing.callback(batches.close)
+    source = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers,
+                            start_step=start.data_position)
+    if hasattr(source, "close"):
+        closing.callback(source.close)
+    batches = PlacedBatches(source, run.mesh)
+    closing.callback(batches.close)  # before the source closes
     writers = closing.enter_context(contextlib.closing(
         MetricWriters(workdir, start.step, config.logging.tensorboard, config.logging.wandb_project, config_dict)))
     progress = closing.enter_context(contextlib.closing(_Progress(config.logging.progress, start.step, t.max_steps)))
@@ -349,7 +351,7 @@ class _Loop:
         t, save_every = self.t, self.config.checkpoint.save_every
         pending = None  # (step, metrics) of the step before the one just dispatched
         while not self.finished():
-            state, metrics = self.run.train_step(state, shard_batch(next(batches), self.run.mesh))
+            state, metrics = self.run.train_step(state, next(batches))
             self.checkpointer.check()
             self.step += 1
             self.val_loss = None

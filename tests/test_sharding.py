@@ -12,7 +12,7 @@ from lightjax.model import abstract_params
 from lightjax.model_config import ModelConfig
 from lightjax.run import build_run
 from lightjax.run_config import ConfigError, default_config, resolve_model_config, validate
-from lightjax.sharding import make_mesh, mesh_shape, resolve_rules, shard_batch
+from lightjax.sharding import PlacedBatches, make_mesh, mesh_shape, resolve_rules, shard_batch
 from lightjax.train_step import synthetic_batch
 from tests.helpers import preset_run_config, tiny_run_config
 
@@ -206,3 +206,28 @@ def test_rules_by_name_or_explicit():
         resolve_rules("zero3")
     with pytest.raises(ValueError, match=r"names a mesh axis not in \('data', 'fsdp', 'tensor'\)"):
         resolve_rules([("embed", "model")])
+
+
+def test_placed_batches_come_in_order_and_pass_errors_on():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+    source = [{"tokens": np.full((4, 3), i, np.int32)} for i in range(5)]
+    placed = PlacedBatches(iter(source), mesh, ahead=2)
+    got = list(placed)  # ends where the source does
+    assert [int(b["tokens"][0, 0]) for b in got] == list(range(5))
+    assert all(b["tokens"].sharding == shard_batch(source[0], mesh)["tokens"].sharding for b in got)
+    placed.close()
+
+    def failing():
+        yield source[0]
+        raise OSError("disk gone")
+
+    placed = PlacedBatches(failing(), mesh)
+    assert int(next(placed)["tokens"][0, 0]) == 0
+    with pytest.raises(OSError, match="disk gone"):
+        next(placed)
+    placed.close()
+
+    endless = PlacedBatches(iter(lambda: source[1], None), mesh, ahead=1)  # its thread waits on a full queue
+    next(endless)
+    endless.close()
+    assert not endless._thread.is_alive()
