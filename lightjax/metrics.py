@@ -61,7 +61,7 @@ def lookup_peak_flops(device_kind: str) -> float | None:
 
 
 @functools.lru_cache
-def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 10,
+def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 5,
                          device: jax.Device | None = None) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul on one device: a practical peak for CPUs,
     which publish none."""

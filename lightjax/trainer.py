@@ -420,7 +420,7 @@ class _Loop:
     def _read_back(self, step: int, metrics: Any, log: bool) -> None:
         """Fetch the metrics of `step` from the device; write and show them when `log`. A non-finite
         loss stops the run."""
-        m = jax.device_get(metrics)
+        m = jax.device_get(metrics if log else {"loss": metrics["loss"]})  # one transfer per step, not four
         if not np.isfinite(m["loss"]) and not self.t.skip_nonfinite:
             raise FloatingPointError(f"Non-finite loss ({m['loss']}) at step {step}; stopped without saving it "
                                      f"(the last checkpoint is step {self.last_saved}). Lower optim.lr, or set "
