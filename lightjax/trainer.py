@@ -281,6 +281,19 @@ def _compile_ahead(run: Run, rows: Sequence[Any], global_batch: int) -> threadin
     return thread
 
 
+def _join(thread: threading.Thread) -> None:
+    """Wait for `thread` even through Ctrl-C, raised again once it has ended: a process that exits while
+    XLA compiles on another thread hangs in its shutdown."""
+    interrupted = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+
+
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     run, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
     compiling = _compile_ahead(run, rows, config.train.global_batch_size)
@@ -291,8 +304,10 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     closing.callback(checkpointer.close)
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
-    state, meta = _resume(config, checkpointer, run, config_dict)
-    compiling.join()  # before the first step, which would otherwise compile it a second time
+    try:
+        state, meta = _resume(config, checkpointer, run, config_dict)
+    finally:
+        _join(compiling)  # before the first step, which would otherwise compile it a second time
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     t, start = config.train, _Start.of(meta)
