@@ -88,11 +88,6 @@ def state_digests(state: Any) -> dict[str, int]:
     return {_path_name(path): int(value) for path, value in leaves}
 
 
-def compile_digests(abstract_state: Any) -> None:
-    """Compile `state_digests`' program for states shaped like `abstract_state` ahead of the first save."""
-    _digests.lower(abstract_state).compile()
-
-
 def _path_name(path: tuple) -> str:
     """'params/wte/embedding': the same for a TrainState and for the nested dict Orbax restores it as."""
     return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)

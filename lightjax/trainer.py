@@ -20,7 +20,6 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,14 +34,12 @@ from lightjax.checkpoint import (
     CheckpointError,
     absolute,
     check_same_architecture,
-    compile_digests,
     config_changes,
     load_weights,
 )
 from lightjax.data.instructions import ExampleRows, PromptStyle, is_instruction_source, load_records, write_examples
 from lightjax.data.pipeline import (
     TokenRows,
-    as_example,
     check_vocab,
     open_tokens,
     read_token_meta,
@@ -56,7 +53,7 @@ from lightjax.evaluate import evaluate
 from lightjax.files import WorkdirLock
 from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
 from lightjax.run import Run, build_run
-from lightjax.sharding import PlacedBatches, batch_sharding
+from lightjax.sharding import PlacedBatches
 
 
 class _StopSignal:
@@ -259,44 +256,8 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
             held.release()
 
 
-def _compile_ahead(run: Run, rows: Sequence[Any], global_batch: int) -> threading.Thread:
-    """Compile the train and eval steps and the checkpoint digests on a background thread, from shapes
-    alone, while the caller initialises or restores the state: the compilers share the cores, and each
-    first call finds its executable in jit's cache. A failure here is left for that call to raise."""
-    example = {k: np.asarray(v) for k, v in as_example(rows[0]).items()}
-    batch = {k: jax.ShapeDtypeStruct((global_batch, *v.shape), v.dtype, sharding=batch_sharding(run.mesh, v.ndim + 1))
-             for k, v in example.items()}
-    tokens = batch["tokens"]
-    eval_batch = {"tokens": tokens, "mask": jax.ShapeDtypeStruct(
-        (global_batch, tokens.shape[1] - 1), np.int32, sharding=batch_sharding(run.mesh))}
-
-    def compile_all() -> None:
-        with contextlib.suppress(Exception):
-            run.train_step.lower(run.abstract_state, batch).compile()
-            run.eval_step.lower(run.abstract_state.params, eval_batch).compile()
-            compile_digests(run.abstract_state)
-
-    thread = threading.Thread(target=compile_all, daemon=True, name="compile_ahead")
-    thread.start()
-    return thread
-
-
-def _join(thread: threading.Thread) -> None:
-    """Wait for `thread` even through Ctrl-C, raised again once it has ended: a process that exits while
-    XLA compiles on another thread hangs in its shutdown."""
-    interrupted = None
-    while thread.is_alive():
-        try:
-            thread.join()
-        except KeyboardInterrupt as e:
-            interrupted = e
-    if interrupted is not None:
-        raise interrupted
-
-
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     run, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
-    compiling = _compile_ahead(run, rows, config.train.global_batch_size)
     closing.callback(rows.close)
     if hasattr(val_tokens, "close"):
         closing.callback(val_tokens.close)
@@ -304,10 +265,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     closing.callback(checkpointer.close)
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
-    try:
-        state, meta = _resume(config, checkpointer, run, config_dict)
-    finally:
-        _join(compiling)  # before the first step, which would otherwise compile it a second time
+    state, meta = _resume(config, checkpointer, run, config_dict)
     if is_leader():
         (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
     t, start = config.train, _Start.of(meta)

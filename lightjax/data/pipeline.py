@@ -177,7 +177,7 @@ class TokenRows(Sequence):
         return np.asarray(self._array()[start: start + self.seq_len + 1], dtype=np.int32)
 
 
-def as_example(row: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _as_example(row: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A training example: a row of tokens, or an instruction row's tokens and response mask as they are."""
     return row if isinstance(row, dict) else {"tokens": row}
 
@@ -190,7 +190,7 @@ def train_dataset(rows: Sequence[np.ndarray], global_batch: int, seed: int, shar
     if global_batch % count:
         raise ValueError(f"config.train.global_batch_size={global_batch} must be divisible by the number of "
                          f"processes ({count}).")
-    ds = grain.MapDataset.source(rows).seed(seed).shuffle().repeat(None).map(as_example)
+    ds = grain.MapDataset.source(rows).seed(seed).shuffle().repeat(None).map(_as_example)
     # Blocks of B/P rows; global batch s is blocks s*P .. s*P + P-1, and block s*P + p is process p's.
     ds = ds.batch(global_batch // count, drop_remainder=True)
     return ds[start_step * count + index: sys.maxsize: count].to_iter_dataset()
