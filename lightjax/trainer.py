@@ -77,6 +77,29 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
+class _HeldInterrupt:
+    """A Ctrl-C during start-up, held until start-up is over and raised then (KeyboardInterrupt): raised
+    inside an XLA compilation, it ended the process while XLA's threads still ran, which crashed it.
+    A second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def release(self) -> None:
+        self.restore()
+        if self.received:
+            raise KeyboardInterrupt
+
+
 def _tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
     """The run's tokenizer: the one saved in WORKDIR/tokenizer/ when resuming, else built (once, by
     process 0, from the training split) and saved there; every process then loads the saved one."""
@@ -257,6 +280,8 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 
 
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
+    held = _HeldInterrupt()
+    closing.callback(held.restore)
     run, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
     closing.callback(rows.close)
     if hasattr(val_tokens, "close"):
@@ -278,6 +303,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     writers = closing.enter_context(contextlib.closing(
         MetricWriters(workdir, start.step, config.logging.tensorboard, config.logging.wandb_project, config_dict)))
     progress = closing.enter_context(contextlib.closing(_Progress(config.logging.progress, start.step, t.max_steps)))
+    held.release()
     stop = _StopSignal()
     closing.callback(stop.restore)
     loop = _Loop(config, config_dict, run, checkpointer, writers, progress, stop, start)

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -178,12 +179,14 @@ def test_a_second_ctrl_c_aborts_at_once():
         stop.restore()
 
 
-def test_ctrl_c_before_the_loop_is_one_line(tmp_path):
+@pytest.mark.parametrize("delay", [0.0, 0.4])  # 0.4 s: inside the state's compilation, which a Ctrl-C crashed
+def test_ctrl_c_before_the_loop_is_one_line(tmp_path, delay):
     cmd, env = cli_command(tmp_path / "run", "--config.train.max_steps=100000")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = [proc.stdout.readline()]
     while "Prepared" not in seen[-1] and seen[-1]:  # the data is ready; the loop has not started
         seen.append(proc.stdout.readline())
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out = "".join(seen) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
