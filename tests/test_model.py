@@ -274,3 +274,28 @@ def test_experts_are_split_over_the_tensor_axis():
     shardings = logical_to_sharding(abstract_params(cfg), mesh, RULE_SETS["default"])
     mlp = shardings["h_0"]["mlp"]
     assert tuple(mlp["fc_1"].spec) == ("tensor", "fsdp", None) and tuple(mlp["proj"].spec) == ("tensor", None, "fsdp")
+
+
+def test_norm_gradients_equal_autodiffs():
+    """LayerNorm and RMSNorm's written-out gradients against autodiff of the plain formulas."""
+    from lightjax.layers import _layer_norm, _rms_norm
+
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal((3, 5, 64)) * 3 + 1, jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.standard_normal(64), jnp.float32) for _ in range(2))
+
+    def layer_norm(x, s, b):
+        m = x.mean(-1, keepdims=True)
+        return (x - m) * jax.lax.rsqrt(jnp.square(x - m).mean(-1, keepdims=True) + 1e-5) * s + b
+
+    def rms_norm(x, s):
+        return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + 1e-6) * s
+
+    for ours, plain, args in ((lambda *a: _layer_norm(*a, 1e-5), layer_norm, (x, scale, bias)),
+                              (lambda *a: _rms_norm(*a, 1e-6), rms_norm, (x, scale))):
+        argnums = tuple(range(len(args)))
+        got = jax.grad(lambda *a, f=ours: jnp.sum(f(*a) * w), argnums)(*args)
+        want = jax.grad(lambda *a, f=plain: jnp.sum(f(*a) * w), argnums)(*args)
+        np.testing.assert_array_equal(ours(*args), plain(*args))
+        for g, h in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, h, rtol=0, atol=1e-6 * float(jnp.abs(h).max()))
