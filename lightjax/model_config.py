@@ -22,6 +22,7 @@ NormClass = Literal["LayerNorm", "RMSNorm"]
 MLPClass = Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE"]
 GeluApproximation = Literal["none", "tanh"]
 NormQKType = Literal["default", "olmo2"]
+MoEDispatch = Literal["grouped", "dense"]
 LoRATarget = Literal["query", "key", "value", "proj", "mlp", "head"]
 # rope_adjustments key sets: linear position interpolation, Llama 3.1, YaRN (required keys; YaRN's
 # optional ones follow Hugging Face's rope_parameters).
@@ -98,6 +99,9 @@ class ModelConfig:
     n_expert: int = 0
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # default: intermediate_size
+    # How tokens reach their experts: "grouped" runs each expert over the tokens that picked it;
+    # "dense" runs every expert over every token (expert-parallel over a mesh; see mlp.LLaMAMoE).
+    moe_dispatch: MoEDispatch = "grouped"
 
     # --- Attention variants ----------------------------------------------------------------------
     # Scores scale 1/sqrt(attention_scores_scalar or head_size); tanh soft-capping of the scores and
@@ -274,6 +278,7 @@ def _validate_mlp(cfg: ModelConfig) -> None:
         _require(cfg, "n_expert_per_token", 0 < cfg.n_expert_per_token <= cfg.n_expert,
                  f"must be in [1, n_expert={cfg.n_expert}]")
         _require(cfg, "moe_intermediate_size", cfg.moe_intermediate_size > 0, "must be a positive integer")
+        _require_choice(cfg, "moe_dispatch", MoEDispatch)
     else:
         _require(cfg, "n_expert", cfg.n_expert == 0, f"needs mlp_class_name='LLaMAMoE' (is {cfg.mlp_class_name!r})")
 
