@@ -1,5 +1,5 @@
 """Causal self-attention: grouped-query heads, RoPE, optional q/k norms, sliding windows, soft-capping,
-and the KV cache that decoding passes through the model.
+and attention over the KV cache (kv_cache.py) when decoding.
 
 Shapes, as the einsums and names (`q_bg_mh`: q laid out [b, g, m, h]) say:
     b  batch                          t  query position (T of them)
@@ -11,19 +11,24 @@ Shapes, as the einsums and names (`q_bg_mh`: q laid out [b, g, m, h]) say:
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightjax.layers import Array, Dtype, Linear, apply_rope, compute_dtype, constrain, init_stds, make_norm
 from lightjax.lora import lora_for, qkv_lora
 from lightjax.model_config import ModelConfig
 
+if TYPE_CHECKING:
+    from lightjax.kv_cache import KVCache
+
 ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
-CACHE_AXES = ("layers", "batch", None, "act_heads", "act_kv")  # kv heads over tensor, like the qkv kernel
 
 
 class LayerKind(flax.struct.PyTreeNode):
@@ -42,55 +47,77 @@ class LayerKind(flax.struct.PyTreeNode):
         return int(self.local_rope) if isinstance(self.local_rope, bool) else self.local_rope
 
 
-def causal_attention(q: Array, k: Array, v: Array, scale: float, mask: Array | None = None,
-                     window: int | None = None, softcap: float | None = None) -> Array:
-    """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, s, g, h].
+def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | None = None,
+                     softcap: float | None = None) -> Array:
+    """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, t, g, h]:
+    each query sees its own and earlier positions, the last `window` of them when given.
 
-    Without `mask` the queries see their own and earlier positions (S == T), the last `window` of
-    them when given. On GPU and TPU `jax.nn.dot_product_attention` computes that, grouped queries
-    natively: cuDNN flash attention on GPU for bfloat16/float16 (asked for by name: JAX's default is
-    XLA's version), XLA's elsewhere. The explicit path below runs instead on CPU (its heads-major
-    layout trains about 1.7x faster there than the fused call, whose output layout the CPU matmul
-    library handles poorly), with a `mask` (bool, broadcastable to [b, 1, t, s], window included:
-    decoding against a cache builds it), with `softcap` (Gemma 2: scores -> softcap *
-    tanh(scores / softcap)), and in float64 (gradient checks): the fused version's softmax is float32.
+    On GPU and TPU `jax.nn.dot_product_attention` computes that, grouped queries natively: cuDNN flash
+    attention on GPU for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's
+    elsewhere. The explicit path below runs instead on CPU (its heads-major layout trains about 1.7x
+    faster there than the fused call, whose output layout the CPU matmul library handles poorly),
+    with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)), and in float64 (gradient
+    checks): the fused version's softmax is float32.
     """
-    if mask is None and softcap is None and q.dtype != jnp.float64 and jax.default_backend() != "cpu":
+    if softcap is None and q.dtype != jnp.float64 and jax.default_backend() != "cpu":
         return _fused_attention(q, k, v, scale, window)
-    B, T, N, hs = q.shape
-    S, G = k.shape[1], k.shape[2]
-    Q = N // G  # query head n belongs to group n // Q
-    # Heads-major: per (b, g) one batched matmul, the Q query heads of a group stacked along m = q*T + t.
-    q_bgqth = q.reshape(B, T, G, Q, hs).transpose(0, 2, 3, 1, 4)
+    T = q.shape[1]
+    q_bgqth = _heads_major_queries(q, k.shape[2])
     k_bg_sh, v_bg_sh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    # Causal self-attention over a long sequence in query blocks: block i's queries see no key after
-    # its last position, so the scores above the diagonal blocks are never computed (3/8 of them with
-    # 4 blocks). Short sequences lose more to the extra ops than they save.
-    blocks = QUERY_BLOCKS if mask is None and S == T and T >= 256 and T % QUERY_BLOCKS == 0 else 1
+    # Over a long sequence in query blocks: block i's queries see no key after its last position, so
+    # the scores above the diagonal blocks are never computed (3/8 of them with 4 blocks). Short
+    # sequences lose more to the extra ops than they save.
+    blocks = QUERY_BLOCKS if T >= 256 and T % QUERY_BLOCKS == 0 else 1
     size, outs = T // blocks, []
     for i in range(blocks):
         lo, hi = i * size, (i + 1) * size
-        keys = hi if blocks > 1 else S
-        block_mask = causal_mask(jnp.arange(lo, hi), keys, window) if mask is None else mask
-        outs.append(_attend(q_bgqth[:, :, :, lo:hi], k_bg_sh[:, :, :keys], v_bg_sh[:, :, :keys], scale,
-                            block_mask, softcap))
-    out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, hs)
+        outs.append(_attend(q_bgqth[:, :, :, lo:hi], k_bg_sh[:, :, :hi], v_bg_sh[:, :, :hi], scale,
+                            causal_mask(jnp.arange(lo, hi), hi, window), softcap))
+    return _token_major(outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3))
+
+
+def cached_attention(q: Array, k: list[Array], v: list[Array], scale: float, mask: Array,
+                     softcap: float | None = None) -> Array:
+    """Attention of queries q [b, t, n, h] over a cache's keys and values: consecutive chunks of slots,
+    each [b, g, s, h] (heads-major, as the cache stores them), where `mask` [b, 1, t, s] over all the
+    chunks' slots lets them see."""
+    return _token_major(_attend(_heads_major_queries(q, k[0].shape[1]), k, v, scale, mask, softcap))
+
+
+def _heads_major_queries(q: Array, G: int) -> Array:
+    """q [b, t, n, h] -> [b, g, Q, t, h]: query head n belongs to group n // Q. Per (b, g) one batched
+    matmul then serves the Q query heads of the group."""
+    B, T, N, hs = q.shape
+    return q.reshape(B, T, G, N // G, hs).transpose(0, 2, 3, 1, 4)
+
+
+def _token_major(out: Array) -> Array:
+    """[b, g, Q, t, h] -> [b, t, n, h]."""
+    B, G, Q, T, hs = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, G * Q, hs)
 
 
 QUERY_BLOCKS = 4
 
 
-def _attend(q: Array, k: Array, v: Array, scale: float, mask: Array, softcap: float | None) -> Array:
+def _attend(q: Array, k: Array | list[Array], v: Array | list[Array], scale: float, mask: Array,
+            softcap: float | None) -> Array:
     """softmax(q k^T * scale where mask) v for q [b, g, Q, t, h] (Q query heads per group), k and v
-    [b, g, s, h], mask broadcastable to [b, 1, t, s]; -> [b, g, Q, t, h]."""
+    [b, g, s, h] or lists of consecutive chunks of them along s, mask broadcastable to [b, 1, t, s];
+    -> [b, g, Q, t, h]."""
     B, G, Q, T, hs = q.shape
-    scores = jnp.einsum("bgmh,bgsh->bgms", q.reshape(B, G, Q * T, hs), k).astype(compute_dtype(q.dtype)) * scale
+    ks, vs = (k, v) if isinstance(k, list) else ([k], [v])
+    q = q.reshape(B, G, Q * T, hs)
+    scores = jnp.concatenate([jnp.einsum("bgmh,bgsh->bgms", q, kc) for kc in ks], axis=-1)
+    scores = scores.astype(compute_dtype(q.dtype)) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     mask = jnp.tile(mask, (1, 1, Q, 1))  # [b or 1, 1, Q*t, s]: every query head of a group sees the same keys
-    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(v.dtype)
-    return jnp.einsum("bgms,bgsh->bgmh", probs, v).reshape(B, G, Q, T, hs)
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(vs[0].dtype)
+    ends = np.cumsum([vc.shape[2] for vc in vs])
+    outs = [jnp.einsum("bgms,bgsh->bgmh", probs[..., end - vc.shape[2]:end], vc)
+            for vc, end in zip(vs, ends, strict=True)]
+    return functools.reduce(jnp.add, outs).reshape(B, G, Q, T, hs)
 
 
 def _fused_attention(q: Array, k: Array, v: Array, scale: float, window: int | None) -> Array:
@@ -112,39 +139,6 @@ def causal_mask(q_slot: Array, S: int, window: int | None = None) -> Array:
     if window is not None:
         mask &= k_slot > q_slot[:, None] - window
     return mask[None, None]
-
-
-class KVCache(flax.struct.PyTreeNode):
-    """Keys and values for decoding: slots [0, index) are filled. Row b's real tokens start at slot
-    start[b] (prompts are left-padded to a common length), so its RoPE position is slot - start[b]
-    and its queries never see the padding. The model's cache holds every layer (k, v [L, b, s, g, h]);
-    each layer is handed its own slice of it (k, v [b, s, g, h])."""
-
-    k: Array
-    v: Array
-    index: Array  # int32 scalar: the next free slot
-    start: Array  # int32 [B]
-
-    @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: Dtype, start: Array | None = None) -> KVCache:
-        shape = (cfg.n_layer, batch, length, cfg.n_query_groups, cfg.head_size)
-        start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
-
-    def write(self, k: Array, v: Array) -> KVCache:
-        """A layer's cache with this call's keys and values [b, t, g, h] written at slots index.."""
-        k_all, v_all = (jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=1)
-                        for cache, new in ((self.k, k), (self.v, v)))
-        return self.replace(k=constrain(k_all, CACHE_AXES[1:]), v=constrain(v_all, CACHE_AXES[1:]))
-
-    def mask(self, T: int, window: int | None = None) -> Array:
-        """[B, 1, T, S]: the query in slot index+t sees keys from start[b] up to its own slot (the last
-        `window` of them, with a window). A padding query sees only itself, so that its (unused)
-        output stays finite."""
-        q_slot = self.index + jnp.arange(T)
-        k_slot = jnp.arange(self.k.shape[-3])[None, :]  # [1, S]
-        real = (k_slot[None] >= self.start[:, None, None]) | (k_slot == q_slot[:, None])[None]
-        return causal_mask(q_slot, self.k.shape[-3], window)[0] & real[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -182,12 +176,13 @@ class CausalSelfAttention(nn.Module):
         v = constrain(v, ACT_HEADS)
         if cache is not None:
             cache = cache.write(k, v)
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+            k, v = ([chunk.astype(q.dtype) for chunk in kv] for kv in cache.read())
         scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
 
         def attend(window: int | None) -> Array:
-            mask = None if cache is None else cache.mask(T, window)
-            return causal_attention(q, k, v, scale, mask, window, c.attention_logit_softcapping)
+            if cache is None:
+                return causal_attention(q, k, v, scale, window, c.attention_logit_softcapping)
+            return cached_attention(q, k, v, scale, cache.mask(T, window), c.attention_logit_softcapping)
 
         if c.sliding_window_size is None or kind.windowed is False:
             y = attend(None)

@@ -21,7 +21,7 @@ from lightjax.checkpoint import Checkpointer, state_digests
 from lightjax.data.pipeline import TokenRows, train_iterator, write_token_file
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
-from lightjax.generate import generate
+from lightjax.generate import decode_inputs, decode_loop, generate
 from lightjax.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
 from lightjax.run import Run, build_model, build_run
 from lightjax.run_config import resolve_model_config, validate
@@ -195,16 +195,31 @@ def _timed(fn: Any, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def benchmark_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128,
-                       repeats: int = 3) -> dict[str, Any]:
-    """Decode speed of the config's model (random weights: speed does not depend on them): new
-    tokens/s for `batch` prompts of `prompt_len` tokens, median of `repeats` after a compiling run."""
+def _decode_setup(config: Any, batch: int, prompt_len: int) -> tuple[Any, Any, list[list[int]]]:
+    """(model, random parameters, `batch` random prompts of `prompt_len` tokens) for the decode
+    benchmarks: speed does not depend on the weights."""
     validate(config, 1)
     cfg = resolve_model_config(config)
     model = build_model(cfg, config.train)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))()
-    new_tokens = min(new_tokens, cfg.block_size - prompt_len)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+    return model, params, prompts
+
+
+def decode_program(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128) -> tuple[Any, tuple, Any]:
+    """(the compiled greedy decode program, its arguments, the model) for `batch` random prompts."""
+    model, params, prompts = _decode_setup(config, batch, prompt_len)
+    args, cache_len = decode_inputs(model.config, prompts, min(new_tokens, model.config.block_size - prompt_len))
+    compiled = decode_loop.lower(model, params, *args, cache_len=cache_len).compile()
+    return compiled, (params, *args), model
+
+
+def benchmark_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128,
+                       repeats: int = 3) -> dict[str, Any]:
+    """Decode speed of the config's model (random weights): new tokens/s for `batch` prompts of
+    `prompt_len` tokens, greedy, median of `repeats` after a compiling run."""
+    model, params, prompts = _decode_setup(config, batch, prompt_len)
+    new_tokens = min(new_tokens, model.config.block_size - prompt_len)
     start = time.perf_counter()
     generate(model, params, prompts, new_tokens)
     first_s = time.perf_counter() - start
@@ -215,6 +230,7 @@ def benchmark_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     produced = sum(len(o) for o in out)
-    return {"model": cfg.name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "seconds": seconds, "tokens_per_sec": produced / seconds, "ms_per_step": 1e3 * seconds / new_tokens,
-            "first_call_s": first_s, "device_kind": jax.devices()[0].device_kind}
+    return {"framework": "lightjax", "model": model.config.name, "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "seconds": seconds, "tokens_per_sec": produced / seconds,
+            "ms_per_step": 1e3 * seconds / new_tokens, "first_call_s": first_s,
+            "device_kind": jax.devices()[0].device_kind}

@@ -2,9 +2,12 @@
 
 Prompts of different lengths are left-padded to a common bucketed length, so that every row's next
 token lands in the same cache slot; each row's RoPE positions start at its first real token and its
-queries never see the padding (see `KVCache`). The prompt is processed in one forward pass (prefill),
-then a `lax.while_loop` decodes a token per iteration, feeding one token per row through the model
-against the cache, until `max_new_tokens` or until every row has produced `eos_id`.
+queries never see the padding (see lightjax/kv_cache.py). The prompt is processed in one forward pass
+(prefill), then `lax.while_loop`s decode a token per iteration, feeding one token per row through the
+model against the cache, until `max_new_tokens` or until every row has produced `eos_id`. The cache
+is split into chunks of doubling size; one loop runs while its chunk fills, attending over the chunks
+up to it, so that a step reads about as much of the cache as is filled. Each step writes its keys and
+values into the cache in place and does no host work.
 
 Sampling follows LitGPT's order: top-k, then temperature, then top-p (nucleus); temperature 0 is
 greedy. The sampling settings and max_new_tokens are traced values, so changing them does not
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightjax.model import GPT, KVCache
+from lightjax.model_config import ModelConfig
 from lightjax.sharding import Rules, with_mesh
 
 
@@ -63,7 +67,7 @@ def sample(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len"))
-def _generate(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng: jax.Array, max_new: jax.Array,
+def decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng: jax.Array, max_new: jax.Array,
               temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, eos_id: jax.Array,
               cache_len: int) -> tuple[jax.Array, jax.Array]:
     """(new tokens [B, cache_len - P], how many were produced) for left-padded prompts [B, P]."""
@@ -75,13 +79,14 @@ def _generate(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng:
         logits = jnp.where(vocab_mask, logits[:, -1], -jnp.inf)
         return sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
 
-    cache = KVCache.empty(cfg, B, cache_len, model.dtype, start)
-    logits, cache = model.apply({"params": params}, prompt, cache=cache)
+    lengths = attended_lengths(P, cache_len)
+    cache = KVCache.empty(cfg, B, lengths, model.dtype, start, stacked=model.scan_layers)
+    logits, cache = model.apply({"params": params}, prompt, cache=cache.replace(length=lengths[0]))
     token = next_token(logits, 0)
     out = jnp.zeros((B, cache_len - P), jnp.int32).at[:, 0].set(token)
     done = token == eos_id
 
-    def cond(carry: tuple) -> jax.Array:
+    def running(carry: tuple) -> jax.Array:
         i, _, _, _, done = carry
         return (i < max_new) & ~jnp.all(done)
 
@@ -92,13 +97,28 @@ def _generate(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng:
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, token, cache, out, done | (token == eos_id)
 
-    n, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, done))
+    # One loop per chunk of the cache: while the cache holds fewer than `length` tokens, the steps
+    # write into the chunk that ends there and attend over the chunks up to it.
+    carry = (jnp.int32(1), token, cache, out, done)
+    for length in lengths:
+        carry = jax.lax.while_loop(lambda c, n=length: running(c) & (c[2].index < n), body,
+                                   carry[:2] + (carry[2].replace(length=length),) + carry[3:])
+    n, _, _, out, _ = carry
     return out, n
+
+
+def attended_lengths(prompt_len: int, cache_len: int) -> list[int]:
+    """Where the cache's chunks end, which are the lengths the decode steps attend over as it fills:
+    doubling from the first bucket past the prompt to the whole cache."""
+    lengths = [bucket(prompt_len + 1)]
+    while lengths[-1] < cache_len:
+        lengths.append(2 * lengths[-1])
+    return [min(n, cache_len) for n in lengths]
 
 
 def compiled_programs() -> int:
     """How many decode programs have been compiled so far in this process (for tests and benchmarks)."""
-    return _generate._cache_size()
+    return decode_loop._cache_size()
 
 
 def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -107,7 +127,23 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     """New tokens for each prompt (token ids), up to `max_new_tokens` each, cut before `eos_id`.
     With `mesh` (and its `rules`), runs under it: params may be sharded, the cache is laid out like
     the activations (batch over data/fsdp, kv heads over tensor)."""
-    cfg = model.config
+    args, cache_len = decode_inputs(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, eos_id=eos_id, seed=seed)
+    with with_mesh(mesh, rules or ()) if mesh is not None else contextlib.nullcontext():
+        out, n = decode_loop(model, params, *args, cache_len=cache_len)
+    eos = int(args[-1])
+    out, n = np.asarray(out), int(n)
+    results = []
+    for row in out[:, :n].tolist():
+        results.append(row[: row.index(eos)] if eos in row else row)
+    return results
+
+
+def decode_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+                  seed: int = 0) -> tuple[tuple[Any, ...], int]:
+    """The decode program's arguments after the parameters (left-padded prompts, their starts, the rng,
+    the sampling settings, the EOS id or -1) and its cache length; one error naming any bad value."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("Every prompt needs at least one token.")
     longest = max(len(p) for p in prompts)
@@ -128,16 +164,9 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     for row, p in enumerate(prompts):
         prompt[row, width - len(p):] = p
     start = np.array([width - len(p) for p in prompts], np.int32)
-    eos = -1 if eos_id is None else eos_id
-    args = (params, prompt, start, jax.random.PRNGKey(seed), np.int32(max_new_tokens), np.float32(temperature),
-            np.int32(top_k), np.float32(top_p), np.int32(eos))
-    with with_mesh(mesh, rules or ()) if mesh is not None else contextlib.nullcontext():
-        out, n = _generate(model, *args, cache_len=cache_len)
-    out, n = np.asarray(out), int(n)
-    results = []
-    for row in out[:, :n].tolist():
-        results.append(row[: row.index(eos)] if eos in row else row)
-    return results
+    args = (prompt, start, jax.random.PRNGKey(seed), np.int32(max_new_tokens), np.float32(temperature),
+            np.int32(top_k), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id))
+    return args, cache_len
 
 
 def generate_text(model: GPT, params: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,

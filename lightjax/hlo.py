@@ -202,6 +202,53 @@ def loop_corrected_flops(text: str, xla_flops: float) -> float:
                            for name, times in _executions(comps, entry) if times > 1)
 
 
+def loop_copies(text: str, min_elements: int) -> list[tuple[str, str, str]]:
+    """(instruction, op, shape) of each array of at least `min_elements` elements that the body of a
+    while loop (or a loop, branch or call inside one) makes anew each iteration: copies, slices,
+    transposes, fusions. Updates in place are left out: a dynamic-update-slice, alone or inside a
+    fusion of its size. A decode loop that writes its cache in place lists none of the cache's size."""
+    comps, _ = computations(text)
+    pending = [b for lines in comps.values() for line in lines for b in re.findall(r"body=%([\w.\-]+)", line)]
+    bodies: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in bodies or name not in comps:
+            continue
+        bodies.add(name)
+        for line in comps[name]:
+            m = _INSTRUCTION.match(line)
+            if m and m.group(3) in ("while", "conditional", "call"):
+                pending += _CALL.findall(m.group(4)) + [c.strip().lstrip("%") for g in _CALL_LIST.findall(m.group(4))
+                                                        for c in g.split(",")]
+    found = []
+    for name in sorted(bodies):
+        for line in comps[name]:
+            m = _INSTRUCTION.match(line)
+            if not m or m.group(3) in _NOT_WRITES:
+                continue
+            inst, shape, op, rest = m.groups()
+            dims = _dims(shape)
+            if dims is None or math.prod(dims) < min_elements or _in_place(comps, op, rest, math.prod(dims)):
+                continue
+            found.append((inst, op, shape))
+    return found
+
+
+_NOT_WRITES = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call")
+
+
+def _in_place(comps: dict[str, list[str]], op: str, rest: str, elements: int) -> bool:
+    if op == "dynamic-update-slice":
+        return True
+    callee = _CALL.search(rest) if op == "fusion" else None
+    for line in comps.get(callee.group(1), []) if callee else []:
+        m = _INSTRUCTION.match(line)
+        dims = _dims(m.group(2)) if m and m.group(3) == "dynamic-update-slice" else None
+        if dims is not None and math.prod(dims) == elements:
+            return True
+    return False
+
+
 # ------------------------------------------------------------------------------------------------
 # Collectives of a partitioned program: what each step sends between devices.
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lightjax.attention import CACHE_AXES, CausalSelfAttention, KVCache, LayerKind, causal_attention
+from lightjax.attention import CausalSelfAttention, LayerKind, causal_attention
+from lightjax.kv_cache import KVCache
 from lightjax.layers import (
     Array,
     Dtype,
@@ -164,32 +165,33 @@ class GPT(nn.Module):
         block_args = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
         if not self.scan_layers:
             for i, kind in enumerate(kinds):
-                layer_cache = None if cache is None else cache.replace(k=cache.k[i], v=cache.v[i])
-                x, layer_cache = block_cls(**block_args, name=f"h_{i}")(x, rope, kind, layer_cache)
-                if cache is not None:  # written back layer by layer: XLA updates the buffer in place
-                    cache = cache.replace(k=cache.k.at[i].set(layer_cache.k), v=cache.v.at[i].set(layer_cache.v))
+                layer_cache = None if cache is None else cache.replace(layer=i)
+                x, cache = block_cls(**block_args, name=f"h_{i}")(x, rope, kind, layer_cache)
         else:
-            # The layer stack is one scanned block: x is the carry, each layer's cache is scanned over,
-            # and so are the layers' kinds when they differ (Gemma 2/3's local and global layers).
+            # The layer stack is one scanned block: x and the cache are the carry (each layer writes
+            # its slots of the cache in place), the layer's index is scanned over, and so are the
+            # layers' kinds when they differ (Gemma 2/3's local and global layers).
             kind = kinds[0] if uniform else LayerKind(windowed=jnp.asarray([k.windowed for k in kinds], jnp.int32),
                                                       local_rope=jnp.asarray([k.local_rope for k in kinds], jnp.int32))
-            layer_caches = None if cache is None else cache.replace(
-                index=jnp.broadcast_to(cache.index, (L,)), start=jnp.broadcast_to(cache.start, (L, *cache.start.shape)))
             stack = nn.scan(
-                block_cls,
+                _scanned_layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast if uniform else 0, 0),
                 length=L,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, layer_caches = stack(**block_args, name="h")(x, rope, kind, layer_caches)
-            if cache is not None:
-                cache = cache.replace(k=layer_caches.k, v=layer_caches.v)
+            (x, cache), _ = stack(block_cls(**block_args, name="h"), (x, cache), rope, kind, jnp.arange(L))
         if cache is not None:
-            cache = cache.replace(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES),
-                                  index=cache.index + x.shape[1])
+            cache = cache.replace(layer=0, index=cache.index + x.shape[1])
         return x, cache
+
+
+def _scanned_layer(block: Block, carry: tuple[Array, KVCache | None], rope: tuple[Array, Array], kind: LayerKind,
+                   layer: Array) -> tuple[tuple[Array, KVCache | None], None]:
+    """One step of the scanned layer stack: (x, cache) -> the layer's (x, cache)."""
+    x, cache = carry
+    return block(x, rope, kind, None if cache is None else cache.replace(layer=layer)), None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import glob
 import gzip
 import json
 import re
-import statistics
 import tempfile
 import time
 from typing import Any
@@ -39,6 +38,7 @@ CATEGORIES = (
     ("other model element-wise (residuals, RoPE tables)", r"GPT"),
     ("loss", r"[/(]loss[/)]"),
     ("optimizer (clip, AdamW)", r"/optimizer/"),
+    ("sampling (top-k, top-p, argmax)", r"top_k|top_p|argmax|sort|categorical|gumbel"),
 )
 
 
@@ -62,20 +62,46 @@ def profile_train_step(config: Any, steps: int = 3) -> dict[str, Any]:
     time, and the ten most expensive ops."""
     run = build_run(config, jax.devices()[:1])
     state, batch = synthetic_inputs(run, config)
-    t, seq = config.train, config.data.seq_len
+    t = config.train
     compiled = run.train_step.lower(state, batch).compile()
-    names = op_names(compiled.as_text())
-    for _ in range(2):
+
+    def step() -> None:
+        nonlocal state
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
-    walls = []
+
+    r = _profile(compiled.as_text(), step, steps, steps)
+    return {"model": run.model.config.name, "global_batch_size": t.global_batch_size,
+            "seq_len": config.data.seq_len, **r}
+
+
+def profile_decode(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128) -> dict[str, Any]:
+    """The same for decoding: milliseconds per decode step (one new token for every row) by category,
+    over one generation of `new_tokens` tokens after `prompt_len`-token prompts (prefill included)."""
+    from lightjax.benchmark import decode_program
+
+    compiled, args, model = decode_program(config, batch, prompt_len, new_tokens)
+
+    def call() -> None:
+        jax.block_until_ready(compiled(*args))
+
+    r = _profile(compiled.as_text(), call, 1, new_tokens)
+    return {"model": model.config.name, "global_batch_size": batch, "seq_len": f"{prompt_len}+{new_tokens} decode",
+            **r}
+
+
+def _profile(hlo_text: str, call: Any, calls: int, steps: int) -> dict[str, Any]:
+    """Trace `calls` calls of a compiled program (after two untimed ones): op time per category and
+    per op, divided by the `steps` the calls make; the wall time per step."""
+    names = op_names(hlo_text)
+    for _ in range(2):
+        call()
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(steps):
-                start = time.perf_counter()
-                state, metrics = compiled(state, batch)
-                jax.block_until_ready(metrics)
-                walls.append(time.perf_counter() - start)
+            for _ in range(calls):
+                call()
+        wall = time.perf_counter() - start
         events = _op_events(tmp)
     per_category: dict[str, float] = collections.defaultdict(float)
     per_op: dict[str, float] = collections.defaultdict(float)
@@ -89,8 +115,7 @@ def profile_train_step(config: Any, steps: int = 3) -> dict[str, Any]:
         per_op[e["name"]] += ms
     ops_ms = sum(per_category.values())
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
-    return {"model": run.model.config.name, "global_batch_size": t.global_batch_size, "seq_len": seq,
-            "steps": steps, "step_ms": statistics.median(walls) * 1e3, "ops_ms": ops_ms,
+    return {"steps": steps, "step_ms": wall * 1e3 / steps, "ops_ms": ops_ms,
             "categories": {f"{c} [{p}]": ms for (c, p), ms in sorted(per_category.items(), key=lambda kv: -kv[1])},
             "top_ops": [{"op": n, "ms": ms, "op_name": names[n]} for n, ms in top]}
 

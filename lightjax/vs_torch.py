@@ -1,4 +1,4 @@
-"""The same training step in PyTorch, for `scripts/benchmark.py --vs_torch`.
+"""The same training step, and the same decoding, in PyTorch, for `scripts/benchmark.py --vs_torch`.
 
 The run's architecture is built by `transformers` from the Hugging Face config that lightjax exports
 for it (`GPTNeoXForCausalLM` for `baseline-tiny` and the Pythia presets, `LlamaForCausalLM` for the
@@ -92,11 +92,48 @@ def benchmark_torch_train_step(config: Any, steps: int = 10, warmup: int = 2) ->
             "tokens_per_s": t.global_batch_size * seq / step_s, "final_loss": loss}
 
 
-def side_by_side(benchmark: list[str], rounds: int = 2, timeout_s: float = 3600) -> dict[str, Any]:
-    """Alternate lightjax's and PyTorch's step benchmarks of the same config, each in its own process
-    (so each has every core to itself, and neither framework's threads idle beside the other's), for
+def benchmark_torch_generate(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128,
+                             repeats: int = 3) -> dict[str, Any]:
+    """Decode speed of the config's architecture in `transformers` (`generate`, greedy, its KV cache,
+    float32, every core): new tokens/s for `batch` random prompts of `prompt_len` tokens, all
+    `new_tokens` of them produced (no EOS), median of `repeats` after an untimed run. The same
+    figures as lightjax.benchmark.benchmark_generate."""
+    torch, _ = _import_torch()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = resolve_model_config(config)
+    model = build_torch_model(cfg).eval()
+    model.generation_config.eos_token_id = None  # every row runs to new_tokens, as on lightjax's side
+    new_tokens = min(new_tokens, cfg.block_size - prompt_len)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=generator)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    start = time.perf_counter()
+    run()
+    first_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    produced = out[:, prompt_len:].numel()
+    return {"framework": f"torch {torch.__version__}", "hf_class": type(model).__name__,
+            "attention": model.config._attn_implementation, "threads": torch.get_num_threads(), "model": cfg.name,
+            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_sec": produced / seconds, "ms_per_step": 1e3 * seconds / new_tokens, "first_call_s": first_s}
+
+
+def side_by_side(benchmark: list[str], rounds: int = 2, timeout_s: float = 3600,
+                 key: str = "step_ms") -> dict[str, Any]:
+    """Alternate lightjax's and PyTorch's benchmarks of the same config, each in its own process (so
+    each has every core to itself, and neither framework's threads idle beside the other's), for
     `rounds` rounds. `benchmark` is the benchmark command for lightjax; `--torch` makes it PyTorch's.
-    Each side's figure is the median over its rounds of their median step times."""
+    Each side's figure is the median over its rounds of their `key` (milliseconds per step)."""
     results: dict[str, list[dict[str, Any]]] = {"lightjax": [], "torch": []}
     for _ in range(rounds):
         for side, extra in (("lightjax", []), ("torch", ["--torch"])):
@@ -104,6 +141,6 @@ def side_by_side(benchmark: list[str], rounds: int = 2, timeout_s: float = 3600)
             if out.returncode != 0:
                 raise RuntimeError(f"the {side} benchmark failed: {(out.stderr.strip() or out.stdout.strip())[-600:]}")
             results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    medians = {side: statistics.median(r["step_ms"] for r in runs) for side, runs in results.items()}
+    medians = {side: statistics.median(r[key] for r in runs) for side, runs in results.items()}
     return {"rounds": results, "lightjax_step_ms": medians["lightjax"], "torch_step_ms": medians["torch"],
             "speedup": medians["torch"] / medians["lightjax"]}

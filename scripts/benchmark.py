@@ -52,10 +52,11 @@ def main(argv):
 
     config = _CONFIG.value
     if _PROFILE.value:
-        from lightjax.profile import format_profile, profile_train_step
+        from lightjax.profile import format_profile, profile_decode, profile_train_step
 
-        r = profile_train_step(config, steps=_STEPS.value)
-        print(json.dumps(r) if _JSON.value else format_profile(r), flush=True)
+        batches = [int(b) for b in _GENERATE.value.split(",") if b]
+        for r in [profile_decode(config, b) for b in batches] or [profile_train_step(config, steps=_STEPS.value)]:
+            print(json.dumps(r) if _JSON.value else format_profile(r), flush=True)
         return
     if _VS_TORCH.value or _TORCH.value:
         _vs_torch(config)
@@ -63,12 +64,9 @@ def main(argv):
     if _GENERATE.value:
         from lightjax.benchmark import benchmark_generate
 
-        for batch in [int(b) for b in _GENERATE.value.split(",")]:
+        for batch in _generate_batches():
             r = benchmark_generate(config, batch)
-            print(json.dumps(r) if _JSON.value else
-                  f"{r['model']} decode batch {r['batch']} | {r['new_tokens']} new tokens after {r['prompt_len']} | "
-                  f"{r['tokens_per_sec']:,.0f} tok/s ({r['ms_per_step']:.2f} ms per step) | first call "
-                  f"{r['first_call_s']:.1f} s", flush=True)
+            print(json.dumps(r) if _JSON.value else _decode_line(r), flush=True)
         return
     if _CHECKPOINT.value:
         from lightjax.benchmark import benchmark_checkpoint
@@ -108,16 +106,45 @@ def main(argv):
     sys.exit(1 if failed else 0)
 
 
-def _vs_torch(config) -> None:
-    from lightjax.vs_torch import benchmark_torch_train_step, side_by_side
-
+def _generate_batches() -> list[int]:
     try:
+        batches = [int(b) for b in _GENERATE.value.split(",")]
+        assert all(b > 0 for b in batches)
+    except (ValueError, AssertionError):
+        sys.exit(f"benchmark: --generate={_GENERATE.value!r} is not batch sizes > 0 separated by ',' (e.g. 1,8,32).")
+    return batches
+
+
+def _decode_line(r) -> str:
+    who = "lightjax" if r.get("framework", "lightjax") == "lightjax" else f"{r['framework']} {r['hf_class']}.generate"
+    return (f"{r['model']} decode batch {r['batch']} ({who}) | {r['new_tokens']} new tokens after {r['prompt_len']} "
+            f"| {r['tokens_per_sec']:,.0f} tok/s ({r['ms_per_step']:.2f} ms per step) | first call "
+            f"{r['first_call_s']:.1f} s")
+
+
+def _vs_torch(config) -> None:
+    from lightjax.vs_torch import benchmark_torch_generate, benchmark_torch_train_step, side_by_side
+
+    if _GENERATE.value:
+        batches = _generate_batches()
+    try:
+        if _TORCH.value and _GENERATE.value:
+            for batch in batches:
+                r = benchmark_torch_generate(config, batch)
+                print(json.dumps(r) if _JSON.value else _decode_line(r), flush=True)
+            return
         if _TORCH.value:
             r = benchmark_torch_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
             print(json.dumps(r) if _JSON.value else f"{r['framework']} {r['hf_class']} ({r['attention']} attention, "
                   f"{r['threads']} threads) | step {r['step_ms']:.1f} ms | {r['tokens_per_s']:,.0f} tok/s", flush=True)
             return
-        args = [a for a in sys.argv[1:] if not a.startswith(("--vs_torch", "--novs_torch", "--rounds", "--json"))]
+        args = [a for a in sys.argv[1:]
+                if not a.startswith(("--vs_torch", "--novs_torch", "--rounds", "--json", "--generate"))]
+        if _GENERATE.value:
+            results = [side_by_side([sys.executable, __file__, *args, f"--generate={b}"], rounds=_ROUNDS.value,
+                                    key="ms_per_step") for b in batches]
+            _print_decode_side_by_side(results)
+            return
         r = side_by_side([sys.executable, __file__, *args], rounds=_ROUNDS.value)
     except RuntimeError as e:
         sys.exit(f"benchmark: {e}")
@@ -134,6 +161,28 @@ def _vs_torch(config) -> None:
           + ", ".join(f"{x['step_ms']:.1f}" for x in r["rounds"]["lightjax"])
           + f" ms -> {r['lightjax_step_ms']:.1f} ms/step")
     print(f"  lightjax speed: {r['speedup']:.2f}x PyTorch's", flush=True)
+
+
+def _print_decode_side_by_side(results) -> None:
+    if _JSON.value:
+        for r in results:
+            print(json.dumps(r))
+        return
+    lj, pt = results[0]["rounds"]["lightjax"][0], results[0]["rounds"]["torch"][0]
+    print(f"{lj['model']} greedy decoding, {lj['new_tokens']} new tokens after {lj['prompt_len']}-token prompts, "
+          f"{len(results[0]['rounds']['torch'])} alternating rounds (medians); {pt['framework']} "
+          f"{pt['hf_class']}.generate ({pt['attention']} attention, {pt['threads']} threads):")
+    for r in results:
+        batch = r["rounds"]["lightjax"][0]["batch"]
+        pt_ms, lj_ms = r["torch_step_ms"], r["lightjax_step_ms"]
+        print(f"  batch {batch:3d}: torch {pt_ms:.2f} ms per step ({1e3 * batch / pt_ms:,.0f} tok/s), lightjax "
+              f"{lj_ms:.2f} ms per step ({1e3 * batch / lj_ms:,.0f} tok/s): lightjax speed {r['speedup']:.2f}x")
+    by_batch = {r["rounds"]["lightjax"][0]["batch"]: r for r in results}
+    for batch, r in by_batch.items():
+        if batch > 1 and 1 in by_batch:
+            lj, pt = (r[k] / by_batch[1][k] for k in ("lightjax_step_ms", "torch_step_ms"))
+            print(f"  a step at batch {batch} costs {lj:.2f}x one at batch 1 in lightjax ({pt:.2f}x in torch)")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

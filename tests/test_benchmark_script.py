@@ -48,7 +48,8 @@ def test_benchmark_bad_setting_is_one_line():
 
 
 @pytest.mark.parametrize("mode,pattern", [
-    ("--generate=1,2", r"decode batch 1 \| \d+ new tokens after 16 \| [\d,]+ tok/s .*\n.*decode batch 2 \|"),
+    ("--generate=1,2", r"decode batch 1 \(lightjax\) \| \d+ new tokens after 16 \| [\d,]+ tok/s .*\n"
+                       r".*decode batch 2 \(lightjax\) \|"),
     ("--checkpoint", r"each save blocked the loop \d+ ms \| restore \d+ ms \| checksums of the \d+ MiB state"),
     ("--data", r"data tiny_shakespeare tokenizer=char workers=0 \| prepared 1,003,854 tokens .*\n"
                r".*workers=2 \| prepared 1,003,854 tokens"),

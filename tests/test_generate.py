@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from lightjax.convert.hf import config_from_hf, params_from_hf
-from lightjax.generate import compiled_programs, generate, top_k_filter, top_p_filter
-from lightjax.model import GPT, stack_layers
+from lightjax.generate import (
+    attended_lengths,
+    compiled_programs,
+    decode_inputs,
+    decode_loop,
+    generate,
+    top_k_filter,
+    top_p_filter,
+)
+from lightjax.hlo import loop_copies, op_names
+from lightjax.model import GPT, abstract_params, stack_layers
 from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh
 from tests.helpers import VOCAB, random_hf_model, require_hf, tiny_config, tiny_preset
 
@@ -133,6 +142,30 @@ def test_decode_loop_compiles_once_per_batch_and_length_bucket():
     assert compiled_programs() == before
     generate(model, params, [[1, 2, 3]] * 5, 5)  # another batch size: one more program
     assert compiled_programs() == before + 1
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_decode_loop_writes_the_cache_in_place(scan):
+    """The compiled decode steps copy no cache buffer: each layer writes its new slots in place and
+    its attention reads the cache's chunks where they lie (a scanned stack reads its layer's keys and
+    values out of each stacked chunk: such slices only)."""
+    cfg = tiny_config("llama", block_size=256, n_embd=64, n_layer=3)
+    B, G, h = 3, cfg.n_query_groups, cfg.head_size
+    args, cache_len = decode_inputs(cfg, [[1, 2, 3]] * B, 200)
+    assert attended_lengths(16, cache_len) == [32, 64, 128, 256]  # chunks of 32, 32, 64 and 128 slots
+    params = nn.unbox(abstract_params(cfg, scan_layers=scan))
+    compiled = decode_loop.lower(GPT(cfg, scan_layers=scan), params, *args, cache_len=cache_len).compile()
+    layer_chunks = {f"f32[{B},{G},{n},{h}]" for n in (32, 64, 128)}
+    chunks = layer_chunks | {f"f32[{cfg.n_layer},{B},{G},{n},{h}]" for n in (32, 64, 128)}
+    text = compiled.as_text()
+    in_decode_step = {name for name, scope in op_names(text).items() if scope.startswith("jit(decode_loop)/while/")}
+    copies = [(name, shape.split("{")[0]) for name, _, shape in loop_copies(text, B * G * 32 * h)
+              if shape.split("{")[0] in chunks and name in in_decode_step]
+    if not scan:
+        assert copies == []
+    else:
+        assert copies and {shape for _, shape in copies} <= layer_chunks  # layer reads, never a stacked chunk
+        assert all(name.startswith("dynamic-slice") for name, _ in copies), copies
 
 
 def test_text_generation_cuts_at_the_first_stop_string():

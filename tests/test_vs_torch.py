@@ -40,3 +40,20 @@ def test_vs_torch_prints_both_and_the_ratio():
     rounding = t / j * (0.05 / t + 0.05 / j) + 0.005  # the printed figures are rounded to 0.1 ms and 0.01x
     assert float(ratio.group(1)) == pytest.approx(t / j, abs=rounding)
     assert np.isfinite(float(ratio.group(1)))
+
+
+@pytest.mark.shakespeare
+def test_vs_torch_decoding_prints_both_and_the_ratios():
+    require_hf()
+    out = run_script("benchmark.py", *TINY, "--generate=1,2", "--vs_torch", "--rounds=1", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "greedy decoding, 128 new tokens after 16-token prompts" in out.stdout, out.stdout
+    rows = re.findall(r"batch +(\d+): torch ([\d.]+) ms per step \(([\d,]+) tok/s\), lightjax ([\d.]+) ms per step "
+                      r"\(([\d,]+) tok/s\): lightjax speed ([\d.]+)x", out.stdout)
+    assert [r[0] for r in rows] == ["1", "2"], out.stdout
+    for batch, torch_ms, _, jax_ms, jax_tok, ratio in rows:
+        t, j = float(torch_ms), float(jax_ms)
+        assert float(ratio) == pytest.approx(t / j, abs=t / j * (0.005 / t + 0.005 / j) + 0.005)
+        # tokens/s from the unrounded time; the printed time is rounded to 0.01 ms
+        assert float(jax_tok.replace(",", "")) == pytest.approx(1e3 * int(batch) / j, rel=0.005 / j + 0.01, abs=1)
+    assert re.search(r"a step at batch 2 costs [\d.]+x one at batch 1 in lightjax \([\d.]+x in torch\)", out.stdout)
