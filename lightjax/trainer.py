@@ -319,12 +319,14 @@ class _Start:
     data_position: int  # global batches consumed; any process count reads on from it
     tokens_seen: int
     elapsed_s: float
+    best_val_loss: float  # over the run's evaluations so far (inf: none yet)
 
     @classmethod
     def of(cls, meta: dict[str, Any]) -> _Start:
         step = int(meta.get("step", 0))
+        best = meta.get("best_val_loss")
         return cls(step, int(meta.get("data_position", step)), int(meta.get("tokens_seen", 0)),
-                   float(meta.get("elapsed_s", 0.0)))
+                   float(meta.get("elapsed_s", 0.0)), math.inf if best is None else float(best))
 
 
 class _Clock:
@@ -359,7 +361,7 @@ class _Loop:
         self.data_position, self.tokens_at_start = start.data_position, start.tokens_seen
         self.clock = _Clock(start.elapsed_s, self.step)
         self.tokens_per_step = self.t.global_batch_size * config.data.seq_len
-        self.best_val, self.val_loss, self.asked = math.inf, None, False
+        self.best_val, self.val_loss, self.asked = start.best_val_loss, None, False
         self.flops_per_token = flops_per_token(run.model.config, config.data.seq_len)
         self.peak, _ = peak_flops_per_device(self.t.peak_flops, dtype=run.model.dtype,
                                              device=run.mesh.local_mesh.devices.flat[0])
@@ -449,7 +451,7 @@ class _Loop:
     def _save(self, state: Any) -> None:
         meta = {"data_position": self.data_position + self.step - self.first_step,
                 "tokens_seen": self.tokens_seen(self.step), "elapsed_s": self.clock.elapsed(),
-                "config": self.config_dict}
+                "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "config": self.config_dict}
         self.checkpointer.save(self.step, state, meta, val_loss=self.val_loss)
         self.writers.flush()
         self.last_saved = self.step

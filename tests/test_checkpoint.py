@@ -42,6 +42,16 @@ def test_exact_resume(uninterrupted, tmp_path):
     assert (workdir / "tokenizer" / "tokenizer.json").exists() and (workdir / "config.json").exists()
 
 
+def test_the_best_validation_loss_is_the_runs_across_resumes(tmp_path):
+    """A resumed invocation reports the best validation loss of the whole run, also when it evaluates
+    nothing itself (it used to report only its own evaluations')."""
+    workdir = tmp_path / "run"
+    train(run_config(tmp_path, stop_after=6, eval_every=3), workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    best = min(r["val_loss"] for r in rows if "val_loss" in r)
+    assert train(run_config(tmp_path, max_steps=7, eval_every=0), workdir)["best_val_loss"] == best
+
+
 def test_exact_resume_with_dropout(uninterrupted, tmp_path):
     """With dropout the masks come from the state's RNG and the step: a resume that re-seeded would
     train other masks from step 7 on."""
