@@ -210,7 +210,7 @@ def decode_program(config: Any, batch: int, prompt_len: int = 16, new_tokens: in
     """(the compiled greedy decode program, its arguments, the model) for `batch` random prompts."""
     model, params, prompts = _decode_setup(config, batch, prompt_len)
     args, cache_len = decode_inputs(model.config, prompts, min(new_tokens, model.config.block_size - prompt_len))
-    compiled = decode_loop.lower(model, params, *args, cache_len=cache_len).compile()
+    compiled = decode_loop().lower(model, params, *args, cache_len=cache_len).compile()
     return compiled, (params, *args), model
 
 

@@ -154,11 +154,11 @@ def test_decode_loop_writes_the_cache_in_place(scan):
     args, cache_len = decode_inputs(cfg, [[1, 2, 3]] * B, 200)
     assert attended_lengths(16, cache_len) == [32, 64, 128, 256]  # chunks of 32, 32, 64 and 128 slots
     params = nn.unbox(abstract_params(cfg, scan_layers=scan))
-    compiled = decode_loop.lower(GPT(cfg, scan_layers=scan), params, *args, cache_len=cache_len).compile()
+    compiled = decode_loop().lower(GPT(cfg, scan_layers=scan), params, *args, cache_len=cache_len).compile()
     layer_chunks = {f"f32[{B},{G},{n},{h}]" for n in (32, 64, 128)}
     chunks = layer_chunks | {f"f32[{cfg.n_layer},{B},{G},{n},{h}]" for n in (32, 64, 128)}
     text = compiled.as_text()
-    in_decode_step = {name for name, scope in op_names(text).items() if scope.startswith("jit(decode_loop)/while/")}
+    in_decode_step = {name for name, scope in op_names(text).items() if scope.startswith("jit(_decode_loop)/while/")}
     copies = [(name, shape.split("{")[0]) for name, _, shape in loop_copies(text, B * G * 32 * h)
               if shape.split("{")[0] in chunks and name in in_decode_step]
     if not scan:
