@@ -71,7 +71,7 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | N
     size, outs = T // blocks, []
     for i in range(blocks):
         lo, hi = i * size, (i + 1) * size
-        outs.append(_attend(q_bgqth[:, :, :, lo:hi], k_bg_sh[:, :, :hi], v_bg_sh[:, :, :hi], scale,
+        outs.append(_attend(q_bgqth[:, :, :, lo:hi], [k_bg_sh[:, :, :hi]], [v_bg_sh[:, :, :hi]], scale,
                             causal_mask(jnp.arange(lo, hi), hi, window), softcap))
     return _token_major(outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3))
 
@@ -100,13 +100,11 @@ def _token_major(out: Array) -> Array:
 QUERY_BLOCKS = 4
 
 
-def _attend(q: Array, k: Array | list[Array], v: Array | list[Array], scale: float, mask: Array,
-            softcap: float | None) -> Array:
-    """softmax(q k^T * scale where mask) v for q [b, g, Q, t, h] (Q query heads per group), k and v
-    [b, g, s, h] or lists of consecutive chunks of them along s, mask broadcastable to [b, 1, t, s];
+def _attend(q: Array, ks: list[Array], vs: list[Array], scale: float, mask: Array, softcap: float | None) -> Array:
+    """softmax(q k^T * scale where mask) v for q [b, g, Q, t, h] (Q query heads per group), the keys and
+    values as consecutive chunks along s (each [b, g, s, h]), mask broadcastable to [b, 1, t, s];
     -> [b, g, Q, t, h]."""
     B, G, Q, T, hs = q.shape
-    ks, vs = (k, v) if isinstance(k, list) else ([k], [v])
     q = q.reshape(B, G, Q * T, hs)
     scores = jnp.concatenate([jnp.einsum("bgmh,bgsh->bgms", q, kc) for kc in ks], axis=-1)
     scores = scores.astype(compute_dtype(q.dtype)) * scale

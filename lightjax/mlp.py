@@ -155,8 +155,13 @@ def _expert_blocks(blocks: Array, block_expert: Array, used: Array, fc_1: Array,
     others zero."""
     def run_block(_: None, block: tuple[Array, Array, Array]) -> tuple[None, Array]:
         x, e, use = block
-        return None, jax.lax.cond(use, lambda: _swiglu(x, *_expert_weights(e, fc_1, fc_2, proj))[0],
-                                  lambda: jnp.zeros_like(x))
+
+        def mlp() -> Array:
+            w_1, w_2, w_p = _expert_weights(e, fc_1, fc_2, proj)
+            a, b = _gates(x, w_1, w_2)
+            return (nn.silu(a) * b) @ w_p
+
+        return None, jax.lax.cond(use, mlp, lambda: jnp.zeros_like(x))
 
     return jax.lax.scan(run_block, None, (blocks, block_expert, used))[1]
 
@@ -165,9 +170,9 @@ def _expert_weights(e: Array, *kernels: Array) -> tuple[Array, ...]:
     return tuple(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in kernels)
 
 
-def _swiglu(x: Array, w_1: Array, w_2: Array, w_p: Array) -> tuple[Array, tuple[Array, Array]]:
-    a, b = x @ w_1, x @ w_2
-    return (nn.silu(a) * b) @ w_p, (a, b)
+def _gates(x: Array, w_1: Array, w_2: Array) -> tuple[Array, Array]:
+    """The two projections of a SwiGLU expert, silu(a) * b its hidden activation."""
+    return x @ w_1, x @ w_2
 
 
 def _expert_blocks_fwd(blocks, block_expert, used, fc_1, fc_2, proj):
@@ -184,7 +189,7 @@ def _expert_blocks_bwd(saved, g_out):
 
         def grads_of_block() -> tuple[tuple[Array, ...], Array]:
             w_1, w_2, w_p = _expert_weights(e, fc_1, fc_2, proj)
-            _, (a, b) = _swiglu(x, w_1, w_2, w_p)
+            a, b = _gates(x, w_1, w_2)
             sig = jax.nn.sigmoid(a)
             silu = a * sig
             g_h = g @ w_p.T

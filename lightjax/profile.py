@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from lightjax.benchmark import synthetic_inputs
+from lightjax.benchmark import decode_program, synthetic_inputs
 from lightjax.hlo import op_names
 from lightjax.run import build_run
 
@@ -78,8 +78,6 @@ def profile_train_step(config: Any, steps: int = 3) -> dict[str, Any]:
 def profile_decode(config: Any, batch: int, prompt_len: int = 16, new_tokens: int = 128) -> dict[str, Any]:
     """The same for decoding: milliseconds per decode step (one new token for every row) by category,
     over one generation of `new_tokens` tokens after `prompt_len`-token prompts (prefill included)."""
-    from lightjax.benchmark import decode_program
-
     compiled, args, model = decode_program(config, batch, prompt_len, new_tokens)
 
     def call() -> None:

@@ -54,7 +54,7 @@ def main(argv):
     if _PROFILE.value:
         from lightjax.profile import format_profile, profile_decode, profile_train_step
 
-        batches = [int(b) for b in _GENERATE.value.split(",") if b]
+        batches = _generate_batches() if _GENERATE.value else []
         for r in [profile_decode(config, b) for b in batches] or [profile_train_step(config, steps=_STEPS.value)]:
             print(json.dumps(r) if _JSON.value else format_profile(r), flush=True)
         return
