@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from absl import flags, logging
+from absl import app, flags, logging
+
+from lightjax.packages import missing_module, missing_package_message
+
+
+def run_script(main: Callable[[list[str]], Any], program: str) -> None:
+    """`absl.app.run(main)` with one-line flag errors (one_line_flags_parser), and a package that is not
+    installed named with its install command (status 2), wherever the script imported it."""
+    try:
+        app.run(main, flags_parser=one_line_flags_parser(program))
+    except ModuleNotFoundError as e:
+        if missing_module(e) is None:
+            raise
+        sys.stderr.write(f"{program}: {missing_package_message(missing_module(e))}\n")
+        sys.exit(2)
 
 
 def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
     """A flags parser for `absl.app.run(main, flags_parser=...)`: an unknown config key, a value of the
     wrong type, a malformed flag or a config file that is missing or raises exits with
-    `program: <what is wrong>` and status 2. Library INFO logs are hidden unless --verbosity is given."""
+    `program: <what is wrong>` and status 2; a package that is not installed is named with its install
+    command. Library INFO logs are hidden unless --verbosity is given."""
 
     def parse(argv: list[str]) -> Any:
         try:
@@ -25,6 +42,7 @@ def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
         except Exception as e:  # noqa: BLE001 (every way a command line can be wrong: one line)
             sys.stderr.write(f"{program}: {_flag_error(argv, e)}\n")
             sys.exit(2)
+        skip_absent_tpu()
         if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
             logging.set_verbosity(logging.WARNING)  # TFDS and Orbax log progress at INFO level
         return rest
@@ -33,6 +51,9 @@ def one_line_flags_parser(program: str) -> Callable[[list[str]], Any]:
 
 
 def _flag_error(argv: list[str], error: Exception) -> str:
+    missing = missing_module(error)
+    if missing is not None:  # a package not installed, wherever the config file's imports reached it
+        return missing_package_message(missing)
     path = _config_path(argv)
     inner = error
     while inner.__context__ is not None and not _raised_in(inner, path or ""):  # absl wraps get_config's error
@@ -79,6 +100,31 @@ def _config_file_error(path: str, error: Exception) -> str:
     line = error.lineno if isinstance(error, SyntaxError) else _line_in(error, path)
     text = " ".join(str(error.msg if isinstance(error, SyntaxError) else error).split())
     return f"--config={path}{f', line {line}' if line else ''}: {type(error).__name__}: {text}"
+
+
+def skip_absent_tpu() -> None:
+    """On a machine with no accelerator but with the TPU compiler installed (`.[aot]`), run JAX on the CPU
+    only: otherwise every start loads libtpu, which prints lines of warnings about the TPU it cannot find
+    before the script's first line. A JAX_PLATFORMS of the user's own is left alone, as is any machine
+    with a TPU or GPU attached. Compiling for TPU slices ahead of time loads libtpu by itself."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or _accelerator_attached():
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported, but its backends are not started until a device is used
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def _accelerator_attached() -> bool:
+    """A TPU chip on the PCI bus (JAX's own test), an NVIDIA GPU or an AMD GPU."""
+    try:
+        from jax._src import hardware_utils
+
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+            return True
+    except (ImportError, AttributeError, OSError):  # JAX's private module moved: assume a TPU may be there
+        return True
+    return any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")) or \
+        bool(glob.glob("/dev/accel*"))
 
 
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"

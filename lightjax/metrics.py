@@ -37,6 +37,7 @@ from lightjax.hardware import chip_for
 from lightjax.hlo import loop_corrected_flops
 from lightjax.model import abstract_params, count_params
 from lightjax.model_config import ModelConfig
+from lightjax.packages import missing_package_message
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -157,9 +158,9 @@ class MetricWriters:
         if wandb_project:
             try:
                 import wandb
-            except ImportError:
-                raise ValueError(f"config.logging.wandb_project={wandb_project!r} needs the wandb package "
-                                 "(pip install wandb).") from None
+            except ModuleNotFoundError as e:
+                raise ValueError(f"config.logging.wandb_project={wandb_project!r} needs wandb: "
+                                 f"{missing_package_message(e)}.") from None
             self._wandb = wandb.init(project=wandb_project, dir=str(workdir), config=config, resume="allow",
                                      id=workdir.name)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from lightjax.convert.hf_config import config_to_hf
 from lightjax.model_config import ModelConfig
+from lightjax.packages import missing_package_message
 from lightjax.run_config import resolve_model_config
 
 
@@ -28,8 +29,8 @@ def _import_torch() -> tuple[Any, Any]:
     try:
         import torch
         import transformers
-    except ImportError as e:
-        raise RuntimeError(f"--vs_torch needs torch and transformers ({e}); pip install -e '.[dev]'.") from None
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"--vs_torch needs torch and transformers: {missing_package_message(e)}.") from None
     return torch, transformers
 
 

@@ -19,7 +19,7 @@ medians and the ratio.
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from lightjax.cli import host_devices
@@ -186,6 +186,6 @@ def _print_decode_side_by_side(results) -> None:
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("benchmark"))
+    run_script(main, "benchmark")

@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: a lightjax run directory (its latest checkpoint, or --step).")
@@ -125,6 +125,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("convert_hf"))
+    run_script(main, "convert_hf")

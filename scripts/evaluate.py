@@ -9,7 +9,7 @@ WORKDIR/metrics.jsonl (keys eval_loss, eval_ppl, eval_bpc, eval_bpb, with `split
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split to evaluate.")
@@ -32,6 +32,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("evaluate"))
+    run_script(main, "evaluate")

@@ -10,7 +10,7 @@ LoRA run's adapters alone: OUT/adapters.safetensors and OUT/lora_config.json.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -35,6 +35,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("export"))
+    run_script(main, "export")

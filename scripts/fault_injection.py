@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 _KILLS = flags.DEFINE_integer("kills", 20, "How many times to kill the run.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps of the run.")
@@ -42,6 +42,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("fault_injection"))
+    run_script(main, "fault_injection")

@@ -9,7 +9,7 @@ the process index. If one process fails, the others are stopped and the exit sta
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _PROCESSES = flags.DEFINE_integer("processes", 2, "How many processes (stand-ins for hosts).")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices per process (0: leave the "
@@ -28,6 +28,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("launch"))
+    run_script(main, "launch")

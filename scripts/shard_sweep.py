@@ -14,7 +14,7 @@ OUT/results.md and OUT/memory.png, OUT/step_time.png.
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from lightjax.cli import simulate_host_devices
@@ -60,6 +60,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("shard_sweep"))
+    run_script(main, "shard_sweep")

@@ -11,7 +11,7 @@ non-zero finite gradient at the first step; prints a table of the figures either
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from lightjax.cli import simulate_host_devices
@@ -43,6 +43,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("smoke_test"))
+    run_script(main, "smoke_test")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from lightjax.cli import define_distributed_flags, host_devices
@@ -57,10 +57,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
     try:
-        app.run(main, flags_parser=one_line_flags_parser("train"))
+        run_script(main, "train")
     except KeyboardInterrupt:  # Ctrl-C before the loop's handler is in place, or a second one inside the loop
         sys.stderr.write("train: interrupted by Ctrl-C; the same command resumes from the last checkpoint.\n")
         sys.exit(130)

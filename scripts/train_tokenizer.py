@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 _INPUT = flags.DEFINE_string("input", "", "Glob of UTF-8 text files to train on.")
 _TINY = flags.DEFINE_string("tiny_shakespeare", "", "Path of Tiny Shakespeare's input.txt: train on its train split.")
@@ -49,6 +49,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import one_line_flags_parser
+    from lightjax.cli import run_script
 
-    app.run(main, flags_parser=one_line_flags_parser("train_tokenizer"))
+    run_script(main, "train_tokenizer")

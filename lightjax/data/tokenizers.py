@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 from etils import epath
+from tokenizers import Tokenizer as FastTokenizer
 
 from lightjax.data.sources import pieces
 
@@ -145,10 +146,6 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | epath.PathLike, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None):
-        try:
-            from tokenizers import Tokenizer as FastTokenizer
-        except ImportError:
-            raise ValueError(f"{path} needs the `tokenizers` package (pip install tokenizers).") from None
         self.path = epath.Path(path)
         self._tok = FastTokenizer.from_str(self.path.read_text())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
