@@ -8,7 +8,7 @@ WORKDIR/checkpoints/<step>/ holds one composite checkpoint:
 Saves are asynchronous (the loop goes on while arrays are written) and atomic: Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous
 checkpoints intact and the partial one is ignored and cleaned up. The last `keep` checkpoints are
-kept, plus the one with the best validation loss.
+kept, plus the `keep_best` with the lowest validation loss (Orbax's own retention policies).
 
 Restoring builds its target from the current run's abstract state and shardings, so a checkpoint
 written on any mesh restores onto any other; the data position is one number, the same for any
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -153,18 +154,25 @@ def _quiet_orbax_errors() -> None:
     sys.unraisablehook = hook
 
 
+def _val_loss(metrics: dict[str, Any]) -> float:
+    return metrics.get("val_loss", math.inf)
+
+
 class Checkpointer:
-    def __init__(self, workdir: str | epath.PathLike, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str | epath.PathLike, keep: int = 3, async_save: bool = True, keep_best: int = 1):
         _quiet_orbax_errors()
         self.directory = absolute(workdir) / "checkpoints"
+        # The lowest validation losses (BestN) beside the latest: a save without an evaluation ranks as
+        # +inf, so it is kept only while it is among the latest.
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            # The lowest validation loss; checkpoints saved without one fall to LatestN alone.
-            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
-                           keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=_val_loss, reverse=True, n=keep_best, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, preservation_policy=preservation,
+            # best_fn is what makes Orbax write each save's metrics to disk, where a resumed run's BestN
+            # reads them back (without it they lived only in the saving process's memory).
+            best_fn=_val_loss, best_mode="min",
             cleanup_tmp_directories=True,  # partial saves of a killed run
         )
         self._unconfirmed = False  # a save was started and has not been seen to succeed or fail
@@ -178,7 +186,7 @@ class Checkpointer:
         self._guard(lambda: self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            metrics=None if val_loss is None else {"val_loss": float(val_loss)},
+            metrics={} if val_loss is None else {"val_loss": float(val_loss)},
             force=True,
         ))
         self._unconfirmed = True
@@ -187,6 +195,33 @@ class Checkpointer:
         """Complete checkpoints, oldest first (Orbax lists only finished ones)."""
         self.manager.reload()
         return sorted(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The complete checkpoint saved with the lowest validation loss (None: none was saved with one)."""
+        scored = [(metrics["val_loss"], step) for step in self.steps()
+                  if "val_loss" in (metrics := self.manager.metrics(step) or {})]
+        return min(scored)[1] if scored else None
+
+    def choose(self, which: int | str | None) -> int:
+        """The step of a complete checkpoint: `which` is a step, 'latest' (or None) or 'best' (the lowest
+        validation loss). CheckpointError, naming what there is, when there is no such checkpoint."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"No complete checkpoint under {self.directory}.")
+        if which is None or which == "latest":
+            return steps[-1]
+        if which == "best":
+            best = self.best_step()
+            if best is None:
+                raise CheckpointError(f"No checkpoint under {self.directory} was saved with a validation loss "
+                                      f"(there are {steps}): the run evaluated none (train.eval_every=0?). Use "
+                                      "--step latest or a step number.")
+            return best
+        if not str(which).isdigit():
+            raise ValueError(f"step={which!r} is not 'latest', 'best' or a step number.")
+        if int(which) not in steps:
+            raise CheckpointError(f"No checkpoint for step {which} under {self.directory}; there are {steps}.")
+        return int(which)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
@@ -288,17 +323,13 @@ def absolute(path: str | epath.PathLike) -> epath.Path:
     return path if "://" in str(path) else path.absolute()
 
 
-def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tuple[Any, Any, int]:
+def restore_params(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[Any, Any, int]:
     """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
-    run's checkpoint (default: the latest); the optimizer state is not kept."""
+    run's checkpoint: `step`, 'latest' (the default) or 'best' (the lowest validation loss); the
+    optimizer state is not kept."""
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise CheckpointError(f"No complete checkpoint under {ckpt.directory}.")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"No checkpoint for step {step} under {ckpt.directory}; there are {steps}.")
+        step = ckpt.choose(step)
         meta = ckpt.read_meta(step)
         # Onto this process's first device, whatever mesh wrote it: a target with that sharding.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -311,7 +342,7 @@ def restore_params(workdir: str | epath.PathLike, step: int | None = None) -> tu
     return ml_collections.ConfigDict(meta["config"]), state["params"], step
 
 
-def restore_model(workdir: str | epath.PathLike, step: int | None = None) -> tuple[ModelConfig, Any, int, Any]:
+def restore_model(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[ModelConfig, Any, int, Any]:
     """(ModelConfig, parameters, step, the run's config) of a run's checkpoint, LoRA adapters merged
     into their kernels (lora.merge): the plain model that the fine-tuned run computes."""
     config, params, step = restore_params(workdir, step)
@@ -319,7 +350,7 @@ def restore_model(workdir: str | epath.PathLike, step: int | None = None) -> tup
     return cfg, params, step, config
 
 
-def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None,
+def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | str | None = None,
                   dtype: str = "float32") -> epath.Path:
     """Parameters only (no optimizer state; LoRA adapters merged), cast to `dtype`, for inference and
     conversion: OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
@@ -336,7 +367,8 @@ def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step
     return absolute(out)
 
 
-def export_adapters(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | None = None) -> epath.Path:
+def export_adapters(workdir: str | epath.PathLike, out: str | epath.PathLike,
+                    step: int | str | None = None) -> epath.Path:
     """A LoRA run's adapters alone: OUT/adapters.safetensors (every lora_a and lora_b in float32, named by
     its path, e.g. h_0/attn/qkv/lora_a, loop layout) and OUT/lora_config.json (rank, alpha, dropout,
     targets, the base model and the weights the run started from)."""

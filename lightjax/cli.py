@@ -173,6 +173,16 @@ def cpu_data_parallelism(config: Any) -> int:
     return max(d for d in range(1, cores + 1) if t.global_batch_size % (d * accum) == 0)
 
 
+def define_step_flag(what: str = "Checkpoint") -> flags.FlagHolder[str]:
+    """--step: 'latest' (the default), 'best' (the lowest validation loss, see checkpoint.keep_best) or a
+    step number; any other value is refused when the flags are parsed."""
+    holder = flags.DEFINE_string("step", "latest", f"{what}: 'latest', 'best' (the lowest validation loss) or "
+                                 "a step number.")
+    flags.register_validator("step", lambda v: v in ("latest", "best") or v.isdigit(),
+                             message="--step must be 'latest', 'best' or a step number")
+    return holder
+
+
 def define_distributed_flags() -> Callable[[], None]:
     """--distributed and the explicit --coordinator_address / --num_processes / --process_id of a
     multi-process job; returns the function that joins it (a no-op without them), whose `requested()`

@@ -50,7 +50,7 @@ def evaluate(run: Run, params: Any, tokens: Any, config: Any, tokens_per_char: f
             "val_tokens": count}
 
 
-def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step: int | None = None,
+def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step: int | str | None = None,
                  max_batches: int = 0, local_path: str | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate a run's checkpoint (default: the latest) over a split with the run's own tokenizer,
     sequence length and batch size, on this machine's devices (data parallel). With `write`, appends

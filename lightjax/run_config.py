@@ -83,7 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500
-    c.checkpoint.keep = 3
+    c.checkpoint.keep = 3  # the latest checkpoints kept
+    # ... and beside them the checkpoints of the lowest validation losses (Orbax's BestN); an evaluation
+    # that beats the run's best saves one. scripts take it with --step best. 0: only the latest.
+    c.checkpoint.keep_best = 1
     c.checkpoint.resume = "auto"
     c.checkpoint.async_save = True
 
@@ -210,6 +213,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
           "source; the workdir may be on gs://)")
     check(ck.save_every >= 0, "checkpoint.save_every", ck.save_every, "must be >= 0 (0: only at the end)")
     check(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
+    check(ck.keep_best >= 0, "checkpoint.keep_best", ck.keep_best, "must be >= 0 (0: only the latest are kept)")
     check(bool(str(ck.resume).strip()), "checkpoint.resume", ck.resume,
           "must be 'auto', 'never', or a run directory or checkpoint path")
 

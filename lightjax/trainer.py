@@ -287,7 +287,8 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     if hasattr(val_tokens, "close"):
         closing.callback(val_tokens.close)
     config_dict = json.loads(config.to_json_best_effort())
-    checkpointer = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    ck = config.checkpoint
+    checkpointer = Checkpointer(workdir, ck.keep, ck.async_save, ck.keep_best)
     closing.callback(checkpointer.close)
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
     state, meta = _resume(config, checkpointer, run, config_dict)
@@ -395,7 +396,9 @@ class _Loop:
                 self._read_back(self.step, metrics, log=self.step % t.log_every == 0 or end or self.asked)
                 pending = None
             if evaluate_now:
-                self._evaluate(evaluate_params(state.params))
+                new_best = self._evaluate(evaluate_params(state.params))
+                # The best model so far is kept (checkpoint.keep_best), so it must be saved when it is seen.
+                save_now = save_now or (new_best and self.config.checkpoint.keep_best > 0 and not end)
             if save_now:
                 self._save(state)
             if end or self.asked:
@@ -440,13 +443,16 @@ class _Loop:
         self.writers.write(row)
         self.progress.step(row)
 
-    def _evaluate(self, ev: dict[str, float]) -> None:
+    def _evaluate(self, ev: dict[str, float]) -> bool:
+        """Write and show an evaluation; whether it is the run's best so far."""
         self.val_loss = ev["val_loss"]
+        new_best = self.val_loss < self.best_val
         self.best_val = min(self.best_val, self.val_loss)
         self.writers.write({"step": self.step, **ev, "tokens_seen": self.tokens_seen(self.step),
                             "elapsed_s": self.clock.elapsed()})
         self.progress.message(f"step {self.step:6d} | val_loss {self.val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
                               f"val_bpc {ev['val_bpc']:.4f}")
+        return new_best
 
     def _save(self, state: Any) -> None:
         meta = {"data_position": self.data_position + self.step - self.first_step,

@@ -21,9 +21,11 @@ from pathlib import Path
 
 from absl import flags
 
+from lightjax.cli import define_step_flag
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: a lightjax run directory (its latest checkpoint, or --step).")
-_STEP = flags.DEFINE_integer("step", None, "export --workdir: the checkpoint step (default: the latest).")
+_STEP = define_step_flag("export --workdir: the checkpoint")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: a lightjax export directory instead of --workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype written.")
@@ -51,7 +53,7 @@ def import_hf(hf_dir: str, out: str, dtype: str) -> str:
     return f"Imported {cfg.name} ({cfg.n_layer} layers, {dtype}) into {Path(out).absolute()}, {tokenizer}."
 
 
-def export_hf(workdir: str | None, step: int | None, export_dir: str | None, out: str, dtype: str,
+def export_hf(workdir: str | None, step: int | str, export_dir: str | None, out: str, dtype: str,
               model_type: str | None) -> str:
     import jax
     import jax.numpy as jnp

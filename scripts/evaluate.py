@@ -11,9 +11,11 @@ import sys
 
 from absl import flags
 
+from lightjax.cli import define_step_flag
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = define_step_flag()
 _BATCHES = flags.DEFINE_integer("batches", 0, "Evaluate only this many batches (0: the whole split).")
 _LOCAL_PATH = flags.DEFINE_string("local_path", None, "Override the run's data.local_path (another machine).")
 

@@ -12,9 +12,11 @@ import sys
 
 from absl import flags
 
+from lightjax.cli import define_step_flag
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = define_step_flag()
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype of the export.")
 _ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "A LoRA run: write its adapters alone, unmerged.")
 

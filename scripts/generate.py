@@ -14,8 +14,10 @@ import time
 
 from absl import flags
 
+from lightjax.cli import define_step_flag
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint, or --step).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = define_step_flag()
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face checkpoint directory instead of --workdir.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "An export directory (scripts/export.py or convert_hf.py "
                                   "import) instead of --workdir.")

@@ -220,16 +220,6 @@ def test_export_params(uninterrupted, tmp_path, dtype):
         export_params(uninterrupted, tmp_path / "x", step=5)
 
 
-def test_keeps_the_last_n_and_the_best_by_validation_loss(tmp_path):
-    training = build_run(run_config(tmp_path), jax.devices()[:1])
-    state = training.init_state()
-    ckpt = Checkpointer(tmp_path / "run", keep=2, async_save=False)
-    for step, val in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0], strict=True):
-        ckpt.save(step, state, {"config": {}}, val_loss=val)
-    ckpt.wait()
-    assert ckpt.steps() == [2, 4, 5]  # the best (val 1.0) and the last two
-
-
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_training_starts_from_imported_weights(tmp_path, scan_layers):
     """config.train.init_from: a Hugging Face directory (or its lightjax export) gives the first
