@@ -87,7 +87,7 @@ def test_one_process_of_8_devices_matches_one_device(reference, tmp_path):
 
 def test_two_processes_prepare_the_data_once(stopped_at_4):
     root, out = stopped_at_4
-    assert out.count("Downloading and preparing dataset") == 1 and out.count("Dataset lightjax_tiny_shakespeare") == 1
+    assert out.count("Prepared Tiny Shakespeare (TFDS, ArrayRecord)") == 1
     assert out.count("Prepared 1,003,854 train tokens") == 1 and out.count("Prepared 55,770 validation tokens") == 1
     assert out.count("[0] step      4 | loss") == 1 and "[1] step" not in out  # process 0 alone prints
     assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["4"]

@@ -12,7 +12,9 @@ a `.txt` file a `TextFile`, read a piece at a time (`pieces(doc)` gives any docu
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
+import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from lightjax.data import tiny_shakespeare
 from lightjax.data.instructions import PromptStyle, is_instruction_source, load_records
@@ -222,13 +225,31 @@ def prepare_source(data: Any) -> None:
     In a multi-process job only one process may do this (distributed.run_once): processes preparing
     one data_dir together race on its folders."""
     if data.source == "tiny_shakespeare":
-        builder = _tiny_shakespeare(data)
-        if not builder.is_prepared():
+        with _quiet_tfds():
+            builder = _tiny_shakespeare(data)
+            prepared = builder.is_prepared()
+        if not prepared:
             if not data.local_path:  # fetched here, once, failing fast offline (TFDS's downloader retries for minutes)
                 text = tiny_shakespeare.download(data.download_url, Path(builder.data_dir).parent / "input.txt")
                 builder = _tiny_shakespeare(data, str(text))
             tfds.disable_progress_bar()  # a one-off preparation of 1 MB; its bars only clutter the log
-            builder.download_and_prepare()
+            with _quiet_tfds():
+                builder.download_and_prepare()
+            print(f"Prepared Tiny Shakespeare (TFDS, ArrayRecord) in {builder.data_dir}.", flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's own account of preparing our builder: a warning that a fresh data_dir holds no dataset yet,
+    and 'Downloading and preparing dataset Unknown size ...' lines (its sizes are unknown to a generator
+    builder); one line of ours says what was prepared instead."""
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def load_split(data: Any, split: str) -> Sequence[str]:
