@@ -1,4 +1,5 @@
-"""The building blocks of the model: linear layers, embeddings, norms and rotary position embeddings.
+"""The building blocks of the model: linear layers, embeddings, norms, dropout and rotary position
+embeddings.
 
 Every parameter is declared with logical axis names (`embed`, `heads`, `mlp`, ...) that
 `lightjax/sharding.py` maps onto the mesh; `constrain` does the same for activations.
@@ -77,7 +78,7 @@ class Linear(nn.Module):
         b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.kernel_axes[n_in:]),
                        (r,) + self.out_shape, dtype)
         # Dropout only while training: the train step passes a dropout key, evaluation and decoding none.
-        x = nn.Dropout(self.lora.dropout)(x, deterministic=not self.has_rng("dropout"))
+        x = Dropout(self.lora.dropout)(x, deterministic=not self.has_rng("dropout"))
         h = _contract(x.astype(self.dtype), a.astype(self.dtype), n_in)
         return _contract(h, self.lora.mask(b).astype(self.dtype), 1) * jnp.asarray(self.lora.scale, self.dtype)
 
@@ -209,6 +210,33 @@ def make_norm(cfg: ModelConfig, dtype: Dtype, param_dtype: Dtype, name: str, rms
 # Rotary position embedding (RoPE): rotate-half convention (GPT-NeoX, Llama, LitGPT, HF), or
 # rotate-pairs with `rope_interleave`.
 # ------------------------------------------------------------------------------------------------
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, as `nn.Dropout`: each element zeroed with probability `rate`, the others scaled
+    by 1 / (1 - rate); a no-op when deterministic. The mask takes 16 random bits per element, two from
+    each 32-bit word of the generator along the last axis: JAX's threefry costs per word, so this halves
+    what the masks cost (they were a fifth of the baseline's CPU step at rate 0.2), and 16 bits keep the
+    rate exact to 1/65536."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
+def dropout(x: Array, rate: float, key: Array) -> Array:
+    """`x` with each element zeroed with probability `rate` (to 1/65536) and the rest scaled to keep the mean."""
+    threshold = round(rate * 65536)
+    if x.shape[-1] % 2:  # two elements per word along the last axis
+        keep = jax.random.bernoulli(key, 1.0 - threshold / 65536, x.shape)
+    else:
+        words = jax.random.bits(key, (*x.shape[:-1], x.shape[-1] // 2), jnp.uint32)
+        keep = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x.shape) >= threshold
+    return jnp.where(keep, x / jnp.asarray(1.0 - threshold / 65536, x.dtype), jnp.zeros_like(x))
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> tuple[np.ndarray, float]:

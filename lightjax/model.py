@@ -34,6 +34,7 @@ from lightjax.attention import CausalSelfAttention, LayerKind, causal_attention
 from lightjax.kv_cache import KVCache
 from lightjax.layers import (
     Array,
+    Dropout,
     Dtype,
     Embedding,
     Linear,
@@ -95,7 +96,7 @@ class Block(nn.Module):
         return make_norm(self.config, self.dtype, self.param_dtype, name)
 
     def _dropout(self, h: Array) -> Array:
-        return nn.Dropout(self.config.dropout)(h, deterministic=self.deterministic)
+        return Dropout(self.config.dropout)(h, deterministic=self.deterministic)
 
     def _post_mlp(self, h: Array) -> Array:
         return self._norm("post_mlp_norm")(h) if self.config.post_mlp_norm else h
@@ -132,7 +133,7 @@ class GPT(nn.Module):
         if c.scale_embeddings:  # Gemma; the factor is rounded to the compute dtype, as in HF
             x = x * jnp.asarray(math.sqrt(c.n_embd), self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        x = Dropout(c.dropout)(x, deterministic=deterministic)
         tables = [rope_cos_sin(c, positions)]
         if c.rope_indices is not None:
             tables.append(rope_cos_sin(c, positions, local=True))

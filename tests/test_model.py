@@ -7,7 +7,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from lightjax.layers import apply_rope, rope_cos_sin
+from lightjax.layers import apply_rope, dropout, rope_cos_sin
 from lightjax.model import (
     GPT,
     REMAT_POLICIES,
@@ -114,6 +114,21 @@ def test_dropout_only_when_not_deterministic():
     d1 = _apply(model, params, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
     d2 = _apply(model, params, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(d1, a) and not np.allclose(d1, d2)
+
+
+@pytest.mark.parametrize("width", [384, 7])  # two elements per random word; an odd last axis draws one each
+def test_dropout_drops_at_its_rate_and_keeps_the_mean(width):
+    x = jnp.ones((64, 32, width))
+    y = np.asarray(dropout(x, 0.2, jax.random.key(0)))
+    dropped = y == 0
+    assert abs(dropped.mean() - 0.2) < 4 * np.sqrt(0.2 * 0.8 / dropped.size)  # 4 standard errors
+    np.testing.assert_allclose(y[~dropped], 1 / (1 - 13107 / 65536), rtol=1e-6)  # the rate to 1/65536
+    assert abs(y.mean() - 1) < 0.02
+    if width % 2 == 0:  # the two halves of a word are independent draws
+        pairs = dropped.reshape(-1, 2)
+        assert abs(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]) < 0.02
+    np.testing.assert_array_equal(y, np.asarray(dropout(x, 0.2, jax.random.key(0))))  # the key decides
+    assert not np.array_equal(y, np.asarray(dropout(x, 0.2, jax.random.key(1))))
 
 
 def _loss(model, params, tokens):

@@ -65,6 +65,21 @@ def test_every_mesh_trains_like_one_device(family, mesh):
     assert_params_close(params, want_params)
 
 
+def test_dropout_masks_are_the_same_on_every_mesh():
+    """The masks depend on the key and the element, not on where the element is: a 2x2x2 mesh trains
+    with dropout like one device."""
+    def with_dropout(mesh):
+        c = tiny_run_config("pythia", mesh)
+        c.model.dropout = 0.2
+        return c
+
+    want, want_params, _ = run_steps(with_dropout((1, 1, 1)))
+    losses, params, _ = run_steps(with_dropout((2, 2, 2)))
+    assert not np.allclose(want, single_device_run("pythia")[0])  # dropout really on
+    np.testing.assert_allclose(losses, want, atol=1e-5, rtol=0)
+    assert_params_close(params, want_params)
+
+
 # One preset per family beyond the two above, shrunk (tests/helpers.py:tiny_preset).
 FAMILY_PRESETS = ["Mistral-7B-v0.1", "Mixtral-8x7B-v0.1", "phi-2", "Phi-3-mini-4k-instruct", "gemma-2b",
                   "gemma-2-2b", "gemma-3-1b-it", "Qwen2.5-0.5B", "Qwen3-0.6B", "OLMo-2-1124-7B", "falcon-7b"]
