@@ -43,7 +43,7 @@ from lightjax import lora
 from lightjax.convert.hf import load_hf_checkpoint
 from lightjax.convert.safetensors_io import write_safetensors
 from lightjax.distributed import is_leader, print_once
-from lightjax.files import staged_dir
+from lightjax.files import check_output_dir, staged_dir
 from lightjax.model import unstack_layers
 from lightjax.model_config import ModelConfig
 from lightjax.run_config import DTYPES, default_config, resolve_model_config
@@ -351,13 +351,14 @@ def restore_model(workdir: str | epath.PathLike, step: int | str | None = None) 
 
 
 def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | str | None = None,
-                  dtype: str = "float32") -> epath.Path:
+                  dtype: str = "float32", overwrite: bool = False) -> epath.Path:
     """Parameters only (no optimizer state; LoRA adapters merged), cast to `dtype`, for inference and
     conversion: OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    check_output_dir(out, "export", overwrite)  # before the checkpoint is read
     cfg, params, step, _ = restore_model(workdir, step)
-    with staged_dir(absolute(out)) as stage:  # a failed export leaves no half-written folder
+    with staged_dir(out, "export", overwrite) as stage:  # a failed export leaves no half-written folder
         save_exported(stage, cfg, params, dtype, step)
         tokenizer = epath.Path(workdir) / "tokenizer"
         if tokenizer.is_dir():
@@ -368,10 +369,11 @@ def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step
 
 
 def export_adapters(workdir: str | epath.PathLike, out: str | epath.PathLike,
-                    step: int | str | None = None) -> epath.Path:
+                    step: int | str | None = None, overwrite: bool = False) -> epath.Path:
     """A LoRA run's adapters alone: OUT/adapters.safetensors (every lora_a and lora_b in float32, named by
     its path, e.g. h_0/attn/qkv/lora_a, loop layout) and OUT/lora_config.json (rank, alpha, dropout,
     targets, the base model and the weights the run started from)."""
+    check_output_dir(out, "adapters", overwrite)
     config, params, _ = restore_params(workdir, step)
     cfg = resolve_model_config(config)
     adapters = lora.split(unstack_layers(params) if "h" in params else params)[0]
@@ -380,7 +382,7 @@ def export_adapters(workdir: str | epath.PathLike, out: str | epath.PathLike,
     tensors = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
     meta = {"rank": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets),
             "base_model": cfg.name, "base_weights": config.train.init_from}
-    with staged_dir(absolute(out)) as stage:
+    with staged_dir(out, "adapters", overwrite) as stage:
         write_safetensors(stage / "adapters.safetensors", tensors)
         (stage / "lora_config.json").write_text(json.dumps(meta, indent=1))
     return absolute(out)

@@ -183,6 +183,12 @@ def define_step_flag(what: str = "Checkpoint") -> flags.FlagHolder[str]:
     return holder
 
 
+def define_overwrite_flag() -> flags.FlagHolder[bool]:
+    """--overwrite: replace an --out folder that holds files lightjax did not write (never a training run)."""
+    return flags.DEFINE_bool("overwrite", False, "Replace --out even where it holds files lightjax did not write "
+                             "(a folder in or above a training run is refused regardless).")
+
+
 def define_distributed_flags() -> Callable[[], None]:
     """--distributed and the explicit --coordinator_address / --num_processes / --process_id of a
     multi-process job; returns the function that joins it (a no-op without them), whose `requested()`

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import statistics
 import time
 from typing import Any
@@ -32,8 +33,9 @@ from lightjax.benchmark import synthetic_inputs
 from lightjax.hardware import chip_for
 from lightjax.hlo import COLLECTIVES, collectives, partitioned_text
 from lightjax.metrics import compiled_flops, flops_per_token, peak_flops_per_device
+from lightjax.model import REMAT_POLICIES
 from lightjax.run import build_run
-from lightjax.sharding import batch_sharding
+from lightjax.sharding import RULE_SETS, batch_sharding
 
 # Bytes each device moves over its links per byte of the combined tensor, for ring algorithms.
 _LINK_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,
@@ -48,19 +50,42 @@ class Setting:
     batch: int  # 0: the config's global batch size
 
 
-def settings(layouts: str, rules: str = "", remat: str = "", batches: str = "") -> list[Setting]:
+def settings(layouts: str, rules: str = "", remat: str = "", batches: str = "",
+             device_count: int | None = None) -> list[Setting]:
     """Every combination of 'data,fsdp,tensor' layouts separated by ':', and comma-separated rule sets,
-    remat policies and global batch sizes (each left empty: the config's own)."""
+    remat policies and global batch sizes (each left empty: the config's own). A value that cannot work
+    (a layout whose product is not `device_count`, an unknown rule set or remat policy, a batch below 1)
+    is a ValueError naming it, before anything is compiled."""
     try:
         meshes = [tuple(int(x) for x in layout.split(",")) for layout in layouts.split(":") if layout]
         sizes = [int(b) for b in batches.split(",") if b] or [0]
     except ValueError:
         raise ValueError(f"--layouts={layouts!r} / --batch={batches!r}: layouts are 'data,fsdp,tensor' separated "
                          "by ':', batches comma-separated integers.") from None
-    if not meshes or any(len(m) != 3 for m in meshes):
-        raise ValueError(f"--layouts={layouts!r}: give 'data,fsdp,tensor' settings separated by ':', e.g. 4,1,1:1,4,1.")
+    if not meshes or any(len(m) != 3 or min(m) < 1 for m in meshes):
+        raise ValueError(f"--layouts={layouts!r}: give 'data,fsdp,tensor' settings of positive sizes separated by "
+                         "':', e.g. 4,1,1:1,4,1.")
+    wrong = [m for m in meshes if device_count is not None and math.prod(m) != device_count]
+    if wrong:
+        raise ValueError(f"--layouts: {', '.join(','.join(map(str, m)) for m in wrong)} "
+                         f"{'does' if len(wrong) == 1 else 'do'} not use the {device_count} devices (the sizes' "
+                         "product must equal the device count).")
+    bad = [b for b in sizes if b < 0 or (b == 0 and batches)]
+    if bad:
+        raise ValueError(f"--batch={batches!r}: global batch sizes must be positive (got {bad[0]}).")
+    unknown_rules = [r for r in rules.split(",") if r and r not in RULE_SETS]
+    unknown_remat = [r for r in remat.split(",") if r and r not in REMAT_POLICIES]
+    if unknown_rules:
+        raise ValueError(f"--rules: {unknown_rules[0]!r} is not one of {', '.join(RULE_SETS)}.")
+    if unknown_remat:
+        raise ValueError(f"--remat: {unknown_remat[0]!r} is not one of {', '.join(REMAT_POLICIES)}.")
     return [Setting(m, r, p, b) for m, r, p, b in itertools.product(
         meshes, rules.split(","), remat.split(","), sizes)]
+
+
+def failed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose setting failed for another reason than not fitting in memory (which is a result)."""
+    return [r for r in rows if "error" in r and r.get("fits") is not False]
 
 
 def _configure(config: Any, setting: Setting) -> Any:

@@ -37,17 +37,15 @@ from lightjax.checkpoint import (
     config_changes,
     load_weights,
 )
-from lightjax.data.instructions import ExampleRows, PromptStyle, is_instruction_source, load_records, write_examples
+from lightjax.data.instructions import ExampleRows, is_instruction_source
 from lightjax.data.pipeline import (
     TokenRows,
     check_vocab,
     open_tokens,
     read_token_meta,
     train_iterator,
-    write_token_file,
 )
-from lightjax.data.sources import load_split, prepare_source
-from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
+from lightjax.data.prepare import prepare_token_files, prepare_tokenizer
 from lightjax.distributed import any_process, is_leader, print_once, run_once
 from lightjax.evaluate import evaluate
 from lightjax.files import WorkdirLock
@@ -100,56 +98,6 @@ class _HeldInterrupt:
             raise KeyboardInterrupt
 
 
-def _tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
-    """The run's tokenizer: the one saved in WORKDIR/tokenizer/ when resuming, else built (once, by
-    process 0, from the training split) and saved there; every process then loads the saved one."""
-    saved = workdir / "tokenizer"
-
-    def build() -> None:
-        if not (saved / "tokenizer.json").exists():
-            prepare_source(config.data)
-            train_docs = load_split(config.data, "train") if config.data.tokenizer == "char" else None
-            make_tokenizer(config.data.tokenizer, train_docs).save(saved)
-
-    run_once("building the tokenizer", build)
-    return load_tokenizer(saved)
-
-
-# The data keys a prepared token file depends on; any change prepares it again.
-_TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction", "prompt_style")
-
-
-def _token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict[str, epath.Path]:
-    """{train,validation}.tokens (instruction sources: .examples.npz) in config.data.tokens_dir
-    (default WORKDIR/data): the splits tokenized, written by process 0 when missing or made from other
-    data settings. Only process 0 ever reads the data source; the others read these."""
-    d = config.data
-    directory = epath.Path(d.tokens_dir) if d.tokens_dir else workdir / "data"
-    suffix = "examples.npz" if is_instruction_source(d.source) else "tokens"
-    paths = {split: directory / f"{split}.{suffix}" for split in ("train", "validation")}
-    provenance = {k: d[k] for k in _TOKEN_FILE_KEYS}
-
-    def write(split: str, path: epath.Path) -> dict[str, Any]:
-        if is_instruction_source(d.source):
-            records = load_records(d.source, split, d.val_fraction)
-            return write_examples(records, PromptStyle(d.prompt_style, d.tokenizer), tokenizer, path, provenance)
-        return write_token_file(load_split(d, split), tokenizer, path, provenance)
-
-    def prepare() -> None:
-        prepare_source(d)
-        for split, path in paths.items():
-            meta = read_token_meta(path)
-            if meta is None or any(meta.get(k) != v for k, v in provenance.items()):
-                start = time.perf_counter()
-                meta = write(split, path)
-                count = (meta["examples"], "examples") if "examples" in meta else (meta["tokens"], "tokens")
-                what = f"{count[0]:,} {split} {count[1]}"
-                print(f"Prepared {what} into {path} in {time.perf_counter() - start:.1f} s.", flush=True)
-
-    run_once("preparing the data", prepare)
-    return paths
-
-
 def _resume(config: Any, checkpointer: Checkpointer, run: Run,
             config_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(state, meta): restored per config.checkpoint.resume, or freshly initialised (from
@@ -173,6 +121,23 @@ def _resume(config: Any, checkpointer: Checkpointer, run: Run,
         restored, where = _restore_from(mode, run, same_run)
     print_once(f"Resumed from {where} (step {restored[1]['step']}) on {jax.process_count()} process(es).")
     return restored
+
+
+def _check_resume_target(mode: str, workdir: epath.Path) -> None:
+    """A run that does not resume from its own workdir (resume='never', or another run's checkpoint) must
+    not start in a workdir that holds a run: it would rewrite that run's metrics and config at once and
+    fail at its first save. Refused before anything is written there."""
+    if mode == "auto" or (mode != "never" and str(absolute(mode)).startswith(str(workdir) + "/")):
+        return
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()] \
+        if (workdir / "checkpoints").is_dir() else []
+    metrics = workdir / "metrics.jsonl"
+    if not steps and not (metrics.exists() and metrics.read_text().strip()):
+        return
+    held = f"its last checkpoint is step {max(steps)}" if steps else "its metrics.jsonl has rows"
+    raise CheckpointError(f"config.checkpoint.resume={mode!r}, but {workdir} already holds a run ({held}), which "
+                          "this run would overwrite. Use another --workdir, or --config.checkpoint.resume=auto to "
+                          "continue that run.")
 
 
 def _restore_from(mode: str, run: Run, same_run: Any) -> tuple[tuple[Any, dict[str, Any]], epath.Path]:
@@ -242,9 +207,9 @@ def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Sequence[np.ndarray
     """What the loop needs before the first step: the built steps, the training rows, the validation
     tokens and their tokens per character (each file prepared once, by process 0)."""
     run = build_run(config)
-    tokenizer = _tokenizer(config, workdir)
+    tokenizer = prepare_tokenizer(config, workdir)
     check_vocab(tokenizer, run.model.config.vocab_size)
-    paths = _token_files(config, workdir, tokenizer)
+    paths = prepare_token_files(config, workdir, tokenizer)
     val_meta = read_token_meta(paths["validation"])
     tokens_per_char = val_meta["tokens"] / max(val_meta["characters"], 1)
     d = config.data
@@ -261,6 +226,7 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     """Run (or resume) training as configured, holding the workdir's lock (process 0 holds it for the
     job; a second trainer on the same workdir is refused); returns a summary of the run."""
     workdir = absolute(workdir)
+    _check_resume_target(config.checkpoint.resume, workdir)
 
     def lock() -> WorkdirLock:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import flags
 
-from lightjax.cli import define_step_flag
+from lightjax.cli import define_overwrite_flag, define_step_flag
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: a lightjax run directory (its latest checkpoint, or --step).")
@@ -32,17 +32,19 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 _MODEL_TYPE = flags.DEFINE_string("model_type", None, "export: the HF architecture (model_type) to write.")
 _ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "export --workdir of a LoRA run: write its adapters "
                                    "alone (adapters.safetensors, lora_config.json) instead of merged weights.")
+_OVERWRITE = define_overwrite_flag()
 COMMANDS = ("import", "export")
 
 
-def import_hf(hf_dir: str, out: str, dtype: str) -> str:
+def import_hf(hf_dir: str, out: str, dtype: str, overwrite: bool = False) -> str:
     from lightjax.checkpoint import save_exported
     from lightjax.convert.hf import load_hf_checkpoint, read_hf_config
     from lightjax.data.tokenizers import load_hf_tokenizer
-    from lightjax.files import staged_dir
+    from lightjax.files import check_output_dir, staged_dir
 
+    check_output_dir(out, "export", overwrite)  # before the weights are read
     cfg, params = load_hf_checkpoint(hf_dir)
-    with staged_dir(Path(out).absolute()) as stage:  # a failed import leaves no half-written folder
+    with staged_dir(out, "export", overwrite) as stage:  # a failed import leaves no half-written folder
         save_exported(stage, cfg, params, dtype)
         (stage / "hf_config.json").write_text(json.dumps(read_hf_config(hf_dir), indent=1))
         try:
@@ -54,14 +56,15 @@ def import_hf(hf_dir: str, out: str, dtype: str) -> str:
 
 
 def export_hf(workdir: str | None, step: int | str, export_dir: str | None, out: str, dtype: str,
-              model_type: str | None) -> str:
+              model_type: str | None, overwrite: bool = False) -> str:
     import jax
     import jax.numpy as jnp
 
     from lightjax.checkpoint import load_exported, restore_model
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
-    from lightjax.files import staged_dir
+    from lightjax.files import check_output_dir, staged_dir
 
+    check_output_dir(out, "hf", overwrite)  # before the weights are read
     token_ids = {}
     if export_dir:
         cfg, params = load_exported(export_dir)
@@ -76,7 +79,7 @@ def export_hf(workdir: str | None, step: int | str, export_dir: str | None, out:
         source = Path(workdir)
     model_type = hf_model_type(cfg, model_type)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    with staged_dir(Path(out).absolute()) as stage:  # a failed export leaves no half-written folder
+    with staged_dir(out, "hf", overwrite) as stage:  # a failed export leaves no half-written folder
         save_hf_checkpoint(stage, params, cfg, model_type, token_ids)
         tokenizer = _export_tokenizer(source / "tokenizer", Path(stage))
     return f"Exported {cfg.name} as HF {model_type} ({dtype}) to {Path(out).absolute()}; {tokenizer}."
@@ -108,7 +111,7 @@ def main(argv):
         if argv[1] == "import":
             if not _HF_DIR.value:
                 sys.exit("convert_hf: import needs --hf_dir.")
-            print(import_hf(_HF_DIR.value, _OUT.value, _DTYPE.value))
+            print(import_hf(_HF_DIR.value, _OUT.value, _DTYPE.value, _OVERWRITE.value))
         else:
             if bool(_WORKDIR.value) == bool(_EXPORT_DIR.value):
                 sys.exit("convert_hf: export needs exactly one of --workdir and --export_dir.")
@@ -117,11 +120,11 @@ def main(argv):
 
                 if not _WORKDIR.value:
                     sys.exit("convert_hf: --adapters_only needs --workdir (a LoRA run).")
-                out = export_adapters(_WORKDIR.value, _OUT.value, _STEP.value)
+                out = export_adapters(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
                 print(f"Exported the LoRA adapters of {_WORKDIR.value} to {out}.")
                 return
             print(export_hf(_WORKDIR.value, _STEP.value, _EXPORT_DIR.value, _OUT.value, _DTYPE.value,
-                            _MODEL_TYPE.value))
+                            _MODEL_TYPE.value, _OVERWRITE.value))
     except (OSError, ValueError, CheckpointError) as e:
         sys.exit(f"convert_hf: {e}")
 

@@ -12,13 +12,14 @@ import sys
 
 from absl import flags
 
-from lightjax.cli import define_step_flag
+from lightjax.cli import define_overwrite_flag, define_step_flag
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _STEP = define_step_flag()
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype of the export.")
 _ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "A LoRA run: write its adapters alone, unmerged.")
+_OVERWRITE = define_overwrite_flag()
 
 
 def main(argv):
@@ -27,9 +28,9 @@ def main(argv):
 
     try:
         if _ADAPTERS_ONLY.value:
-            out = export_adapters(_WORKDIR.value, _OUT.value, _STEP.value)
+            out = export_adapters(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
         else:
-            out = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+            out = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _OVERWRITE.value)
     except (OSError, ValueError, CheckpointError) as e:
         sys.exit(f"export: {e}")
     what = "the LoRA adapters (float32)" if _ADAPTERS_ONLY.value else f"the parameters ({_DTYPE.value})"

@@ -18,9 +18,12 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
+from lightjax.cli import define_overwrite_flag
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/audit.py", "Run config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "audit", "Directory for environment.json and environment.md.")
 _SECOND_SEED = flags.DEFINE_integer("second_seed", None, "The other seed (default: the config's seed + 1).")
+_OVERWRITE = define_overwrite_flag()
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "Largest relative difference of the two seeds' final losses.")
 
 
@@ -34,6 +37,7 @@ def _write(out: Path, report: dict) -> None:
 def main(argv):
     del argv
     from lightjax.audit import determinism_check, environment
+    from lightjax.files import output_dir
     from lightjax.run_config import validate
 
     config, out = _CONFIG.value, Path(_OUT.value)
@@ -43,14 +47,13 @@ def main(argv):
         sys.exit(f"reproducibility_audit: {e}")
     report = {"environment": environment(config)}
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        _write(out, report)  # the environment is on record even if a run below fails
+        with output_dir(out, "audit", _OVERWRITE.value) as folder:
+            _write(folder, report)  # the environment is on record even if a run below fails
+            report["determinism"] = determinism_check(config, _SECOND_SEED.value, _TOLERANCE.value)
+            _write(folder, report)
     except OSError as e:
         sys.exit(f"reproducibility_audit: cannot write the report to --out={out}: {e.strerror or e}")
-    try:
-        report["determinism"] = determinism_check(config, _SECOND_SEED.value, _TOLERANCE.value)
-        _write(out, report)
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         sys.exit(f"reproducibility_audit: {e}")
     check = report["determinism"]
     a, b = check["runs"]["seed_a"], check["runs"]["seed_b"]

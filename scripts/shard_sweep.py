@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lightjax.cli import simulate_host_devices
+from lightjax.cli import define_overwrite_flag, simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "Run config file.", lock_config=False)
 _LAYOUTS = flags.DEFINE_string("layouts", "", "Mesh shapes 'data,fsdp,tensor' separated by ':'.")
@@ -28,6 +28,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice (v5e-16, v5p-8, v5e
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Measured steps per setting on local devices (0: compile only).")
 _OUT = flags.DEFINE_string("out", "runs/sweep", "Output folder (any etils.epath path).")
+_ALLOW_FAILURES = flags.DEFINE_bool("allow_failures", False, "Exit 0 even when a setting fails for another reason "
+                                    "than not fitting in memory.")
+_OVERWRITE = define_overwrite_flag()
 
 
 def main(argv):
@@ -39,24 +42,28 @@ def main(argv):
         return
     simulate_host_devices(_HOST_DEVICES.value)
     import jax
-    from etils import epath
 
-    from lightjax.sweep import markdown, plot, settings, sweep
+    from lightjax.files import check_output_dir, output_dir
+    from lightjax.sweep import failed, markdown, plot, settings, sweep
 
     try:
-        all_settings = settings(_LAYOUTS.value, _RULES.value, _REMAT.value, _BATCH.value)
         devices = tpu_topology(_TOPOLOGY.value).devices() if _TOPOLOGY.value else jax.devices()
+        all_settings = settings(_LAYOUTS.value, _RULES.value, _REMAT.value, _BATCH.value, len(devices))
+        check_output_dir(_OUT.value, "sweep", _OVERWRITE.value)  # before hours of compiling
     except ValueError as e:
         sys.exit(f"shard_sweep: {e}")
-    out = epath.Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
     steps = 0 if _TOPOLOGY.value else _STEPS.value
     print(f"{len(all_settings)} settings on {len(devices)} x {devices[0].device_kind}", flush=True)
     rows = sweep(_CONFIG.value, all_settings, devices, steps, log=lambda line: print(line, flush=True))
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "results.md").write_text(markdown(rows) + "\n")
-    plot(rows, out)
+    with output_dir(_OUT.value, "sweep", _OVERWRITE.value) as out:
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "results.md").write_text(markdown(rows) + "\n")
+        plot(rows, out)
     print(f"Wrote {out}/results.jsonl, results.md, memory.png, step_time.png.")
+    bad = failed(rows)
+    if bad and not _ALLOW_FAILURES.value:
+        sys.exit(f"shard_sweep: {len(bad)} of {len(rows)} settings failed ({bad[0]['setting']}: {bad[0]['error']}); "
+                 "see results.md, or pass --allow_failures to exit 0 with failed settings.")
 
 
 if __name__ == "__main__":

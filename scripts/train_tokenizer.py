@@ -16,6 +16,8 @@ from pathlib import Path
 
 from absl import flags
 
+from lightjax.cli import define_overwrite_flag
+
 _INPUT = flags.DEFINE_string("input", "", "Glob of UTF-8 text files to train on.")
 _TINY = flags.DEFINE_string("tiny_shakespeare", "", "Path of Tiny Shakespeare's input.txt: train on its train split.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 16000, "Number of pieces.")
@@ -23,15 +25,18 @@ _TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiec
 _COVERAGE = flags.DEFINE_float("character_coverage", 0.9995, "Share of characters given their own piece "
                                "(the rest are spelled as bytes); below 1.0 for small vocabularies.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_OVERWRITE = define_overwrite_flag()
 
 
 def main(argv):
     del argv
     from lightjax.data import tiny_shakespeare
     from lightjax.data.tokenizers import train_sentencepiece
+    from lightjax.files import check_output_dir, staged_dir
 
     out = Path(_OUT.value)
     try:
+        check_output_dir(out, "tokenizer", _OVERWRITE.value)
         with tempfile.TemporaryDirectory() as tmp:
             if _TINY.value:
                 train_file = Path(tmp) / "train.txt"
@@ -42,7 +47,8 @@ def main(argv):
                 if not files:
                     raise FileNotFoundError(f"--input={_INPUT.value!r} matches no file.")
             tok = train_sentencepiece(files, Path(tmp) / "spm", _VOCAB.value, _TYPE.value, _COVERAGE.value)
-            tok.save(out)
+            with staged_dir(out, "tokenizer", _OVERWRITE.value) as stage:
+                tok.save(stage)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"train_tokenizer: {e}")
     print(f"Wrote {out}/tokenizer.model ({tok.vocab_size} pieces, {_TYPE.value}).")

@@ -27,7 +27,7 @@ from lightjax.run_config import default_config
 from lightjax.sharding import shard_batch
 from lightjax.train_step import synthetic_batch
 from lightjax.trainer import _StopSignal, train
-from tests.helpers import ROOT, random_hf_model, require_hf
+from tests.helpers import ROOT, SHAKESPEARE, random_hf_model, require_hf
 from tests.runs import assert_same_run, cli_command, final_params, losses, run_config, wait_for_rows
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
@@ -250,12 +250,15 @@ def test_training_starts_from_imported_weights(tmp_path, scan_layers):
 
 def test_runs_share_prepared_token_files(tmp_path, capsys):
     """data.tokens_dir: the first run tokenizes into it, a second run on the same data reuses the files
-    (and trains alike), a run with another tokenizer prepares its own."""
+    (and trains alike); a run with another tokenizer, or on edited data, makes its own in a subfolder
+    and leaves the first run's files as they were."""
     shared = tmp_path / "tokens"
+    text = tmp_path / "corpus.txt"
+    text.write_text(SHAKESPEARE.read_text()[:20000])
 
     def run(name, **data):
         c = run_config(tmp_path, max_steps=3, save_every=0)
-        c.data.tokens_dir = str(shared)
+        c.data.source, c.data.local_path, c.data.tokens_dir = f"text:{text}", "", str(shared)
         for k, v in data.items():
             setattr(c.data, k, v)
         if data.get("tokenizer") == "byte":
@@ -263,9 +266,20 @@ def test_runs_share_prepared_token_files(tmp_path, capsys):
         train(c, tmp_path / name)
         return capsys.readouterr().out
 
-    assert run("a").count(f"tokens into {shared}") == 2  # train and validation
+    assert run("a").count(f"tokens into {shared}/") == 2  # train and validation
+    first = {f.name: f.read_bytes() for f in shared.iterdir() if f.is_file()}
     assert "Prepared" not in run("b")
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert not (tmp_path / "a" / "data").exists()
-    assert run("c", tokenizer="byte").count("Prepared") == 2
-    assert json.loads((shared / "train.tokens.json").read_text())["tokenizer"] == "byte"
+    out = run("c", tokenizer="byte")
+    assert "were made from other data or another tokenizer" in out and out.count("Prepared") == 2
+    [byte_dir] = [d for d in shared.iterdir() if d.is_dir()]
+    assert json.loads((byte_dir / "train.tokens.json").read_text())["tokenizer"] == "byte"
+    text.write_text(SHAKESPEARE.read_text()[:20000].upper())  # the same settings, other bytes and characters
+    assert run("d").count("Prepared") == 2
+    assert len([d for d in shared.iterdir() if d.is_dir()]) == 2
+    assert losses(tmp_path / "d") != losses(tmp_path / "a")
+    assert {f.name: f.read_bytes() for f in shared.iterdir() if f.is_file()} == first  # never overwritten
+    text.write_text(SHAKESPEARE.read_text()[:20000])
+    assert "Prepared" not in run("e")  # the first data again: its files are found where they were
+    assert losses(tmp_path / "e") == losses(tmp_path / "a")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
+from etils import epath
 
 from lightjax.data import tiny_shakespeare
 from lightjax.data.instructions import PromptStyle, is_instruction_source, load_records
@@ -190,6 +191,10 @@ class TextCorpus(Sequence):
 
 
 def _text_documents(pattern: str, text_field: str) -> TextCorpus:
+    return TextCorpus(_text_files(pattern), text_field)
+
+
+def _text_files(pattern: str) -> list[Path]:
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not files:
         raise FileNotFoundError(f"config.data.source='text:{pattern}' matches no file.")
@@ -199,7 +204,7 @@ def _text_documents(pattern: str, text_field: str) -> TextCorpus:
                          "files, e.g. text:corpus/**/*.txt.")
     if not any(f.stat().st_size for f in files):
         raise ValueError(f"config.data.source='text:{pattern}': the corpus is empty ({len(files)} files, no text).")
-    return TextCorpus(files, text_field)
+    return files
 
 
 def split_documents(docs: Sequence[str], val_fraction: float) -> dict[str, Sequence[str]]:
@@ -250,6 +255,24 @@ def _quiet_tfds() -> Iterator[None]:
             yield
     finally:
         absl_logging.set_verbosity(verbosity)
+
+
+def source_files(data: Any) -> list[epath.Path]:
+    """The files `config.data.source` is read from, for the fingerprint that decides whether token files
+    made earlier are still this data's. Tiny Shakespeare has none: its text is checked against its
+    sha256 when read, so it is always the same."""
+    source = data.source
+    if source.startswith("text:"):
+        return [epath.Path(f) for f in _text_files(source[len("text:"):])]
+    if is_instruction_source(source):
+        path = epath.Path(source.split(":", 1)[1])
+        kind = source.split(":", 1)[0]
+        return [path / f"{split}.{kind}" for split in ("train", "validation")] if path.is_dir() else [path]
+    if source.startswith("tfds:"):
+        name = source[len("tfds:"):].split(":")[0]
+        root = epath.Path(data.data_dir or tfds.core.constants.DATA_DIR) / name.split("/")[0]
+        return [p for p in root.glob("**/*") if p.is_file()]
+    return []
 
 
 def load_split(data: Any, split: str) -> Sequence[str]:

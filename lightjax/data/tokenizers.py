@@ -20,6 +20,7 @@ from etils import epath
 from tokenizers import Tokenizer as FastTokenizer
 
 from lightjax.data.sources import pieces
+from lightjax.files import content_fingerprint
 
 META_FILE = "tokenizer.json"
 
@@ -186,6 +187,11 @@ def load_hf_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
         ids = [i[0] if isinstance(i, list) else i for i in ids]  # some models list several EOS ids
         return HFTokenizer(directory / "tokenizer.json", *ids)
     raise FileNotFoundError(f"No tokenizer.model or tokenizer.json in {directory}.")
+
+
+def tokenizer_fingerprint(directory: str | epath.PathLike) -> str:
+    """A sha256 of a saved tokenizer's files: token files are reused only by a run with the same one."""
+    return content_fingerprint([p for p in epath.Path(directory).iterdir() if p.is_file()])
 
 
 def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:

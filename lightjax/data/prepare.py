@@ -1,0 +1,97 @@
+"""A run's tokenizer and token files, made once by process 0 (the only process that reads the data
+source) before the first step, and reused by later invocations and by other runs where they are the
+same: token files only when made from the same data settings, the same source bytes and the same
+tokenizer (fingerprints in their metadata)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from etils import epath
+
+from lightjax.data.instructions import PromptStyle, is_instruction_source, load_records, write_examples
+from lightjax.data.pipeline import read_token_meta, write_token_file
+from lightjax.data.sources import load_split, prepare_source, source_files
+from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_fingerprint
+from lightjax.distributed import leader_value, run_once
+from lightjax.files import content_fingerprint
+
+
+def prepare_tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
+    """The run's tokenizer: the one saved in WORKDIR/tokenizer/ when resuming, else built (once, by
+    process 0, from the training split) and saved there; every process then loads the saved one."""
+    saved = workdir / "tokenizer"
+
+    def build() -> None:
+        if not (saved / "tokenizer.json").exists():
+            prepare_source(config.data)
+            train_docs = load_split(config.data, "train") if config.data.tokenizer == "char" else None
+            make_tokenizer(config.data.tokenizer, train_docs).save(saved)
+
+    run_once("building the tokenizer", build)
+    return load_tokenizer(saved)
+
+
+# The data keys a prepared token file depends on; any change prepares it again.
+_TOKEN_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction", "prompt_style")
+
+
+def prepare_token_files(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> dict[str, epath.Path]:
+    """{train,validation}.tokens (instruction sources: .examples.npz) in config.data.tokens_dir
+    (default WORKDIR/data): the splits tokenized, written by process 0 when missing. Files there are
+    reused only when made from the same data settings, the same source bytes and the same tokenizer
+    (fingerprints in their metadata); files made otherwise are left alone, and this run's are made in a
+    subfolder named by its fingerprint. Only process 0 ever reads the data source; the others read these."""
+    d = config.data
+    directory = epath.Path(d.tokens_dir) if d.tokens_dir else workdir / "data"
+    suffix = "examples.npz" if is_instruction_source(d.source) else "tokens"
+
+    def write(split: str, path: epath.Path, provenance: dict[str, Any]) -> dict[str, Any]:
+        if is_instruction_source(d.source):
+            records = load_records(d.source, split, d.val_fraction)
+            return write_examples(records, PromptStyle(d.prompt_style, d.tokenizer), tokenizer, path, provenance)
+        return write_token_file(load_split(d, split), tokenizer, path, provenance)
+
+    def prepare() -> int:
+        prepare_source(d)
+        provenance = {**{k: d[k] for k in _TOKEN_FILE_KEYS},
+                      "source_fingerprint": content_fingerprint(source_files(d)),
+                      "tokenizer_fingerprint": tokenizer_fingerprint(workdir / "tokenizer")}
+        key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
+        folder = _token_folder(directory, suffix, provenance, key)
+        for split in _SPLITS:
+            path = folder / f"{split}.{suffix}"
+            meta = read_token_meta(path)
+            if meta is not None and _made_from(meta, provenance):
+                continue
+            start = time.perf_counter()
+            meta = write(split, path, provenance)
+            count = (meta["examples"], "examples") if "examples" in meta else (meta["tokens"], "tokens")
+            print(f"Prepared {count[0]:,} {split} {count[1]} into {path} in {time.perf_counter() - start:.1f} s.",
+                  flush=True)
+        return 0 if folder == directory else int(key, 16)
+
+    chosen = int(leader_value(run_once("preparing the data", prepare) or 0))
+    folder = directory if chosen == 0 else directory / f"{chosen:012x}"
+    return {split: folder / f"{split}.{suffix}" for split in _SPLITS}
+
+
+_SPLITS = ("train", "validation")
+
+
+def _made_from(meta: dict[str, Any], provenance: dict[str, Any]) -> bool:
+    return all(meta.get(k) == v for k, v in provenance.items())
+
+
+def _token_folder(directory: epath.Path, suffix: str, provenance: dict[str, Any], key: str) -> epath.Path:
+    """Where this run's token files are: `directory` unless it holds files made from other data or
+    another tokenizer (never overwritten: another run may be reading them), else directory/KEY."""
+    metas = [read_token_meta(directory / f"{split}.{suffix}") for split in _SPLITS]
+    if all(m is None or _made_from(m, provenance) for m in metas):
+        return directory
+    print(f"The token files in {directory} were made from other data or another tokenizer; this run's are in "
+          f"{directory / key}.", flush=True)
+    return directory / key
