@@ -326,20 +326,43 @@ def absolute(path: str | epath.PathLike) -> epath.Path:
 def restore_params(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[Any, Any, int]:
     """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
     run's checkpoint: `step`, 'latest' (the default) or 'best' (the lowest validation loss); the
-    optimizer state is not kept."""
+    optimizer state is not kept. The latest one that does not read (a crash mid-write, damage) falls back
+    to the one before, said in a line, as a resumed run does; nothing in the run is changed."""
+    workdir = absolute(workdir)
+    if not (workdir / "checkpoints").is_dir():
+        where = "does not exist" if not workdir.exists() else "has no checkpoints/ folder: not a training run's workdir"
+        raise CheckpointError(f"{workdir} {where}.")
     ckpt = Checkpointer(workdir, async_save=False)
     try:
-        step = ckpt.choose(step)
-        meta = ckpt.read_meta(step)
-        # Onto this process's first device, whatever mesh wrote it: a target with that sharding.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              ckpt.manager.item_metadata(step)["state"])
-        state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        check_digests(meta, state)
+        chosen = ckpt.choose(step)
+        latest = step is None or step == "latest"
+        candidates = [s for s in reversed(ckpt.steps()) if s <= chosen] if latest else [chosen]
+        for i, candidate in enumerate(candidates):
+            try:
+                meta, state = _read_params(ckpt, candidate)
+                return ml_collections.ConfigDict(meta["config"]), state["params"], candidate
+            except Exception as e:  # noqa: BLE001 (any failure to read: the previous one, or the error)
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+                if i + 1 == len(candidates):
+                    raise CheckpointError(f"Checkpoint {ckpt.directory / str(candidate)} cannot be read ({reason})"
+                                          f"{'; no earlier one could be either' if i else ''}.") from None
+                print_once(f"Checkpoint {ckpt.directory / str(candidate)} cannot be read ({reason}); using the "
+                           "one before it.")
     finally:
         ckpt.close()
-    return ml_collections.ConfigDict(meta["config"]), state["params"], step
+    raise AssertionError("unreachable")
+
+
+def _read_params(ckpt: Checkpointer, step: int) -> tuple[dict[str, Any], Any]:
+    """(meta, state without the optimizer) of checkpoint `step`, on this process's first device whatever
+    mesh wrote it, checked against its digests."""
+    meta = ckpt.read_meta(step)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckpt.manager.item_metadata(step)["state"])
+    state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    check_digests(meta, state)
+    return meta, state
 
 
 def restore_model(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[ModelConfig, Any, int, Any]:

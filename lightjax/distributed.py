@@ -17,8 +17,10 @@ Every host (or every local process standing in for one) runs the same command. T
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,13 +47,51 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                f"(cluster auto-detection); missing {missing}.")
     if num_processes is not None and not 0 <= process_id < num_processes:
         raise DistributedError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+    if coordinator_address is not None:
+        _check_address(coordinator_address)
+        if process_id:  # process 0 serves the coordinator; the others must reach it
+            _wait_for_coordinator(coordinator_address, heartbeat_timeout_s)
     try:
+        # A coordinator that cannot be reached fails the job within the heartbeat time (JAX waits 300 s).
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=heartbeat_timeout_s,
                                    heartbeat_timeout_seconds=heartbeat_timeout_s)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if coordinator_address is not None:
+            raise DistributedError(f"Could not join the job at --coordinator_address={coordinator_address} within "
+                                   f"{heartbeat_timeout_s} s ({first[:200]}). Is process 0 running there, and is the "
+                                   "address reachable from this host?") from None
         raise DistributedError(f"jax.distributed.initialize failed: {first}. Outside a TPU VM or Slurm job, give "
                                "--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until the coordinator's port accepts connections (process 0 may start later), at most
+    `timeout_s`: past that JAX's client aborts the process with a C++ stack trace instead of an error."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except socket.gaierror as e:
+            raise DistributedError(f"--coordinator_address={address}: the host {host!r} is unknown ({e.strerror})."
+                                   ) from None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"Could not reach the coordinator at --coordinator_address={address} within "
+                                       f"{timeout_s:g} s ({e.strerror or e}). Is process 0 running there, and is the "
+                                       "address reachable from this host?") from None
+            time.sleep(0.5)
+
+
+def _check_address(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or host.startswith("[") != host.endswith("]"):
+        raise DistributedError(f"--coordinator_address={address!r} is not HOST:PORT (e.g. 10.0.0.2:8476, or "
+                               "[::1]:8476 for IPv6), the port a number in [1, 65535].")
 
 
 def is_leader() -> bool:

@@ -66,12 +66,13 @@ def sample(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax
 
 
 def _decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng: jax.Array, max_new: jax.Array,
-              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, eos_id: jax.Array,
+              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, vocab_limit: jax.Array, eos_id: jax.Array,
               cache_len: int) -> tuple[jax.Array, jax.Array]:
-    """(new tokens [B, cache_len - P], how many were produced) for left-padded prompts [B, P]."""
+    """(new tokens [B, cache_len - P], how many were produced) for left-padded prompts [B, P]. Only ids
+    below `vocab_limit` are sampled: never the padding rows, nor ids a smaller tokenizer cannot decode."""
     cfg = model.config
     B, P = prompt.shape
-    vocab_mask = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size  # never sample the padding rows
+    vocab_mask = jnp.arange(cfg.padded_vocab_size) < vocab_limit
 
     def next_token(logits: jax.Array, i: jax.Array) -> jax.Array:
         logits = jnp.where(vocab_mask, logits[:, -1], -jnp.inf)
@@ -134,12 +135,14 @@ def compiled_programs() -> int:
 
 def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-             seed: int = 0, mesh: Any = None, rules: Rules | None = None) -> list[list[int]]:
-    """New tokens for each prompt (token ids), up to `max_new_tokens` each, cut before `eos_id`.
+             seed: int = 0, vocab_size: int | None = None, mesh: Any = None,
+             rules: Rules | None = None) -> list[list[int]]:
+    """New tokens for each prompt (token ids), up to `max_new_tokens` each, cut before `eos_id`, all
+    below `vocab_size` (a tokenizer smaller than the model's vocabulary; default the model's).
     With `mesh` (and its `rules`), runs under it: params may be sharded, the cache is laid out like
     the activations (batch over data/fsdp, kv heads over tensor)."""
     args, cache_len = decode_inputs(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, eos_id=eos_id, seed=seed)
+                                    top_p=top_p, eos_id=eos_id, seed=seed, vocab_size=vocab_size)
     with with_mesh(mesh, rules or ()) if mesh is not None else contextlib.nullcontext():
         out, n = decode_loop()(model, params, *args, cache_len=cache_len)
     eos = int(args[-1])
@@ -152,11 +155,17 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
 
 def decode_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-                  seed: int = 0) -> tuple[tuple[Any, ...], int]:
+                  seed: int = 0, vocab_size: int | None = None) -> tuple[tuple[Any, ...], int]:
     """The decode program's arguments after the parameters (left-padded prompts, their starts, the rng,
-    the sampling settings, the EOS id or -1) and its cache length; one error naming any bad value."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    the sampling settings, the sampled vocabulary's size, the EOS id or -1) and its cache length; one
+    error naming any bad value."""
+    if not prompts:
+        raise ValueError("No prompt to generate from (give at least one, and num_samples >= 1).")
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("Every prompt needs at least one token.")
+    limit = cfg.vocab_size if vocab_size is None else min(vocab_size, cfg.vocab_size)
+    if limit < 1:
+        raise ValueError(f"vocab_size={vocab_size} leaves no token to sample.")
     longest = max(len(p) for p in prompts)
     if max_new_tokens < 1 or longest + max_new_tokens > cfg.block_size:
         raise ValueError(f"max_new_tokens={max_new_tokens} is not in [1, {cfg.block_size - longest}]: the longest "
@@ -176,7 +185,7 @@ def decode_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
         prompt[row, width - len(p):] = p
     start = np.array([width - len(p) for p in prompts], np.int32)
     args = (prompt, start, jax.random.PRNGKey(seed), np.int32(max_new_tokens), np.float32(temperature),
-            np.int32(top_k), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id))
+            np.int32(top_k), np.float32(top_p), np.int32(limit), np.int32(-1 if eos_id is None else eos_id))
     return args, cache_len
 
 
@@ -186,6 +195,7 @@ def generate_text(model: GPT, params: Any, tokenizer: Any, prompts: Sequence[str
     and cut before the first of the `stop` strings."""
     ids = [tokenizer.encode(p).tolist() for p in prompts]
     kwargs.setdefault("eos_id", tokenizer.eos_id)
+    kwargs.setdefault("vocab_size", tokenizer.vocab_size)
     return [cut_at_stop(tokenizer.decode(t), stop) for t in generate(model, params, ids, max_new_tokens, **kwargs)]
 
 

@@ -220,9 +220,21 @@ def check_job(acc: Accelerator, command: Sequence[str], workdir: str | None) -> 
     if not (where or "").startswith("gs://"):
         raise TpuVmError(f"{acc.name} has {acc.hosts} hosts, which must share the workdir: give "
                          f"--workdir=gs://BUCKET/RUN (got {where!r}; a local path would be {acc.hosts} folders).")
-    if command[0].endswith("train.py") and "--distributed" not in command:
+    script = next((arg for arg in command if arg.endswith(".py")), "")  # also after python3 -u ...
+    if script.endswith("train.py") and not _joins_job(command):
         raise TpuVmError(f"{acc.name} has {acc.hosts} hosts: add --distributed to the train command so that they "
                          "join one job.")
+
+
+def _joins_job(command: Sequence[str]) -> bool:
+    """Whether a train command asks to join a multi-process job (--distributed, as absl spells it true)."""
+    for arg in command:
+        name, _, value = arg.partition("=")
+        if name == "--distributed" and value.lower() in ("", "true", "1", "t", "yes"):
+            return True
+        if name == "--coordinator_address" and value:
+            return True
+    return False
 
 
 def prepare(gcloud: Gcloud, name: str, zone: str, source: Source) -> int:

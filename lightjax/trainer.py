@@ -164,6 +164,10 @@ def _restore_from(mode: str, run: Run, same_run: Any) -> tuple[tuple[Any, dict[s
 def _fresh_state(config: Any, run: Run) -> Any:
     source = config.train.init_from
     if not source:
+        if config.lora.rank:
+            print_once(f"WARNING: config.lora.rank={config.lora.rank} without config.train.init_from: the adapters "
+                       "train over a frozen model of random weights. Set train.init_from to the pretrained weights "
+                       "(an export or Hugging Face directory), or lora.rank=0 to train every weight.")
         return run.init_state()
     weights_cfg, params = load_weights(source)
     check_same_architecture(run.model.config, weights_cfg, source)

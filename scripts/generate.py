@@ -22,7 +22,8 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face checkpoint directo
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "An export directory (scripts/export.py or convert_hf.py "
                                   "import) instead of --workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt text; repeat the flag for several prompts.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt (generated together as one batch).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt (generated together as one batch).",
+                                    lower_bound=1)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate per sample (0: as many as the model's "
                                 "block_size leaves after the longest prompt).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
@@ -63,10 +64,13 @@ def prompt_token_ids(prompts, tokenizer, config):
     """Each prompt's ids; with --instruction rendered and encoded as the run's training prompts were."""
     if not _INSTRUCTION.value:
         return prompts, [tokenizer.encode(p).tolist() for p in prompts]
-    from lightjax.data.instructions import PromptStyle, prompt_ids
+    from lightjax.data.instructions import PromptStyle, is_instruction_source, prompt_ids
 
     if config is None:
         raise ValueError("--instruction needs --workdir (the prompt style is the run's data.prompt_style).")
+    if not is_instruction_source(config.data.source):
+        raise ValueError(f"--instruction: the run trained on data.source={config.data.source!r}, not on instruction "
+                         "records (json:/jsonl:); leave out --instruction to continue plain text.")
     style = PromptStyle(config.data.get("prompt_style", "alpaca"), config.data.tokenizer)
     rendered = [style.prompt(p) for p in prompts]
     return rendered, [prompt_ids(p, tokenizer).tolist() for p in rendered]
@@ -85,7 +89,7 @@ def main(argv):
         prompts, ids = prompt_token_ids(prompts, tokenizer, config)
         max_new = _MAX_NEW.value or model.config.block_size - max(len(i) for i in ids)
         kwargs = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                      eos_id=tokenizer.eos_id, seed=_SEED.value)
+                      eos_id=tokenizer.eos_id, seed=_SEED.value, vocab_size=tokenizer.vocab_size)
         start = time.perf_counter()
         generate(model, params, ids, max_new, **kwargs)  # compiles the decode program, timed apart
         compile_s = time.perf_counter() - start

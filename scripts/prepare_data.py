@@ -27,12 +27,12 @@ _SPM_VOCAB = flags.DEFINE_integer("spm_vocab_size", 0, "Train the spm:PATH token
 def main(argv):
     del argv
     from lightjax.data.pipeline import count_tokens
-    from lightjax.data.sources import SPLITS, load_split, pieces
+    from lightjax.data.sources import load_split, pieces, source_splits
     from lightjax.data.tokenizers import make_tokenizer, train_sentencepiece
 
     data = _CONFIG.value.data
     try:
-        docs = {split: load_split(data, split) for split in SPLITS}
+        docs = {split: load_split(data, split) for split in source_splits(data)}
         spec = data.tokenizer
         if spec.startswith("spm:") and not Path(spec[4:]).exists() and _SPM_VOCAB.value:
             target = Path(spec[4:])

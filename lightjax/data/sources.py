@@ -275,11 +275,18 @@ def source_files(data: Any) -> list[epath.Path]:
     return []
 
 
+def source_splits(data: Any) -> tuple[str, ...]:
+    """The splits `config.data.source` has: Tiny Shakespeare and TFDS datasets a test split too, text and
+    instruction sources only what they are cut into (train and validation)."""
+    return SPLITS if data.source == "tiny_shakespeare" or data.source.startswith("tfds:") else SPLITS[:2]
+
+
 def load_split(data: Any, split: str) -> Sequence[str]:
     """The documents of `split` ('train', 'validation', or 'test' where the source has one) of `config.data`."""
     source = data.source
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+    if split not in source_splits(data):
+        raise ValueError(f"config.data.source={source!r} has no {split!r} split (its splits: "
+                         f"{', '.join(source_splits(data))}).")
     if source == "tiny_shakespeare":
         prepare_source(data)
         return TextField(_tiny_shakespeare(data).as_data_source(split), "text", "tiny_shakespeare")
@@ -289,12 +296,8 @@ def load_split(data: Any, split: str) -> Sequence[str]:
         src = tfds.data_source(name, split=tfds_split, data_dir=data.data_dir or None, download=False)
         return TextField(src, data.text_field, f"tfds:{name}[{tfds_split}]")
     if source.startswith("text:"):
-        if split == "test":
-            raise ValueError(f"config.data.source={source!r} has only 'train' and 'validation' splits.")
         return split_documents(_text_documents(source[len("text:"):], data.text_field), data.val_fraction)[split]
     if is_instruction_source(source):
-        if split == "test":
-            raise ValueError(f"config.data.source={source!r} has only 'train' and 'validation' splits.")
         style = PromptStyle(data.prompt_style, data.tokenizer)
         return ["".join(style(record)) for record in load_records(source, split, data.val_fraction)]
     raise ValueError(f"config.data.source={source!r} is not one of {', '.join(SOURCES)}.")
