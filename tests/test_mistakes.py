@@ -199,7 +199,7 @@ def test_tpu_vm_checks_the_train_command_however_it_is_written(command, ok):
 
 
 def test_lora_without_pretrained_weights_warns(tmp_path, capsys):
-    c = run_config(tmp_path, max_steps=1, save_every=0)
+    c = run_config(tmp_path, max_steps=2, save_every=0)
     c.lora.rank = 4
     train(c, tmp_path / "run")
     assert "WARNING: config.lora.rank=4 without config.train.init_from" in capsys.readouterr().out
