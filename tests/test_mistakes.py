@@ -203,3 +203,12 @@ def test_lora_without_pretrained_weights_warns(tmp_path, capsys):
     c.lora.rank = 4
     train(c, tmp_path / "run")
     assert "WARNING: config.lora.rank=4 without config.train.init_from" in capsys.readouterr().out
+
+
+def test_a_sweep_with_a_failed_setting_exits_non_zero_unless_allowed(tmp_path):
+    """tensor=8 cannot split the smoke model's 4 heads: a failed row (not one that does not fit)."""
+    args = ("shard_sweep.py", "--config", "configs/smoke.py", "--layouts=8,1,1:1,1,8", "--steps=0")
+    out = run_script(*args, f"--out={tmp_path / 'a'}", devices=8)
+    assert out.returncode == 1 and "1 of 2 settings failed (1x1x8" in out.stderr, out.stderr[-1500:]
+    assert (tmp_path / "a" / "results.md").is_file()  # the results are written all the same
+    assert run_script(*args, f"--out={tmp_path / 'b'}", "--allow_failures", devices=8).returncode == 0
