@@ -182,14 +182,14 @@ def test_a_failed_export_leaves_no_half_written_folder(uninterrupted, tmp_path):
     with pytest.raises(OSError):
         export_params(run, out)
     assert not out.exists() and not list(tmp_path.glob(".export*"))
-    out.mkdir()
-    (out / "earlier.txt").write_text("an earlier export")
+    (run / "tokenizer" / "vocab.extra").unlink()
+    export_params(run, out)  # an earlier export
+    earlier = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (run / "tokenizer" / "vocab.extra").symlink_to(tmp_path / "nowhere")
     with pytest.raises(OSError):
         export_params(run, out)
-    assert [p.name for p in out.iterdir()] == ["earlier.txt"]  # left as it was
-    (run / "tokenizer" / "vocab.extra").unlink()
-    export_params(run, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model_config.json", "params", "tokenizer"]
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier  # as it was
+    assert sorted(p.name for p in out.iterdir()) == ["lightjax_output.json", "model_config.json", "params", "tokenizer"]
     assert not list(tmp_path.glob(".export*"))
 
 

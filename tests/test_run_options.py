@@ -41,10 +41,15 @@ def test_resume_never_a_run_or_one_of_its_checkpoints(uninterrupted, tmp_path, c
     assert train(c, tmp_path / "from12")["step"] == 12
     assert "(step 12)" in capsys.readouterr().out
     c = run_config(tmp_path, max_steps=2)
-    c.checkpoint.resume = "never"  # a fresh start, though the workdir has checkpoints
-    train(c, tmp_path / "from6")
+    c.checkpoint.resume = "never"  # a fresh start: refused where a run is, before anything is written
+    before = {p: p.read_bytes() for p in (tmp_path / "from6").rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"resume='never', but .*from6 already holds a run \(its last checkpoint "
+                                              r"is step 8\)"):
+        train(c, tmp_path / "from6")
+    assert {p: p.read_bytes() for p in (tmp_path / "from6").rglob("*") if p.is_file()} == before
+    train(c, tmp_path / "fresh")
     assert "Resumed" not in capsys.readouterr().out
-    assert losses(tmp_path / "from6") == {1: full[1], 2: full[2]}
+    assert losses(tmp_path / "fresh") == {1: full[1], 2: full[2]}
     for resume, message in [(tmp_path / "nowhere", "no checkpoints/ under"),
                             (uninterrupted / "checkpoints" / "5", r"no complete checkpoint 5 \(there are \[6, 12\]\)")]:
         c.checkpoint.resume = str(resume)

@@ -53,7 +53,7 @@ def test_evaluate_and_generate_scripts(smoke_run):
     assert out.stderr.strip() == ("generate: max_new_tokens=100 is not in [1, 63]: the longest prompt has 1 "
                                   "tokens and the model's block_size is 64.")
     out = run_script("evaluate.py", f"--workdir={smoke_run.parent}")
-    assert out.returncode == 1 and out.stderr.startswith("evaluate: No complete checkpoint under")
+    assert out.returncode == 1 and out.stderr.startswith(f"evaluate: {smoke_run.parent} has no checkpoints/ folder")
 
 
 def _char_tokenizer_json(directory):
