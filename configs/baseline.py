@@ -15,7 +15,7 @@ One key differs from `default_config()`, with its reason:
   anneals the run at its end.
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ Train the tokenizer first (once), then train:
     python scripts/train.py --config configs/baseline_spm.py
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ Another model: --config.model.name=NAME with its directory in train.init_from an
 (any LitGPT name the Hugging Face import reads: Llama 3.2, Qwen, Gemma, Phi, ...).
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 WEIGHTS = "checkpoints/EleutherAI/pythia-160m"
 

@@ -7,7 +7,7 @@ parallelism 1 (raise mesh.tensor on large pods), scanned and rematerialised laye
 Sized for a TPU v5p-8 / 8 x H100: 512 x 2048 = 1M tokens per step.
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ ones (lightjax models use RoPE), and evaluation over the first 20 validation bat
 random ones. nanoGPT reports a validation loss of about 1.88 for this recipe; it should reach <= 1.88.
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 
 def get_config():

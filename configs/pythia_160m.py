@@ -7,7 +7,7 @@ Byte-level tokens by default (no download needed); point data.tokenizer at a Sen
 for subwords. Sized for one GPU or a TPU v5e-8: 256 x 2048 = 524k tokens per step.
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ is checking that everything runs, not quality. `scripts/smoke_test.py` trains th
 fixed batch instead, where the loss must fall by 95% (it falls by about 99%).
 """
 
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 
 
 def get_config():

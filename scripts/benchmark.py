@@ -22,14 +22,14 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lightjax.cli import host_devices
+from lightjax.runtime.cli import host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per setting instead of a text line.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU devices (sets XLA_FLAGS); 0: one per core where the "
-                                     "run can train data-parallel over them (lightjax.cli.host_devices).")
+                                     "run can train data-parallel over them (lightjax.runtime.cli.host_devices).")
 _DATA = flags.DEFINE_bool("data", False, "Benchmark the data pipeline instead (0 and 2 workers).")
 _CHECKPOINT = flags.DEFINE_bool("checkpoint", False, "Measure how long saves block the loop, and step time "
                                  "with and without saving every 10 steps.")
@@ -38,7 +38,7 @@ _GENERATE = flags.DEFINE_string("generate", "", "Benchmark decoding instead: bat
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False, "Alternate with the same step in PyTorch; print both and the ratio.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "--vs_torch: rounds of (lightjax, PyTorch) runs.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace --steps steps with JAX's profiler and print where the "
-                              "step's time goes, by part of the model (lightjax/profile.py).")
+                              "step's time goes, by part of the model (lightjax/perf/profile.py).")
 _TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch step alone (what --vs_torch runs).")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
@@ -47,12 +47,12 @@ _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor'
 def main(argv):
     del argv
     host_devices(_HOST_DEVICES.value, _CONFIG.value)
-    from lightjax.benchmark import benchmark_data, benchmark_train_step, format_data_result, format_result
-    from lightjax.run_config import ConfigError
+    from lightjax.perf.benchmark import benchmark_data, benchmark_train_step, format_data_result, format_result
+    from lightjax.train.config import ConfigError
 
     config = _CONFIG.value
     if _PROFILE.value:
-        from lightjax.profile import format_profile, profile_decode, profile_train_step
+        from lightjax.perf.profile import format_profile, profile_decode, profile_train_step
 
         batches = _generate_batches() if _GENERATE.value else []
         for r in [profile_decode(config, b) for b in batches] or [profile_train_step(config, steps=_STEPS.value)]:
@@ -62,14 +62,14 @@ def main(argv):
         _vs_torch(config)
         return
     if _GENERATE.value:
-        from lightjax.benchmark import benchmark_generate
+        from lightjax.perf.benchmark import benchmark_generate
 
         for batch in _generate_batches():
             r = benchmark_generate(config, batch)
             print(json.dumps(r) if _JSON.value else _decode_line(r), flush=True)
         return
     if _CHECKPOINT.value:
-        from lightjax.benchmark import benchmark_checkpoint
+        from lightjax.perf.benchmark import benchmark_checkpoint
 
         r = benchmark_checkpoint(config, steps=max(_STEPS.value, 10))
         print(json.dumps(r) if _JSON.value else
@@ -123,7 +123,7 @@ def _decode_line(r) -> str:
 
 
 def _vs_torch(config) -> None:
-    from lightjax.vs_torch import benchmark_torch_generate, benchmark_torch_train_step, side_by_side
+    from lightjax.perf.vs_torch import benchmark_torch_generate, benchmark_torch_train_step, side_by_side
 
     if _GENERATE.value:
         batches = _generate_batches()
@@ -186,6 +186,6 @@ def _print_decode_side_by_side(results) -> None:
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "benchmark")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import flags
 
-from lightjax.cli import define_overwrite_flag, define_step_flag
+from lightjax.runtime.cli import define_overwrite_flag, define_step_flag
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: a lightjax run directory (its latest checkpoint, or --step).")
@@ -37,10 +37,10 @@ COMMANDS = ("import", "export")
 
 
 def import_hf(hf_dir: str, out: str, dtype: str, overwrite: bool = False) -> str:
-    from lightjax.checkpoint import save_exported
     from lightjax.convert.hf import load_hf_checkpoint, read_hf_config
     from lightjax.data.tokenizers import load_hf_tokenizer
-    from lightjax.files import check_output_dir, staged_dir
+    from lightjax.runtime.files import check_output_dir, staged_dir
+    from lightjax.train.checkpoint import save_exported
 
     check_output_dir(out, "export", overwrite)  # before the weights are read
     cfg, params = load_hf_checkpoint(hf_dir)
@@ -60,9 +60,9 @@ def export_hf(workdir: str | None, step: int | str, export_dir: str | None, out:
     import jax
     import jax.numpy as jnp
 
-    from lightjax.checkpoint import load_exported, restore_model
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
-    from lightjax.files import check_output_dir, staged_dir
+    from lightjax.runtime.files import check_output_dir, staged_dir
+    from lightjax.train.checkpoint import load_exported, restore_model
 
     check_output_dir(out, "hf", overwrite)  # before the weights are read
     token_ids = {}
@@ -105,7 +105,7 @@ def _export_tokenizer(tokenizer_dir: Path, out: Path) -> str:
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         sys.exit(f"convert_hf: give one command, 'import' or 'export' (got {argv[1:]}).")
-    from lightjax.checkpoint import CheckpointError
+    from lightjax.train.checkpoint import CheckpointError
 
     try:
         if argv[1] == "import":
@@ -116,7 +116,7 @@ def main(argv):
             if bool(_WORKDIR.value) == bool(_EXPORT_DIR.value):
                 sys.exit("convert_hf: export needs exactly one of --workdir and --export_dir.")
             if _ADAPTERS_ONLY.value:
-                from lightjax.checkpoint import export_adapters
+                from lightjax.train.checkpoint import export_adapters
 
                 if not _WORKDIR.value:
                     sys.exit("convert_hf: --adapters_only needs --workdir (a LoRA run).")
@@ -130,6 +130,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "convert_hf")

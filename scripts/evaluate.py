@@ -11,7 +11,7 @@ import sys
 
 from absl import flags
 
-from lightjax.cli import define_step_flag
+from lightjax.runtime.cli import define_step_flag
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "Split to evaluate.")
@@ -22,8 +22,8 @@ _LOCAL_PATH = flags.DEFINE_string("local_path", None, "Override the run's data.l
 
 def main(argv):
     del argv
-    from lightjax.checkpoint import CheckpointError
-    from lightjax.evaluate import evaluate_run
+    from lightjax.train.checkpoint import CheckpointError
+    from lightjax.train.evaluate import evaluate_run
 
     try:
         r = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _BATCHES.value, _LOCAL_PATH.value)
@@ -34,6 +34,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "evaluate")

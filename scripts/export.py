@@ -4,7 +4,7 @@
     python scripts/export.py --workdir runs/lora --out exports/lora-adapters --adapters_only
 
 Writes OUT/params (Orbax), OUT/model_config.json and OUT/tokenizer/, a LoRA run's adapters merged into
-its weights; read them back with `lightjax.checkpoint.load_exported(OUT)`. With --adapters_only, a
+its weights; read them back with `lightjax.train.checkpoint.load_exported(OUT)`. With --adapters_only, a
 LoRA run's adapters alone: OUT/adapters.safetensors and OUT/lora_config.json.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from lightjax.cli import define_overwrite_flag, define_step_flag
+from lightjax.runtime.cli import define_overwrite_flag, define_step_flag
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -24,7 +24,7 @@ _OVERWRITE = define_overwrite_flag()
 
 def main(argv):
     del argv
-    from lightjax.checkpoint import CheckpointError, export_adapters, export_params
+    from lightjax.train.checkpoint import CheckpointError, export_adapters, export_params
 
     try:
         if _ADAPTERS_ONLY.value:
@@ -38,6 +38,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "export")

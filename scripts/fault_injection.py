@@ -6,7 +6,7 @@ and check that every resume continues exactly where an uninterrupted run would h
 
 Everything after `--` goes to scripts/train.py; the run evaluates every --eval_every and saves every
 --save_every steps, for --steps steps. Writes OUT/reference (the uninterrupted run) and OUT/killed.
-Exit status 1, with the first difference, if anything differs (see lightjax/fault_injection.py).
+Exit status 1, with the first difference, if anything differs (see lightjax/checks/fault_injection.py).
 """
 
 import subprocess
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
-from lightjax.cli import define_overwrite_flag
+from lightjax.runtime.cli import define_overwrite_flag
 
 _KILLS = flags.DEFINE_integer("kills", 20, "How many times to kill the run.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps of the run.")
@@ -27,8 +27,8 @@ _OVERWRITE = define_overwrite_flag()
 
 
 def main(argv):
-    from lightjax.fault_injection import run
-    from lightjax.files import output_dir
+    from lightjax.checks.fault_injection import run
+    from lightjax.runtime.files import output_dir
 
     train = Path(__file__).resolve().parent / "train.py"
     command = [sys.executable, str(train), *argv[1:], f"--config.train.max_steps={_STEPS.value}",
@@ -50,6 +50,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "fault_injection")

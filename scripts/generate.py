@@ -14,7 +14,7 @@ import time
 
 from absl import flags
 
-from lightjax.cli import define_step_flag
+from lightjax.runtime.cli import define_step_flag
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint, or --step).")
 _STEP = define_step_flag()
@@ -38,10 +38,10 @@ _INSTRUCTION = flags.DEFINE_bool("instruction", False, "--workdir of a fine-tuni
 def load(workdir, step, hf_dir, export_dir):
     """(model, params, tokenizer, description, the run's config or None)."""
     from lightjax.data.tokenizers import load_tokenizer
-    from lightjax.model import GPT
+    from lightjax.model.gpt import GPT
 
     if export_dir:
-        from lightjax.checkpoint import load_exported
+        from lightjax.train.checkpoint import load_exported
 
         cfg, params = load_exported(export_dir)
         return GPT(cfg), params, load_tokenizer(f"{export_dir}/tokenizer"), f"{export_dir} ({cfg.name})", None
@@ -51,9 +51,9 @@ def load(workdir, step, hf_dir, export_dir):
 
         cfg, params = load_hf_checkpoint(hf_dir)
         return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})", None
-    from lightjax.checkpoint import restore_params
-    from lightjax.run import build_model
-    from lightjax.run_config import resolve_model_config
+    from lightjax.train.checkpoint import restore_params
+    from lightjax.train.config import resolve_model_config
+    from lightjax.train.run import build_model
 
     config, params, step = restore_params(workdir, step)
     model = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
@@ -80,8 +80,8 @@ def main(argv):
     del argv
     if sum(map(bool, (_WORKDIR.value, _HF_DIR.value, _EXPORT_DIR.value))) != 1:
         sys.exit("generate: give exactly one of --workdir, --hf_dir and --export_dir.")
-    from lightjax.checkpoint import CheckpointError
-    from lightjax.generate import cut_at_stop, generate
+    from lightjax.model.generate import cut_at_stop, generate
+    from lightjax.train.checkpoint import CheckpointError
 
     try:
         model, params, tokenizer, source, config = load(_WORKDIR.value, _STEP.value, _HF_DIR.value, _EXPORT_DIR.value)
@@ -107,6 +107,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "generate")

@@ -18,7 +18,7 @@ _PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a fre
 
 
 def main(argv):
-    from lightjax.launch import launch
+    from lightjax.cloud.launch import launch
 
     try:
         status = launch(_PROCESSES.value, _DEVICES.value, argv[1:], _PORT.value or None)
@@ -28,6 +28,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "launch")

@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from lightjax.cli import define_overwrite_flag
+from lightjax.runtime.cli import define_overwrite_flag
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/audit.py", "Run config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "audit", "Directory for environment.json and environment.md.")
@@ -28,7 +28,7 @@ _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "Largest relative difference 
 
 
 def _write(out: Path, report: dict) -> None:
-    from lightjax.audit import audit_markdown
+    from lightjax.checks.audit import audit_markdown
 
     (out / "environment.json").write_text(json.dumps(report, indent=1))
     (out / "environment.md").write_text(audit_markdown(report))
@@ -36,9 +36,9 @@ def _write(out: Path, report: dict) -> None:
 
 def main(argv):
     del argv
-    from lightjax.audit import determinism_check, environment
-    from lightjax.files import output_dir
-    from lightjax.run_config import validate
+    from lightjax.checks.audit import determinism_check, environment
+    from lightjax.runtime.files import output_dir
+    from lightjax.train.config import validate
 
     config, out = _CONFIG.value, Path(_OUT.value)
     try:
@@ -66,6 +66,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "reproducibility_audit")

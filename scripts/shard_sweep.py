@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lightjax.cli import define_overwrite_flag, simulate_host_devices
+from lightjax.runtime.cli import define_overwrite_flag, simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "Run config file.", lock_config=False)
 _LAYOUTS = flags.DEFINE_string("layouts", "", "Mesh shapes 'data,fsdp,tensor' separated by ':'.")
@@ -35,7 +35,7 @@ _OVERWRITE = define_overwrite_flag()
 
 def main(argv):
     del argv
-    from lightjax.hardware import topology_table, tpu_topology
+    from lightjax.runtime.hardware import topology_table, tpu_topology
 
     if _TOPOLOGY.value == "list":
         print(topology_table())
@@ -43,8 +43,8 @@ def main(argv):
     simulate_host_devices(_HOST_DEVICES.value)
     import jax
 
-    from lightjax.files import check_output_dir, output_dir
-    from lightjax.sweep import failed, markdown, plot, settings, sweep
+    from lightjax.perf.sweep import failed, markdown, plot, settings, sweep
+    from lightjax.runtime.files import check_output_dir, output_dir
 
     try:
         devices = tpu_topology(_TOPOLOGY.value).devices() if _TOPOLOGY.value else jax.devices()
@@ -67,6 +67,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "shard_sweep")

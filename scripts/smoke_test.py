@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lightjax.cli import simulate_host_devices
+from lightjax.runtime.cli import simulate_host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "Run config file.", lock_config=True)
 _MIN_REDUCTION = flags.DEFINE_float("min_reduction", 0.95, "Fraction by which the loss must fall.")
@@ -26,7 +26,7 @@ def main(argv):
     simulate_host_devices(_HOST_DEVICES.value)
     import jax
 
-    from lightjax.smoke import overfit_one_batch
+    from lightjax.checks.smoke import overfit_one_batch
 
     try:
         result = overfit_one_batch(_CONFIG.value, min_reduction=_MIN_REDUCTION.value)
@@ -43,6 +43,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "smoke_test")

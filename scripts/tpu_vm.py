@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightjax import tpu_vm
+from lightjax.cloud import tpu_vm
 
 ROOT = Path(__file__).resolve().parents[1]
 

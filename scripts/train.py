@@ -15,12 +15,12 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from lightjax.cli import define_distributed_flags, host_devices
+from lightjax.runtime.cli import define_distributed_flags, host_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseline.py", "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>-<timestamp>).")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU devices (sets XLA_FLAGS); 0: one per core where the "
-                                     "run can train data-parallel over them (lightjax.cli.host_devices).")
+                                     "run can train data-parallel over them (lightjax.runtime.cli.host_devices).")
 _START_DISTRIBUTED = define_distributed_flags()
 
 
@@ -29,15 +29,15 @@ def main(argv):
     host_devices(_HOST_DEVICES.value, _CONFIG.value, multi_process=_START_DISTRIBUTED.requested())
     import jax
 
-    from lightjax.distributed import DistributedError, exit_with_error
+    from lightjax.runtime.distributed import DistributedError, exit_with_error
 
     try:
         _START_DISTRIBUTED()  # before anything touches a device
     except DistributedError as e:
         sys.exit(f"train: {e}")
-    from lightjax.checkpoint import CheckpointError
-    from lightjax.files import WorkdirLocked
-    from lightjax.trainer import train
+    from lightjax.runtime.files import WorkdirLocked
+    from lightjax.train.checkpoint import CheckpointError
+    from lightjax.train.trainer import train
 
     if _WORKDIR.value is None and jax.process_count() > 1:
         sys.exit("train: a multi-process job needs --workdir (the same on every process: each would pick its own "
@@ -57,7 +57,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     try:
         run_script(main, "train")

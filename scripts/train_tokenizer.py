@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from lightjax.cli import define_overwrite_flag
+from lightjax.runtime.cli import define_overwrite_flag
 
 _INPUT = flags.DEFINE_string("input", "", "Glob of UTF-8 text files to train on.")
 _TINY = flags.DEFINE_string("tiny_shakespeare", "", "Path of Tiny Shakespeare's input.txt: train on its train split.")
@@ -32,7 +32,7 @@ def main(argv):
     del argv
     from lightjax.data import tiny_shakespeare
     from lightjax.data.tokenizers import train_sentencepiece
-    from lightjax.files import check_output_dir, staged_dir
+    from lightjax.runtime.files import check_output_dir, staged_dir
 
     out = Path(_OUT.value)
     try:
@@ -55,6 +55,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from lightjax.cli import run_script
+    from lightjax.runtime.cli import run_script
 
     run_script(main, "train_tokenizer")

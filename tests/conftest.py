@@ -28,7 +28,7 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The tiny run of tests/runs.py trained 12 steps without interruption: what a resumed run must equal."""
-    from lightjax.trainer import train
+    from lightjax.train.trainer import train
     from tests.runs import run_config
 
     workdir = tmp_path_factory.mktemp("full")

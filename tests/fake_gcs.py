@@ -12,7 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
-from lightjax.launch import free_port
+from lightjax.cloud.launch import free_port
 
 
 def environment(url: str) -> dict[str, str]:

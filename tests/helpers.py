@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lightjax.model_config import ModelConfig
-from lightjax.run_config import default_config
+from lightjax.model.config import ModelConfig
+from lightjax.train.config import default_config
 
 # The tiny model's two block layouts: 2 layers, 32 wide, small enough for float64 gradient checks.
 TINY_FAMILIES = {

@@ -68,8 +68,8 @@ def test_without_host_devices_a_cpu_run_gets_one_device_per_core():
     import subprocess
     import sys
 
-    from lightjax.cli import cpu_data_parallelism
-    from lightjax.run_config import default_config
+    from lightjax.runtime.cli import cpu_data_parallelism
+    from lightjax.train.config import default_config
     from tests.helpers import ROOT, script_env
 
     env = script_env()

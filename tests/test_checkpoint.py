@@ -10,7 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.checkpoint import (
+from lightjax.convert.hf import load_hf_checkpoint
+from lightjax.model.gpt import GPT, stack_layers
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     _flatten,
@@ -20,13 +23,10 @@ from lightjax.checkpoint import (
     restore_params,
     save_exported,
 )
-from lightjax.convert.hf import load_hf_checkpoint
-from lightjax.model import GPT, stack_layers
-from lightjax.run import build_run
-from lightjax.run_config import default_config
-from lightjax.sharding import shard_batch
-from lightjax.train_step import synthetic_batch
-from lightjax.trainer import _StopSignal, train
+from lightjax.train.config import default_config
+from lightjax.train.run import build_run
+from lightjax.train.step import synthetic_batch
+from lightjax.train.trainer import _StopSignal, train
 from tests.helpers import ROOT, SHAKESPEARE, random_hf_model, require_hf
 from tests.runs import assert_same_run, cli_command, final_params, losses, run_config, wait_for_rows
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
 
 REQUIRED_PRESETS = ["pythia-14m", "pythia-31m", "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b",
                     "tiny-llama-1.1b", "SmolLM2-135M", "Llama-3.2-1B", "baseline-tiny",

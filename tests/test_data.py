@@ -19,7 +19,7 @@ from lightjax.data.pipeline import (
 )
 from lightjax.data.sources import load_split, split_documents
 from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
 from tests.helpers import SHAKESPEARE, script_env
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
@@ -245,7 +245,7 @@ def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
 
 
 def test_pipeline_batch_becomes_a_global_array_split_over_the_batch_axes(corpus):
-    from lightjax.sharding import make_mesh, shard_batch
+    from lightjax.runtime.sharding import make_mesh, shard_batch
 
     mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     batch = shard_batch(next(train_iterator(_rows(corpus), 8, seed=0)), mesh)

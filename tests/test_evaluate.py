@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lightjax.data.sources import TextFile
-from lightjax.evaluate import evaluate, text_units
-from lightjax.run import build_run
+from lightjax.train.evaluate import evaluate, text_units
+from lightjax.train.run import build_run
 from tests.helpers import tiny_run_config
 
 

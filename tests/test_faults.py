@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lightjax.files import WorkdirLock, WorkdirLocked
-from lightjax.metrics import read_metrics
-from lightjax.trainer import train
+from lightjax.runtime.files import WorkdirLock, WorkdirLocked
+from lightjax.train.metrics import read_metrics
+from lightjax.train.trainer import train
 from tests.helpers import ROOT
 from tests.runs import assert_same_run, cli_command, losses, run_config
 
@@ -93,7 +93,8 @@ def test_damage_before_the_last_metrics_line_is_named(tmp_path):
 def test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lightjax.files import WorkdirLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from lightjax.runtime.files import WorkdirLock; "
                                f"WorkdirLock({str(workdir)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     try:
@@ -173,7 +174,7 @@ def test_a_read_only_checkpoint_folder_stops_the_run_in_one_line(tmp_path):
 
 
 def test_a_failed_export_leaves_no_half_written_folder(uninterrupted, tmp_path):
-    from lightjax.checkpoint import export_params
+    from lightjax.train.checkpoint import export_params
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)

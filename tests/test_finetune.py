@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax import lora
-from lightjax.checkpoint import restore_params
 from lightjax.convert.hf import config_from_hf, load_hf_checkpoint
 from lightjax.convert.safetensors_io import read_safetensors
-from lightjax.evaluate import evaluate_run
-from lightjax.model import GPT
-from lightjax.run_config import resolve_model_config
-from lightjax.trainer import train
+from lightjax.model import lora
+from lightjax.model.gpt import GPT
+from lightjax.train.checkpoint import restore_params
+from lightjax.train.config import resolve_model_config
+from lightjax.train.evaluate import evaluate_run
+from lightjax.train.trainer import train
 from tests.helpers import load_config, model_overrides, random_hf_model, require_hf, run_script, tiny_run_config
 from tests.runs import assert_same_run, losses, run_config
 

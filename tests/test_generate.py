@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lightjax.convert.hf import config_from_hf, params_from_hf
-from lightjax.generate import (
+from lightjax.model.generate import (
     attended_lengths,
     compiled_programs,
     decode_inputs,
@@ -17,9 +17,9 @@ from lightjax.generate import (
     top_k_filter,
     top_p_filter,
 )
-from lightjax.hlo import loop_copies, op_names
-from lightjax.model import GPT, abstract_params, stack_layers
-from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh
+from lightjax.model.gpt import GPT, abstract_params, stack_layers
+from lightjax.runtime.hlo import loop_copies, op_names
+from lightjax.runtime.sharding import RULE_SETS, logical_to_sharding, make_mesh
 from tests.helpers import VOCAB, random_hf_model, require_hf, tiny_config, tiny_preset
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]  # different lengths in one batch
@@ -172,7 +172,7 @@ def test_text_generation_cuts_at_the_first_stop_string():
     import string
 
     from lightjax.data.tokenizers import CharTokenizer
-    from lightjax.generate import cut_at_stop, generate_text
+    from lightjax.model.generate import cut_at_stop, generate_text
 
     assert cut_at_stop("abc\n\nHAMLET: x", ["HAMLET:", "\n\n"]) == "abc"
     assert cut_at_stop("no stop here", ["zz", ""]) == "no stop here"

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lightjax.hardware import CHIPS, chip_for, topology_table, tpu_topology
+from lightjax.runtime.hardware import CHIPS, chip_for, topology_table, tpu_topology
 
 
 @pytest.mark.parametrize("kind,chip", [("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"),
@@ -43,7 +43,7 @@ def test_compile_only_devices_of_a_slice():
 @pytest.mark.parametrize("shape", [(2, 8, 1), (1, 8, 2), (4, 4, 1)])
 def test_a_mesh_axis_may_span_parts_of_two_rings(shape):
     """On a 4x4 v6e slice an axis of 8 is half the chips; jax.make_mesh refuses it outside v5e."""
-    from lightjax.sharding import make_mesh
+    from lightjax.runtime.sharding import make_mesh
 
     _require_libtpu()
     devices = tpu_topology("v6e:4x4").devices()
@@ -67,10 +67,10 @@ def test_train_step_compiles_for_a_tpu_slice(mesh):
     import jax
     import numpy as np
 
-    from lightjax.hlo import collectives, partitioned_text
-    from lightjax.metrics import compiled_flops, flops_per_token
-    from lightjax.run import build_run
-    from lightjax.sharding import batch_sharding
+    from lightjax.runtime.hlo import collectives, partitioned_text
+    from lightjax.runtime.sharding import batch_sharding
+    from lightjax.train.metrics import compiled_flops, flops_per_token
+    from lightjax.train.run import build_run
     from tests.helpers import tiny_run_config
 
     _require_libtpu()

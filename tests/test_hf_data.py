@@ -6,7 +6,7 @@ import numpy as np
 
 from lightjax.convert.hf import load_hf_checkpoint
 from lightjax.data.tokenizers import load_hf_tokenizer
-from lightjax.model import GPT
+from lightjax.model.gpt import GPT
 from tests.helpers import ROOT, require_hf
 
 TINY_HF = ROOT / "tests" / "data" / "tiny-llama-hf"

@@ -17,7 +17,7 @@ from lightjax.convert.hf import (
     read_hf_state_dict,
     save_hf_checkpoint,
 )
-from lightjax.model import GPT
+from lightjax.model.gpt import GPT
 from tests.helpers import VOCAB, random_hf_model, require_hf
 
 # family -> (transformers class prefix, config kwargs beyond random_hf_model's, logits tolerance)

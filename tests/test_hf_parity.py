@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lightjax.convert.hf import config_from_hf, config_to_hf, load_hf_checkpoint, params_from_hf
-from lightjax.model import GPT, abstract_params, count_params
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import GPT, abstract_params, count_params
 from tests.helpers import VOCAB, random_hf_model, require_hf
 
 

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.hlo import loop_corrected_flops
-from lightjax.metrics import compiled_flops, flops_per_token
-from lightjax.run import build_run
-from lightjax.sharding import shard_batch
-from lightjax.train_step import synthetic_batch
+from lightjax.runtime.hlo import loop_corrected_flops
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.metrics import compiled_flops, flops_per_token
+from lightjax.train.run import build_run
+from lightjax.train.step import synthetic_batch
 from tests.helpers import tiny_run_config
 
 # A CPU/GPU-style loop (XLA records its trip count) around a fused [4,8] x [8,16] dot.
@@ -108,8 +108,8 @@ def test_scanned_stack_flops_match_the_loop_layout():
 
 
 def _collectives(mesh, batch):
-    from lightjax.hlo import collectives, partitioned_text
-    from lightjax.sharding import batch_sharding
+    from lightjax.runtime.hlo import collectives, partitioned_text
+    from lightjax.runtime.sharding import batch_sharding
 
     c = tiny_run_config(mesh=mesh)
     c.train.global_batch_size = batch

@@ -17,8 +17,8 @@ from lightjax.data.instructions import (
 )
 from lightjax.data.pipeline import train_iterator
 from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer
-from lightjax.loss import batch_nll
-from lightjax.model import GPT
+from lightjax.model.gpt import GPT
+from lightjax.train.loss import batch_nll
 from tests.helpers import tiny_config
 
 RECORDS = [{"instruction": "Add 2 and 3.", "output": "5"},

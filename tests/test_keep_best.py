@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.checkpoint import Checkpointer, CheckpointError, load_exported, restore_params
 from lightjax.convert.hf import load_hf_checkpoint
-from lightjax.run import build_run
-from lightjax.trainer import train
+from lightjax.train.checkpoint import Checkpointer, CheckpointError, load_exported, restore_params
+from lightjax.train.run import build_run
+from lightjax.train.trainer import train
 from tests.helpers import SHAKESPEARE, run_script
 from tests.runs import run_config
 

@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax import lora
-from lightjax.model import GPT, stack_layers
-from lightjax.run import build_run
-from lightjax.run_config import ConfigError, validate
-from lightjax.sharding import shard_batch
-from lightjax.train_step import synthetic_batch
+from lightjax.model import lora
+from lightjax.model.gpt import GPT, stack_layers
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.config import ConfigError, validate
+from lightjax.train.run import build_run
+from lightjax.train.step import synthetic_batch
 from tests.helpers import tiny_config, tiny_run_config
 
 ALL_TARGETS = ("query", "key", "value", "proj", "mlp", "head")

@@ -2,11 +2,11 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.metrics import flops_per_token, lookup_peak_flops, matmul_params, mfu
-from lightjax.model_config import ModelConfig
-from lightjax.run import build_run
-from lightjax.sharding import shard_batch
-from lightjax.train_step import synthetic_batch
+from lightjax.model.config import ModelConfig
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.metrics import flops_per_token, lookup_peak_flops, matmul_params, mfu
+from lightjax.train.run import build_run
+from lightjax.train.step import synthetic_batch
 from tests.helpers import tiny_run_config
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightjax.trainer import train
+from lightjax.train.trainer import train
 from tests.helpers import ROOT, run_script
 from tests.runs import run_config
 

@@ -7,8 +7,8 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from lightjax.layers import apply_rope, dropout, rope_cos_sin
-from lightjax.model import (
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import (
     GPT,
     REMAT_POLICIES,
     abstract_params,
@@ -17,7 +17,7 @@ from lightjax.model import (
     stack_layers,
     unstack_layers,
 )
-from lightjax.model_config import ModelConfig
+from lightjax.model.layers import apply_rope, dropout, rope_cos_sin
 from tests.helpers import tiny_config, tiny_preset
 
 FAMILIES = ["pythia", "llama"]
@@ -43,7 +43,7 @@ def test_compute_dtype_reaches_every_matmul_while_norms_and_softmax_stay_float32
     attention softmax and the norms' rsqrt in float32 either way."""
     import re
 
-    from lightjax.run import build_model
+    from lightjax.train.run import build_model
 
     cfg = tiny_config("llama")
     model = build_model(cfg, {"dtype": dtype, "param_dtype": "float32", "scan_layers": False, "remat": "none"})
@@ -282,7 +282,7 @@ def test_sliding_window_limits_what_a_query_sees():
 
 
 def test_experts_are_split_over_the_tensor_axis():
-    from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh
+    from lightjax.runtime.sharding import RULE_SETS, logical_to_sharding, make_mesh
 
     cfg = tiny_preset("Mixtral-8x7B-v0.1")
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
@@ -293,7 +293,7 @@ def test_experts_are_split_over_the_tensor_axis():
 
 def test_norm_gradients_equal_autodiffs():
     """LayerNorm and RMSNorm's written-out gradients against autodiff of the plain formulas."""
-    from lightjax.layers import _layer_norm, _rms_norm
+    from lightjax.model.layers import _layer_norm, _rms_norm
 
     rng = np.random.default_rng(0)
     x, w = (jnp.asarray(rng.standard_normal((3, 5, 64)) * 3 + 1, jnp.float32) for _ in range(2))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lightjax.model import GPT
-from lightjax.sharding import RULE_SETS, logical_to_sharding, make_mesh, with_mesh
+from lightjax.model.gpt import GPT
+from lightjax.runtime.sharding import RULE_SETS, logical_to_sharding, make_mesh, with_mesh
 from tests.helpers import tiny_preset
 
 

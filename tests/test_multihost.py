@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from lightjax.launch import free_port
+from lightjax.cloud.launch import free_port
 from tests.fake_gcs import fake_gcs
 from tests.helpers import ROOT, SHAKESPEARE, script_env
 

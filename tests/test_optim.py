@@ -4,8 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-from lightjax.optim import decay_mask, lr_schedule, make_optimizer
-from lightjax.run_config import default_config
+from lightjax.train.config import default_config
+from lightjax.train.optim import decay_mask, lr_schedule, make_optimizer
 
 
 def _optim(schedule, **kw):

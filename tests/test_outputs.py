@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lightjax.trainer import train
+from lightjax.train.trainer import train
 from tests.helpers import SHAKESPEARE, run_script
 from tests.runs import CLI_TINY, run_config
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lightjax.packages import install_command
+from lightjax.runtime.packages import install_command
 from tests.helpers import ROOT, script_env
 
 # Run at interpreter start (as sitecustomize): every module named in HIDE_MODULES fails to import, as
@@ -43,7 +43,7 @@ def test_install_commands_come_from_the_declared_requirements():
 
 
 def test_a_dependency_missing_while_the_config_loads_is_named_with_its_install_command(tmp_path):
-    """configs/baseline.py imports lightjax.run_config, which needs jinja2 (the fresh-machine failure)."""
+    """configs/baseline.py imports lightjax.train.config, which needs jinja2 (the fresh-machine failure)."""
     out = _without(tmp_path, ["jinja2"], "train.py", "--config", "configs/baseline.py")
     assert out.returncode == 2, out.stderr
     assert out.stderr == ("train: the package jinja2 is not installed (No module named 'jinja2'); install it "
@@ -53,7 +53,7 @@ def test_a_dependency_missing_while_the_config_loads_is_named_with_its_install_c
 
 def test_a_config_importing_an_extras_package_names_the_extra(tmp_path):
     config = tmp_path / "needs_torch.py"
-    config.write_text("import torch\n\nfrom lightjax.run_config import default_config\n\n\n"
+    config.write_text("import torch\n\nfrom lightjax.train.config import default_config\n\n\n"
                       "def get_config():\n    return default_config()\n")
     out = _without(tmp_path, ["torch"], "train.py", "--config", str(config))
     assert out.returncode == 2, out.stderr

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightjax.profile import category, format_profile, profile_train_step
+from lightjax.perf.profile import category, format_profile, profile_train_step
 from tests.helpers import tiny_run_config
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lightjax.checkpoint import CheckpointError, export_params
-from lightjax.loss import cross_entropy, make_loss_fn
-from lightjax.run import build_run
-from lightjax.train_step import synthetic_batch
-from lightjax.trainer import train
+from lightjax.train.checkpoint import CheckpointError, export_params
+from lightjax.train.loss import cross_entropy, make_loss_fn
+from lightjax.train.run import build_run
+from lightjax.train.step import synthetic_batch
+from lightjax.train.trainer import train
 from tests.helpers import tiny_run_config
 from tests.runs import losses, run_config
 

@@ -8,9 +8,9 @@ import pytest
 
 from lightjax.convert.hf import read_hf_state_dict
 from lightjax.data.tokenizers import make_tokenizer
-from lightjax.evaluate import evaluate_run
-from lightjax.metrics import read_metrics
-from lightjax.trainer import train
+from lightjax.train.evaluate import evaluate_run
+from lightjax.train.metrics import read_metrics
+from lightjax.train.trainer import train
 from tests.helpers import VOCAB, load_config, random_hf_model, require_hf, run_script
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
@@ -123,9 +123,9 @@ def test_convert_hf_import_generate_export(tmp_path):
 def test_convert_hf_export_of_a_training_run(smoke_run, tmp_path):
     """A lightjax run's checkpoint -> an HF directory that transformers loads with the same logits."""
     torch, transformers = require_hf()
-    from lightjax.checkpoint import restore_params
-    from lightjax.model import GPT
-    from lightjax.run_config import resolve_model_config
+    from lightjax.model.gpt import GPT
+    from lightjax.train.checkpoint import restore_params
+    from lightjax.train.config import resolve_model_config
 
     out = run_script("convert_hf.py", "export", f"--workdir={smoke_run}", f"--out={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -145,9 +145,9 @@ def test_export_script_and_a_bfloat16_hugging_face_export(smoke_run, tmp_path):
     import jax
     import ml_dtypes
 
-    from lightjax.checkpoint import load_exported, restore_params
     from lightjax.convert.hf import params_to_hf
-    from lightjax.run_config import resolve_model_config
+    from lightjax.train.checkpoint import load_exported, restore_params
+    from lightjax.train.config import resolve_model_config
 
     config, params, _ = restore_params(smoke_run)
     bf16 = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), params)

@@ -9,7 +9,7 @@ import jax
 import pytest
 from etils import epath
 
-from lightjax.sweep import markdown, plot, settings, sweep
+from lightjax.perf.sweep import markdown, plot, settings, sweep
 from tests.helpers import ROOT, SHAKESPEARE, tiny_run_config
 from tests.test_hardware import _require_libtpu
 
@@ -43,7 +43,7 @@ def test_one_device_compiles_with_no_collectives():
 
 
 def test_a_layout_over_the_chips_memory_does_not_fit_and_the_sweep_goes_on():
-    from lightjax.hardware import tpu_topology
+    from lightjax.runtime.hardware import tpu_topology
 
     _require_libtpu()
     c = tiny_run_config(scan_layers=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightjax.tpu_vm import TpuVmError, accelerator
+from lightjax.cloud.tpu_vm import TpuVmError, accelerator
 from tests.helpers import ROOT, SHAKESPEARE, script_env
 
 FAKE = ROOT / "tests" / "fake_gcloud"

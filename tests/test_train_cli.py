@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.run_config import ConfigError, validate
-from lightjax.trainer import train
+from lightjax.train.config import ConfigError, validate
+from lightjax.train.trainer import train
 from tests.helpers import ROOT, SHAKESPEARE, load_config_module, local_data_flags, run_script
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
@@ -117,7 +117,7 @@ def test_a_config_file_that_fails_is_one_line(tmp_path, text, message):
 
 @pytest.mark.parametrize("host", ["closed port", "tiny-shakespeare.invalid"])
 def test_offline_first_run_fails_fast_naming_local_path(tmp_path, host):
-    from lightjax.launch import free_port
+    from lightjax.cloud.launch import free_port
 
     url = f"http://127.0.0.1:{free_port()}/input.txt" if host == "closed port" else f"https://{host}/input.txt"
     start = time.perf_counter()
@@ -221,8 +221,8 @@ def test_skip_nonfinite_skips_the_update(tmp_path):
 def test_cpu_data_parallelism_takes_the_cores_that_divide_the_batch(monkeypatch):
     import os
 
-    from lightjax.cli import cpu_data_parallelism, host_devices
-    from lightjax.run_config import default_config
+    from lightjax.runtime.cli import cpu_data_parallelism, host_devices
+    from lightjax.train.config import default_config
 
     config = default_config()
     for cores, batch, accum, want in [(2, 32, 1, 2), (8, 12, 1, 6), (8, 12, 4, 3), (1, 32, 1, 1), (4, 7, 1, 1)]:

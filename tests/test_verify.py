@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.audit import audit_markdown, determinism_check, environment
-from lightjax.run import build_run
-from lightjax.sharding import shard_batch
-from lightjax.smoke import fixed_batch, gradient_flow, overfit_one_batch
+from lightjax.checks.audit import audit_markdown, determinism_check, environment
+from lightjax.checks.smoke import fixed_batch, gradient_flow, overfit_one_batch
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.run import build_run
 from tests.helpers import SHAKESPEARE, load_config, run_script, script_env, tiny_run_config
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy

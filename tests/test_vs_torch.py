@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from lightjax.model import abstract_params, count_params
-from lightjax.run_config import resolve_model_config
-from lightjax.vs_torch import build_torch_model
+from lightjax.model.gpt import abstract_params, count_params
+from lightjax.perf.vs_torch import build_torch_model
+from lightjax.train.config import resolve_model_config
 from tests.helpers import preset_run_config, require_hf, run_script, tiny_run_config
 
 TINY = ["--config", "configs/baseline.py", "--config.model.n_layer=1", "--config.model.n_embd=64",

@@ -21,8 +21,8 @@ import numpy as np
 from lightjax.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
 from lightjax.convert.hf_weights import entries, get_path, normalise_names, set_path, tied_head_name
 from lightjax.convert.safetensors_io import read_safetensors, write_safetensors
-from lightjax.model import abstract_params, unstack_layers
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import abstract_params, unstack_layers
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "hf_model_type", "params_from_hf",
            "params_to_hf", "load_hf_checkpoint", "save_hf_checkpoint", "read_hf_state_dict"]

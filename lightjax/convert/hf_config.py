@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
 
 # Every field that some architecture fixes, at the value the Llama architecture has.
 _PLAIN: dict[str, Any] = dict(

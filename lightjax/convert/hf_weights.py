@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
 
 Fn = Callable[..., tuple[np.ndarray, ...]]
 

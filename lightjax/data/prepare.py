@@ -16,8 +16,8 @@ from lightjax.data.instructions import PromptStyle, is_instruction_source, load_
 from lightjax.data.pipeline import read_token_meta, write_token_file
 from lightjax.data.sources import load_split, prepare_source, source_files
 from lightjax.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_fingerprint
-from lightjax.distributed import leader_value, run_once
-from lightjax.files import content_fingerprint
+from lightjax.runtime.distributed import leader_value, run_once
+from lightjax.runtime.files import content_fingerprint
 
 
 def prepare_tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:

@@ -7,7 +7,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from lightjax.files import write_atomic
+from lightjax.runtime.files import write_atomic
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

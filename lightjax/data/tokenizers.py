@@ -20,7 +20,7 @@ from etils import epath
 from tokenizers import Tokenizer as FastTokenizer
 
 from lightjax.data.sources import pieces
-from lightjax.files import content_fingerprint
+from lightjax.runtime.files import content_fingerprint
 
 META_FILE = "tokenizer.json"
 

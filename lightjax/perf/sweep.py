@@ -29,13 +29,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightjax.benchmark import synthetic_inputs
-from lightjax.hardware import chip_for
-from lightjax.hlo import COLLECTIVES, collectives, partitioned_text
-from lightjax.metrics import compiled_flops, flops_per_token, peak_flops_per_device
-from lightjax.model import REMAT_POLICIES
-from lightjax.run import build_run
-from lightjax.sharding import RULE_SETS, batch_sharding
+from lightjax.model.gpt import REMAT_POLICIES
+from lightjax.perf.benchmark import synthetic_inputs
+from lightjax.runtime.hardware import chip_for
+from lightjax.runtime.hlo import COLLECTIVES, collectives, partitioned_text
+from lightjax.runtime.sharding import RULE_SETS, batch_sharding
+from lightjax.train.metrics import compiled_flops, flops_per_token, peak_flops_per_device
+from lightjax.train.run import build_run
 
 # Bytes each device moves over its links per byte of the combined tensor, for ring algorithms.
 _LINK_FACTOR = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,

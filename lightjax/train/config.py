@@ -17,10 +17,10 @@ from ml_collections import config_dict
 
 from lightjax.data import tiny_shakespeare
 from lightjax.data.instructions import PROMPT_STYLES
-from lightjax.model import REMAT_POLICIES
-from lightjax.model_config import ModelConfig
-from lightjax.optim import SCHEDULES
-from lightjax.sharding import mesh_shape
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import REMAT_POLICIES
+from lightjax.runtime.sharding import mesh_shape
+from lightjax.train.optim import SCHEDULES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.dtype / train.param_dtype names
 

@@ -15,11 +15,11 @@ import numpy as np
 from lightjax.data.pipeline import TokenRows, token_stream, train_iterator
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
-from lightjax.loss import make_loss_fn
-from lightjax.model import unstack_layers
-from lightjax.run import Run, build_run
-from lightjax.sharding import shard_batch
-from lightjax.train_step import Step
+from lightjax.model.gpt import unstack_layers
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.loss import make_loss_fn
+from lightjax.train.run import Run, build_run
+from lightjax.train.step import Step
 
 
 @dataclasses.dataclass

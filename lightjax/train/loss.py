@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lightjax.model import GPT
+from lightjax.model.gpt import GPT
 
 
 def targets_and_mask(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -28,7 +28,7 @@ def targets_and_mask(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Arr
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token negative log-likelihood over counted positions, and log-sum-exp per position.
     Computed in float32 over the padded vocabulary."""
-    with jax.named_scope("loss"):  # names the ops in profiles (lightjax/profile.py)
+    with jax.named_scope("loss"):  # names the ops in profiles (lightjax/perf/profile.py)
         logits = logits.astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -39,14 +39,14 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
-from lightjax import lora
 from lightjax.convert.hf import load_hf_checkpoint
 from lightjax.convert.safetensors_io import write_safetensors
-from lightjax.distributed import is_leader, print_once
-from lightjax.files import check_output_dir, staged_dir
-from lightjax.model import unstack_layers
-from lightjax.model_config import ModelConfig
-from lightjax.run_config import DTYPES, default_config, resolve_model_config
+from lightjax.model import lora
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import unstack_layers
+from lightjax.runtime.distributed import is_leader, print_once
+from lightjax.runtime.files import check_output_dir, staged_dir
+from lightjax.train.config import DTYPES, default_config, resolve_model_config
 
 log = logging.getLogger(__name__)
 

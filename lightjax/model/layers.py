@@ -2,7 +2,7 @@
 embeddings.
 
 Every parameter is declared with logical axis names (`embed`, `heads`, `mlp`, ...) that
-`lightjax/sharding.py` maps onto the mesh; `constrain` does the same for activations.
+`lightjax/runtime/sharding.py` maps onto the mesh; `constrain` does the same for activations.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.lora import LoRA
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
+from lightjax.model.lora import LoRA
 
 Dtype = Any
 Array = jax.Array

@@ -14,14 +14,14 @@ from typing import Any
 import jax
 from etils import epath
 
-from lightjax.checkpoint import restore_params
 from lightjax.data.instructions import ExampleRows, PromptStyle, is_instruction_source, load_records, write_examples
 from lightjax.data.pipeline import eval_batches, token_stream
 from lightjax.data.sources import load_split, pieces
 from lightjax.data.tokenizers import load_tokenizer
-from lightjax.metrics import append_row
-from lightjax.run import Run, build_run
-from lightjax.sharding import shard_batch
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.checkpoint import restore_params
+from lightjax.train.metrics import append_row
+from lightjax.train.run import Run, build_run
 
 
 def text_units(docs: Any, num_tokens: int) -> dict[str, float]:

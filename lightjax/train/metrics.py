@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from lightjax.files import write_atomic
-from lightjax.hardware import chip_for
-from lightjax.hlo import loop_corrected_flops
-from lightjax.model import abstract_params, count_params
-from lightjax.model_config import ModelConfig
-from lightjax.packages import missing_package_message
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import abstract_params, count_params
+from lightjax.runtime.files import write_atomic
+from lightjax.runtime.hardware import chip_for
+from lightjax.runtime.hlo import loop_corrected_flops
+from lightjax.runtime.packages import missing_package_message
 
 
 def matmul_params(cfg: ModelConfig) -> int:

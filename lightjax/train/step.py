@@ -19,10 +19,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lightjax import lora
-from lightjax.loss import batch_nll, make_loss_fn
-from lightjax.model import GPT
-from lightjax.sharding import Rules, with_mesh
+from lightjax.model import lora
+from lightjax.model.gpt import GPT
+from lightjax.runtime.sharding import Rules, with_mesh
+from lightjax.train.loss import batch_nll, make_loss_fn
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -92,7 +92,7 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
         grads, nll_sum, count = _summed_grads(grad_fn, trained, batch, rng, grad_accum_steps)
         # Sums over all counted tokens, divided once: any split into micro-batches gives the same update.
         denom = jnp.maximum(count, 1.0)
-        with jax.named_scope("optimizer"):  # names the ops in profiles (lightjax/profile.py)
+        with jax.named_scope("optimizer"):  # names the ops in profiles (lightjax/perf/profile.py)
             grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trained)
             updates, opt_state = tx.update(grads, state.opt_state, trained)
             params = lora.combine(optax.apply_updates(trained, updates), frozen)

@@ -8,13 +8,13 @@ self-attention with RoPE in attention.py, MLP or experts in mlp.py, residuals; p
 
 Parameter names follow LitGPT's (`wte`, `h_{i}.norm_1`, `h_{i}.attn.qkv`, `h_{i}.attn.proj`, `h_{i}.mlp.fc`,
 `ln_f`, `lm_head`) so that a LitGPT reader finds their way. Every parameter carries logical axis names
-and every activation is constrained with logical names; `lightjax/sharding.py` alone maps them onto
+and every activation is constrained with logical names; `lightjax/runtime/sharding.py` alone maps them onto
 mesh axes. Without a mesh the constraints do nothing.
 
 Each block gets one argument for what sets its layer apart (`LayerKind`: sliding window or not, local
 RoPE or not) and, when decoding, one for its state (its slice of the `KVCache`). Decoding passes the
 cache of every layer and gets the updated cache back with the logits: the model itself holds no state
-(see lightjax/generate.py).
+(see lightjax/model/generate.py).
 
 Two layouts of the layer stack exist: `scan_layers=False` gives `h_0 ... h_{L-1}`; `scan_layers=True`
 gives one `h` whose leaves have a leading `layers` axis (one compiled block, faster compiles, the
@@ -30,9 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lightjax.attention import CausalSelfAttention, LayerKind, causal_attention
-from lightjax.kv_cache import KVCache
-from lightjax.layers import (
+from lightjax.model.attention import CausalSelfAttention, LayerKind, causal_attention
+from lightjax.model.config import ModelConfig
+from lightjax.model.kv_cache import KVCache
+from lightjax.model.layers import (
     Array,
     Dropout,
     Dtype,
@@ -44,9 +45,8 @@ from lightjax.layers import (
     make_norm,
     rope_cos_sin,
 )
-from lightjax.lora import lora_for
-from lightjax.mlp import MLP_MODULES
-from lightjax.model_config import ModelConfig
+from lightjax.model.lora import lora_for
+from lightjax.model.mlp import MLP_MODULES
 
 __all__ = ["GPT", "Block", "KVCache", "LayerKind", "causal_attention", "REMAT_POLICIES", "stack_layers",
            "unstack_layers", "count_params", "abstract_params"]

@@ -24,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import jax
 
-from lightjax.benchmark import decode_program, synthetic_inputs
-from lightjax.hlo import op_names
-from lightjax.run import build_run
+from lightjax.perf.benchmark import decode_program, synthetic_inputs
+from lightjax.runtime.hlo import op_names
+from lightjax.train.run import build_run
 
 # (category, pattern over the op's name scope), first match wins.
 CATEGORIES = (

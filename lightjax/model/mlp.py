@@ -7,9 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lightjax.layers import Array, Dtype, Linear, compute_dtype, constrain, init_stds
-from lightjax.lora import lora_for
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
+from lightjax.model.layers import Array, Dtype, Linear, compute_dtype, constrain, init_stds
+from lightjax.model.lora import lora_for
 
 ACT_MLP = ("batch", "length", "act_mlp")
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import jax
 
-from lightjax.metrics import read_metrics
-from lightjax.trainer import train
+from lightjax.train.metrics import read_metrics
+from lightjax.train.trainer import train
 
 
 def _train_losses(config: Any, workdir: Path) -> tuple[list[float], float]:

@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded to a common bucketed length, so that every row's next
 token lands in the same cache slot; each row's RoPE positions start at its first real token and its
-queries never see the padding (see lightjax/kv_cache.py). The prompt is processed in one forward pass
+queries never see the padding (see lightjax/model/kv_cache.py). The prompt is processed in one forward pass
 (prefill), then `lax.while_loop`s decode a token per iteration, feeding one token per row through the
 model against the cache, until `max_new_tokens` or until every row has produced `eos_id`. The cache
 is split into chunks of doubling size; one loop runs while its chunk fills, attending over the chunks
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.model import GPT, KVCache
-from lightjax.model_config import ModelConfig
-from lightjax.sharding import Rules, with_mesh
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import GPT, KVCache
+from lightjax.runtime.sharding import Rules, with_mesh
 
 
 def bucket(n: int, minimum: int = 16) -> int:

@@ -17,16 +17,16 @@ import jax
 import numpy as np
 from etils import epath
 
-from lightjax.checkpoint import Checkpointer, state_digests
 from lightjax.data.pipeline import TokenRows, train_iterator, write_token_file
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
-from lightjax.generate import decode_inputs, decode_loop, generate
-from lightjax.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
-from lightjax.run import Run, build_model, build_run
-from lightjax.run_config import resolve_model_config, validate
-from lightjax.sharding import shard_batch
-from lightjax.train_step import synthetic_batch
+from lightjax.model.generate import decode_inputs, decode_loop, generate
+from lightjax.runtime.sharding import shard_batch
+from lightjax.train.checkpoint import Checkpointer, state_digests
+from lightjax.train.config import resolve_model_config, validate
+from lightjax.train.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
+from lightjax.train.run import Run, build_model, build_run
+from lightjax.train.step import synthetic_batch
 
 
 def synthetic_inputs(run: Run, config: Any) -> tuple[Any, dict[str, jax.Array]]:

@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.layers import Array, Dtype, Linear, apply_rope, compute_dtype, constrain, init_stds, make_norm
-from lightjax.lora import lora_for, qkv_lora
-from lightjax.model_config import ModelConfig
+from lightjax.model.config import ModelConfig
+from lightjax.model.layers import Array, Dtype, Linear, apply_rope, compute_dtype, constrain, init_stds, make_norm
+from lightjax.model.lora import lora_for, qkv_lora
 
 if TYPE_CHECKING:
-    from lightjax.kv_cache import KVCache
+    from lightjax.model.kv_cache import KVCache
 
 ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
 

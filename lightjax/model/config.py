@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 from typing import Any, Literal, get_args
 
-from lightjax.presets import PRESETS
+from lightjax.model.presets import PRESETS
 
 NormClass = Literal["LayerNorm", "RMSNorm"]
 MLPClass = Literal["GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE"]
@@ -92,7 +92,7 @@ class ModelConfig:
     norm_qk_type: NormQKType = "default"
 
     # --- MLP -------------------------------------------------------------------------------------
-    mlp_class_name: MLPClass = "GptNeoxMLP"  # a module of lightjax/mlp.py
+    mlp_class_name: MLPClass = "GptNeoxMLP"  # a module of lightjax/model/mlp.py
     intermediate_size: int | None = None  # default (GptNeoxMLP only): 4 * n_embd
     gelu_approximate: GeluApproximation = "none"
     # Mixture of experts (LLaMAMoE): each token goes through n_expert_per_token of n_expert SwiGLU MLPs.

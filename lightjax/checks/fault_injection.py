@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightjax.checkpoint import restore_params
-from lightjax.metrics import read_metrics
+from lightjax.train.checkpoint import restore_params
+from lightjax.train.metrics import read_metrics
 
 # Row fields that depend on the clock, not on the computation.
 TIMING_FIELDS = ("tokens_per_sec", "mfu", "elapsed_s")

@@ -21,13 +21,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from lightjax import lora
-from lightjax.model import GPT, stack_layers
-from lightjax.model_config import ModelConfig
-from lightjax.optim import check_no_decay, lr_schedule, make_optimizer
-from lightjax.run_config import DTYPES, ConfigError, resolve_model_config, validate
-from lightjax.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
-from lightjax.train_step import Step, TrainState, make_eval_step, make_train_step
+from lightjax.model import lora
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import GPT, stack_layers
+from lightjax.runtime.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
+from lightjax.train.config import DTYPES, ConfigError, resolve_model_config, validate
+from lightjax.train.optim import check_no_decay, lr_schedule, make_optimizer
+from lightjax.train.step import Step, TrainState, make_eval_step, make_train_step
 
 # The shape of a PRNG key, for tracing init without creating one: nothing runs eagerly on the mesh, so
 # shapes and shardings also come out for devices that can only compile (TPU topologies on a laptop).

@@ -1,4 +1,4 @@
-"""The KV cache that decoding passes through the model (see lightjax/generate.py): every layer's keys
+"""The KV cache that decoding passes through the model (see lightjax/model/generate.py): every layer's keys
 and values so far, written in place, read only as far as they are filled.
 
 Slots [0, index) are filled. Row b's real tokens start at slot start[b] (prompts are left-padded to a
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.attention import causal_mask
-from lightjax.layers import Array, Dtype, constrain
-from lightjax.model_config import ModelConfig
+from lightjax.model.attention import causal_mask
+from lightjax.model.config import ModelConfig
+from lightjax.model.layers import Array, Dtype, constrain
 
 AXES = ("layers", "batch", "act_heads", None, "act_kv")  # kv heads over tensor, like the qkv kernel
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from lightjax.hardware import tpu_topology
+from lightjax.runtime.hardware import tpu_topology
 
 REMOTE_DIR = "lightjax"  # the checkout's place in each worker's home
 LOG, PID, STATUS = "lightjax-run.log", "lightjax-run.pid", "lightjax-run.status"  # a detached job's files
@@ -41,7 +41,7 @@ class TpuVmError(ValueError):
     """A request that cannot work, with what to do instead."""
 
 
-# gcloud's accelerator-type family -> (generation in lightjax.hardware, default runtime version,
+# gcloud's accelerator-type family -> (generation in lightjax.runtime.hardware, default runtime version,
 # the most chips one host of it holds).
 _FAMILIES = {
     "v4": ("v4", "tpu-ubuntu2204-base", 4),

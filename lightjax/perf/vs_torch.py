@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 from lightjax.convert.hf_config import config_to_hf
-from lightjax.model_config import ModelConfig
-from lightjax.packages import missing_package_message
-from lightjax.run_config import resolve_model_config
+from lightjax.model.config import ModelConfig
+from lightjax.runtime.packages import missing_package_message
+from lightjax.train.config import resolve_model_config
 
 
 def _import_torch() -> tuple[Any, Any]:
@@ -98,7 +98,7 @@ def benchmark_torch_generate(config: Any, batch: int, prompt_len: int = 16, new_
     """Decode speed of the config's architecture in `transformers` (`generate`, greedy, its KV cache,
     float32, every core): new tokens/s for `batch` random prompts of `prompt_len` tokens, all
     `new_tokens` of them produced (no EOS), median of `repeats` after an untimed run. The same
-    figures as lightjax.benchmark.benchmark_generate."""
+    figures as lightjax.perf.benchmark.benchmark_generate."""
     torch, _ = _import_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = resolve_model_config(config)

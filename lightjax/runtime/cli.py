@@ -11,7 +11,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from lightjax.packages import missing_module, missing_package_message
+from lightjax.runtime.packages import missing_module, missing_package_message
 
 
 def run_script(main: Callable[[list[str]], Any], program: str) -> None:
@@ -208,7 +208,7 @@ def define_distributed_flags() -> Callable[[], None]:
     def start() -> None:
         if not requested():
             return
-        from lightjax.distributed import initialize  # imports JAX: only after the device flags are set
+        from lightjax.runtime.distributed import initialize  # imports JAX: only after the device flags are set
 
         initialize(address.value, count.value, index.value, heartbeat.value)
 

@@ -29,14 +29,6 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from lightjax.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    absolute,
-    check_same_architecture,
-    config_changes,
-    load_weights,
-)
 from lightjax.data.instructions import ExampleRows, is_instruction_source
 from lightjax.data.pipeline import (
     TokenRows,
@@ -46,12 +38,27 @@ from lightjax.data.pipeline import (
     train_iterator,
 )
 from lightjax.data.prepare import prepare_token_files, prepare_tokenizer
-from lightjax.distributed import any_process, is_leader, print_once, run_once
-from lightjax.evaluate import evaluate
-from lightjax.files import WorkdirLock
-from lightjax.metrics import MetricWriters, flops_per_token, mfu, peak_flops_per_device, plot_losses, write_metrics_csv
-from lightjax.run import Run, build_run
-from lightjax.sharding import PlacedBatches
+from lightjax.runtime.distributed import any_process, is_leader, print_once, run_once
+from lightjax.runtime.files import WorkdirLock
+from lightjax.runtime.sharding import PlacedBatches
+from lightjax.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    absolute,
+    check_same_architecture,
+    config_changes,
+    load_weights,
+)
+from lightjax.train.evaluate import evaluate
+from lightjax.train.metrics import (
+    MetricWriters,
+    flops_per_token,
+    mfu,
+    peak_flops_per_device,
+    plot_losses,
+    write_metrics_csv,
+)
+from lightjax.train.run import Run, build_run
 
 
 class _StopSignal:
