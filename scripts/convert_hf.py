@@ -37,10 +37,10 @@ COMMANDS = ("import", "export")
 
 
 def import_hf(hf_dir: str, out: str, dtype: str, overwrite: bool = False) -> str:
+    from lightjax.convert.export import save_exported
     from lightjax.convert.hf import load_hf_checkpoint, read_hf_config
     from lightjax.data.tokenizers import load_hf_tokenizer
     from lightjax.runtime.files import check_output_dir, staged_dir
-    from lightjax.train.checkpoint import save_exported
 
     check_output_dir(out, "export", overwrite)  # before the weights are read
     cfg, params = load_hf_checkpoint(hf_dir)
@@ -60,9 +60,10 @@ def export_hf(workdir: str | None, step: int | str, export_dir: str | None, out:
     import jax
     import jax.numpy as jnp
 
+    from lightjax.convert.export import load_exported
     from lightjax.convert.hf import hf_model_type, save_hf_checkpoint
     from lightjax.runtime.files import check_output_dir, staged_dir
-    from lightjax.train.checkpoint import load_exported, restore_model
+    from lightjax.train.checkpoint import restore_model
 
     check_output_dir(out, "hf", overwrite)  # before the weights are read
     token_ids = {}
@@ -116,7 +117,7 @@ def main(argv):
             if bool(_WORKDIR.value) == bool(_EXPORT_DIR.value):
                 sys.exit("convert_hf: export needs exactly one of --workdir and --export_dir.")
             if _ADAPTERS_ONLY.value:
-                from lightjax.train.checkpoint import export_adapters
+                from lightjax.train.export import export_adapters
 
                 if not _WORKDIR.value:
                     sys.exit("convert_hf: --adapters_only needs --workdir (a LoRA run).")

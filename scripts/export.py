@@ -24,7 +24,8 @@ _OVERWRITE = define_overwrite_flag()
 
 def main(argv):
     del argv
-    from lightjax.train.checkpoint import CheckpointError, export_adapters, export_params
+    from lightjax.train.checkpoint import CheckpointError
+    from lightjax.train.export import export_adapters, export_params
 
     try:
         if _ADAPTERS_ONLY.value:

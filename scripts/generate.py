@@ -41,7 +41,7 @@ def load(workdir, step, hf_dir, export_dir):
     from lightjax.model.gpt import GPT
 
     if export_dir:
-        from lightjax.train.checkpoint import load_exported
+        from lightjax.convert.export import load_exported
 
         cfg, params = load_exported(export_dir)
         return GPT(cfg), params, load_tokenizer(f"{export_dir}/tokenizer"), f"{export_dir} ({cfg.name})", None
@@ -56,7 +56,7 @@ def load(workdir, step, hf_dir, export_dir):
     from lightjax.train.run import build_model
 
     config, params, step = restore_params(workdir, step)
-    model = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
+    model, _ = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
     return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}", config
 
 
@@ -64,7 +64,9 @@ def prompt_token_ids(prompts, tokenizer, config):
     """Each prompt's ids; with --instruction rendered and encoded as the run's training prompts were."""
     if not _INSTRUCTION.value:
         return prompts, [tokenizer.encode(p).tolist() for p in prompts]
-    from lightjax.data.instructions import PromptStyle, is_instruction_source, prompt_ids
+    from lightjax.data.examples import prompt_ids
+    from lightjax.data.prompts import PromptStyle
+    from lightjax.data.records import is_instruction_source
 
     if config is None:
         raise ValueError("--instruction needs --workdir (the prompt style is the run's data.prompt_style).")

@@ -26,9 +26,10 @@ _SPM_VOCAB = flags.DEFINE_integer("spm_vocab_size", 0, "Train the spm:PATH token
 
 def main(argv):
     del argv
-    from lightjax.data.pipeline import count_tokens
-    from lightjax.data.sources import load_split, pieces, source_splits
+    from lightjax.data.sources import load_split, source_splits
+    from lightjax.data.text import pieces
     from lightjax.data.tokenizers import make_tokenizer, train_sentencepiece
+    from lightjax.data.tokens import count_tokens
 
     data = _CONFIG.value.data
     try:

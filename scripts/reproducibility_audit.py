@@ -38,7 +38,10 @@ def main(argv):
     del argv
     from lightjax.checks.audit import determinism_check, environment
     from lightjax.runtime.files import output_dir
-    from lightjax.train.config import validate
+    from lightjax.runtime.logs import quiet_orbax_errors
+    from lightjax.train.validate import validate
+
+    quiet_orbax_errors()
 
     config, out = _CONFIG.value, Path(_OUT.value)
     try:

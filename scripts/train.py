@@ -36,8 +36,11 @@ def main(argv):
     except DistributedError as e:
         sys.exit(f"train: {e}")
     from lightjax.runtime.files import WorkdirLocked
+    from lightjax.runtime.logs import quiet_orbax_errors
     from lightjax.train.checkpoint import CheckpointError
     from lightjax.train.trainer import train
+
+    quiet_orbax_errors()  # a failed save is one line of ours, not Orbax's threads' tracebacks
 
     if _WORKDIR.value is None and jax.process_count() > 1:
         sys.exit("train: a multi-process job needs --workdir (the same on every process: each would pick its own "

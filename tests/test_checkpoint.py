@@ -10,20 +10,13 @@ import jax
 import numpy as np
 import pytest
 
+from lightjax.convert.export import load_exported, save_exported
 from lightjax.convert.hf import load_hf_checkpoint
 from lightjax.model.gpt import GPT, stack_layers
 from lightjax.runtime.sharding import shard_batch
-from lightjax.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    _flatten,
-    config_changes,
-    export_params,
-    load_exported,
-    restore_params,
-    save_exported,
-)
+from lightjax.train.checkpoint import Checkpointer, CheckpointError, _flatten, config_changes, restore_params
 from lightjax.train.config import default_config
+from lightjax.train.export import export_params
 from lightjax.train.run import build_run
 from lightjax.train.step import synthetic_batch
 from lightjax.train.trainer import _StopSignal, train

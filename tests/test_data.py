@@ -7,18 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightjax.data.pipeline import (
-    TokenRows,
-    check_vocab,
-    eval_batches,
-    open_tokens,
-    read_token_meta,
-    token_stream,
-    train_iterator,
-    write_token_file,
-)
+from lightjax.data.pipeline import eval_batches, train_iterator
+from lightjax.data.rows import TokenRows
 from lightjax.data.sources import load_split, split_documents
-from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer
+from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer, check_vocab, make_tokenizer
+from lightjax.data.tokens import open_tokens, read_meta, token_stream, write_token_file
 from lightjax.train.config import default_config
 from tests.helpers import SHAKESPEARE, script_env
 
@@ -66,16 +59,16 @@ def test_an_epoch_holds_every_row_once_and_the_next_epoch_reorders_them(corpus):
     rows = TokenRows(stream, seq_len)
     assert len(rows) == (len(stream) - 1) // seq_len
     # Rows overlap by one token: together they are the stream, every token a target once.
-    np.testing.assert_array_equal(np.concatenate([rows[i][:-1] for i in range(len(rows))]),
+    np.testing.assert_array_equal(np.concatenate([rows[i]["tokens"][:-1] for i in range(len(rows))]),
                                   stream[: len(rows) * seq_len])
     batch = 4
     batches = _take(train_iterator(rows, batch, seed=1), -(-2 * len(rows) // batch))
     assert batches[0].shape == (batch, seq_len + 1) and batches[0].dtype == np.int32
     flat = [tuple(r) for b in batches for r in b]
     first, second = flat[: len(rows)], flat[len(rows): 2 * len(rows)]
-    every_row = sorted(tuple(rows[i]) for i in range(len(rows)))
+    every_row = sorted(tuple(rows[i]["tokens"]) for i in range(len(rows)))
     assert sorted(first) == every_row and sorted(second) == every_row
-    assert first != second and first != [tuple(rows[i]) for i in range(len(rows))]  # shuffled, anew per epoch
+    assert first != second and first != [tuple(rows[i]["tokens"]) for i in range(len(rows))]  # shuffled, anew per epoch
 
 
 @pytest.mark.parametrize("processes", [2, 4])
@@ -93,7 +86,7 @@ def test_a_process_reads_only_its_own_rows():
 
     class Labelled(TokenRows):  # row i is all i: a batch shows which rows it holds
         def __getitem__(self, i):
-            return np.full(17, i, np.int32)
+            return {"tokens": np.full(17, i, np.int32), "mask": np.ones(16, np.int32)}
 
     class Recording(Labelled):
         def __getitem__(self, i):
@@ -132,15 +125,16 @@ def test_token_file_round_trip_and_rows_from_it(corpus, tmp_path):
     meta = write_token_file(corpus, tok, tmp_path / "data" / "train.tokens", {"source": "test"})
     stream = token_stream(corpus, tok)
     assert meta == {"tokens": len(stream), "dtype": "uint16", "documents": len(corpus),
-                    "characters": sum(map(len, corpus)), "source": "test"}
-    assert read_token_meta(tmp_path / "data" / "train.tokens") == meta
+                    "characters": sum(map(len, corpus)), "bytes": sum(len(d.encode()) for d in corpus),
+                    "source": "test"}
+    assert read_meta(tmp_path / "data" / "train.tokens") == meta
     assert (tmp_path / "data" / "train.tokens").stat().st_size == 2 * len(stream)
     assert not list((tmp_path / "data").glob("*.partial*"))
     rows = TokenRows(str(tmp_path / "data" / "train.tokens"), 16)
     copy = pickle.loads(pickle.dumps(rows))  # what Grain workers receive: the path, not the tokens
     assert len(pickle.dumps(rows)) < 1000
     for i in (0, 5, len(rows) - 1):
-        np.testing.assert_array_equal(copy[i], stream[i * 16: i * 16 + 17])
+        np.testing.assert_array_equal(copy[i]["tokens"], stream[i * 16: i * 16 + 17])
     with pytest.raises(FileNotFoundError, match="not a complete token file"):
         TokenRows(str(tmp_path / "missing.tokens"), 16)
     with pytest.raises(ValueError, match=r"config.data.seq_len=100000 is longer than the training split"):
@@ -159,14 +153,15 @@ def test_same_seed_same_order_other_seed_other_order(corpus):
 def test_eval_covers_the_split_once_and_masks_padding():
     tok = ByteTokenizer()
     docs = ["x" * 50, "y" * 30]  # 82 tokens with EOS: 81 targets
-    batches = list(eval_batches(token_stream(docs, tok), seq_len=10, batch_size=4))
+    batches = list(eval_batches(TokenRows(token_stream(docs, tok), 10, pad_last=True), batch_size=4))
     assert len(batches) == 3  # 9 rows of 10 targets, in batches of 4: the last batch is padded
     assert sum(int(b["mask"].sum()) for b in batches) == 81
     targets = np.concatenate([b["tokens"][:, 1:][b["mask"] == 1] for b in batches])
     np.testing.assert_array_equal(targets, np.concatenate([tok.encode(d + "") for d in ["x" * 50]] + [[256]]
                                                           + [tok.encode("y" * 30), [256]])[1:])
     # Two processes: the same number of batches each, together the same targets.
-    per_process = [list(eval_batches(token_stream(docs, tok), 10, 2, shard=(p, 2))) for p in (0, 1)]
+    per_process = [list(eval_batches(TokenRows(token_stream(docs, tok), 10, pad_last=True), 2, shard=(p, 2)))
+                   for p in (0, 1)]
     assert len(per_process[0]) == len(per_process[1])
     assert sum(int(b["mask"].sum()) for batches in per_process for b in batches) == 81
 
@@ -227,7 +222,7 @@ def test_bad_input_errors(tmp_path):
                                          r"tfds:NAME, text:GLOB"):
         load_split(_data_config(tmp_path, source="openwebtext"), "train")
     with pytest.raises(ValueError, match=r"config.data.seq_len=64 is longer than the validation split \(11 tokens\)"):
-        next(eval_batches(token_stream(["0123456789"], ByteTokenizer()), seq_len=64, batch_size=2))
+        next(eval_batches(TokenRows(token_stream(["0123456789"], ByteTokenizer()), 64, pad_last=True), batch_size=2))
     with pytest.raises(ValueError, match=r"tokenizer has 257 tokens but the model's vocab_size is 65; set "
                                          r"--config.model.vocab_size=257"):
         check_vocab(ByteTokenizer(), 65)

@@ -8,8 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.data.sources import TextFile
-from lightjax.train.evaluate import evaluate, text_units
+from lightjax.data.rows import TokenRows
+from lightjax.data.text import TextFile
+from lightjax.data.tokenizers import ByteTokenizer
+from lightjax.data.tokens import text_units, write_token_file
+from lightjax.train.evaluate import evaluate
 from lightjax.train.run import build_run
 from tests.helpers import tiny_run_config
 
@@ -20,7 +23,7 @@ def test_evaluation_equals_numpy_on_a_padded_split():
     training = build_run(config, jax.devices()[:1])
     params = training.init_state().params
     tokens = np.random.default_rng(0).integers(0, 96, 100).astype(np.int32)  # 99 targets: 6 full rows + 3
-    got = evaluate(training, params, tokens, config, tokens_per_char=0.5)
+    got = evaluate(training, params, TokenRows(tokens, 16, pad_last=True), config, tokens_per_char=0.5)
 
     rows = np.zeros((8, 17), np.int32)  # one batch: 7 rows of the split, then a padding row
     for r in range(7):
@@ -40,5 +43,6 @@ def test_evaluation_equals_numpy_on_a_padded_split():
 
 def test_units_count_characters_and_utf8_bytes(tmp_path):
     (tmp_path / "doc.txt").write_text("héllo wörld")  # 11 characters, 13 bytes
-    units = text_units(["abc", TextFile(tmp_path / "doc.txt")], 28)
-    assert units == {"tokens_per_char": 28 / 14, "tokens_per_byte": 28 / 16}
+    meta = write_token_file(["abc", TextFile(tmp_path / "doc.txt")], ByteTokenizer(), tmp_path / "x.tokens")
+    assert meta["tokens"] == 18  # 3 + 13 bytes, an EOS after each document
+    assert text_units(meta) == {"tokens_per_char": 18 / 14, "tokens_per_byte": 18 / 16}

@@ -174,7 +174,7 @@ def test_a_read_only_checkpoint_folder_stops_the_run_in_one_line(tmp_path):
 
 
 def test_a_failed_export_leaves_no_half_written_folder(uninterrupted, tmp_path):
-    from lightjax.train.checkpoint import export_params
+    from lightjax.train.export import export_params
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)

@@ -67,9 +67,9 @@ def test_train_step_compiles_for_a_tpu_slice(mesh):
     import jax
     import numpy as np
 
-    from lightjax.runtime.hlo import collectives, partitioned_text
+    from lightjax.model.flops import flops_per_token
+    from lightjax.runtime.hlo import collectives, compiled_flops, partitioned_text
     from lightjax.runtime.sharding import batch_sharding
-    from lightjax.train.metrics import compiled_flops, flops_per_token
     from lightjax.train.run import build_run
     from tests.helpers import tiny_run_config
 

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.runtime.hlo import loop_corrected_flops
+from lightjax.model.flops import flops_per_token
+from lightjax.runtime.hlo import compiled_flops, loop_corrected_flops
 from lightjax.runtime.sharding import shard_batch
-from lightjax.train.metrics import compiled_flops, flops_per_token
 from lightjax.train.run import build_run
 from lightjax.train.step import synthetic_batch
 from tests.helpers import tiny_run_config

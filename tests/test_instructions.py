@@ -6,16 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.data.instructions import (
-    ExampleRows,
-    PromptStyle,
-    Record,
-    encode_example,
-    example_batches,
-    load_records,
-    write_examples,
-)
-from lightjax.data.pipeline import train_iterator
+from lightjax.data.examples import ExampleRows, encode_example, write_examples
+from lightjax.data.pipeline import eval_batches, train_iterator
+from lightjax.data.prompts import PromptStyle
+from lightjax.data.records import Record, load_records
 from lightjax.data.tokenizers import ByteTokenizer, CharTokenizer
 from lightjax.model.gpt import GPT
 from lightjax.train.loss import batch_nll
@@ -82,7 +76,7 @@ def test_the_loss_counts_response_tokens_only(tmp_path):
     the logits and each example's own prompt and response ids."""
     tokenizer = ByteTokenizer()
     rows = ExampleRows(examples_file(tmp_path, RECORDS, tokenizer), seq_len=240)  # every example fits
-    batch = next(example_batches(rows, 3, (0, 1)))
+    batch = next(eval_batches(rows, 3, (0, 1)))
     cfg = tiny_config(block_size=256, vocab_size=tokenizer.vocab_size, padding_multiple=32)
     model = GPT(cfg)
     params = model.init(jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"]

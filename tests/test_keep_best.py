@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from lightjax.convert.export import load_exported
 from lightjax.convert.hf import load_hf_checkpoint
-from lightjax.train.checkpoint import Checkpointer, CheckpointError, load_exported, restore_params
+from lightjax.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from lightjax.train.run import build_run
 from lightjax.train.trainer import train
 from tests.helpers import SHAKESPEARE, run_script

@@ -10,9 +10,10 @@ import pytest
 from lightjax.model import lora
 from lightjax.model.gpt import GPT, stack_layers
 from lightjax.runtime.sharding import shard_batch
-from lightjax.train.config import ConfigError, validate
+from lightjax.train.config import ConfigError
 from lightjax.train.run import build_run
 from lightjax.train.step import synthetic_batch
+from lightjax.train.validate import validate
 from tests.helpers import tiny_config, tiny_run_config
 
 ALL_TARGETS = ("query", "key", "value", "proj", "mlp", "head")

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from lightjax.model.config import ModelConfig
+from lightjax.model.flops import flops_per_token, matmul_params
+from lightjax.runtime.hardware import lookup_peak_flops, mfu
 from lightjax.runtime.sharding import shard_batch
-from lightjax.train.metrics import flops_per_token, lookup_peak_flops, matmul_params, mfu
 from lightjax.train.run import build_run
 from lightjax.train.step import synthetic_batch
 from tests.helpers import tiny_run_config

@@ -7,7 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lightjax.train.checkpoint import CheckpointError, export_params
+from lightjax.train.checkpoint import CheckpointError
+from lightjax.train.export import export_params
 from lightjax.train.loss import cross_entropy, make_loss_fn
 from lightjax.train.run import build_run
 from lightjax.train.step import synthetic_batch

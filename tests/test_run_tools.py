@@ -145,8 +145,9 @@ def test_export_script_and_a_bfloat16_hugging_face_export(smoke_run, tmp_path):
     import jax
     import ml_dtypes
 
+    from lightjax.convert.export import load_exported
     from lightjax.convert.hf import params_to_hf
-    from lightjax.train.checkpoint import load_exported, restore_params
+    from lightjax.train.checkpoint import restore_params
     from lightjax.train.config import resolve_model_config
 
     config, params, _ = restore_params(smoke_run)

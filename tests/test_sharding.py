@@ -11,9 +11,10 @@ import pytest
 from lightjax.model.config import ModelConfig
 from lightjax.model.gpt import abstract_params
 from lightjax.runtime.sharding import PlacedBatches, make_mesh, mesh_shape, resolve_rules, shard_batch
-from lightjax.train.config import ConfigError, default_config, resolve_model_config, validate
+from lightjax.train.config import ConfigError, default_config, resolve_model_config
 from lightjax.train.run import build_run
 from lightjax.train.step import synthetic_batch
+from lightjax.train.validate import validate
 from tests.helpers import preset_run_config, tiny_run_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]

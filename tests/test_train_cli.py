@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from lightjax.train.config import ConfigError, validate
+from lightjax.train.config import ConfigError
 from lightjax.train.trainer import train
+from lightjax.train.validate import validate
 from tests.helpers import ROOT, SHAKESPEARE, load_config_module, local_data_flags, run_script
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.data.pipeline import TokenRows, token_stream, train_iterator
+from lightjax.data.pipeline import train_iterator
+from lightjax.data.rows import TokenRows
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
+from lightjax.data.tokens import token_stream
 from lightjax.model.gpt import unstack_layers
 from lightjax.runtime.sharding import shard_batch
 from lightjax.train.loss import make_loss_fn

@@ -8,12 +8,13 @@ bfloat16 comes back as `ml_dtypes.bfloat16`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from lightjax.runtime.files import atomic_path
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -26,14 +27,10 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """One .safetensors file, written to a temporary name first so that an interrupted write leaves no file."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    """One .safetensors file, written whole or not at all (runtime/files.atomic_path)."""
     arrays = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
     try:
-        save_file(arrays, str(partial), metadata=metadata or {"format": "pt"})
-        partial.replace(path)
+        with atomic_path(path) as partial:
+            save_file(arrays, str(partial), metadata=metadata or {"format": "pt"})
     except (SafetensorError, ValueError, TypeError) as e:
         raise ValueError(f"Cannot write {path}: {e}") from None
-    finally:
-        partial.unlink(missing_ok=True)

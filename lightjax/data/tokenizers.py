@@ -19,10 +19,11 @@ import sentencepiece as spm
 from etils import epath
 from tokenizers import Tokenizer as FastTokenizer
 
-from lightjax.data.sources import pieces
-from lightjax.runtime.files import content_fingerprint
+from lightjax.data.text import pieces
+from lightjax.runtime.files import content_fingerprint, write_atomic
 
 META_FILE = "tokenizer.json"
+TOKENIZERS = ("char", "byte", "spm:PATH", "hf:DIR")  # config.data.tokenizer
 
 
 class Tokenizer:
@@ -41,7 +42,7 @@ class Tokenizer:
     def save(self, directory: str | epath.PathLike) -> epath.Path:
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / META_FILE).write_text(json.dumps({"kind": self.kind, **self._state(directory)}, indent=1))
+        write_atomic(directory / META_FILE, json.dumps({"kind": self.kind, **self._state(directory)}, indent=1))
         return directory
 
     def _state(self, directory: epath.Path) -> dict[str, Any]:
@@ -212,6 +213,19 @@ def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
     raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r}; known: 'char', 'byte', 'spm', 'hf'.")
 
 
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Every token id must have an embedding row: checked before training starts."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"The {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model_vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} "
+                         "(or larger).")
+
+
+def is_known_tokenizer(spec: str) -> bool:
+    """Whether `config.data.tokenizer` names a kind of tokenizer (TOKENIZERS)."""
+    return spec in ("char", "byte") or spec.startswith(("spm:", "hf:"))
+
+
 def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokenizer:
     """From `config.data.tokenizer`: 'char' (built from the training documents), 'byte', 'spm:PATH'
     (a SentencePiece model), or 'hf:DIR' (a Hugging Face checkpoint's tokenizer.model or tokenizer.json)."""
@@ -229,7 +243,7 @@ def make_tokenizer(spec: str, train_docs: Sequence[str] | None = None) -> Tokeni
         return SentencePieceTokenizer(spec[len("spm:"):])
     if spec.startswith("hf:"):
         return load_hf_tokenizer(spec[len("hf:"):])
-    raise ValueError(f"config.data.tokenizer={spec!r} is not one of 'char', 'byte', 'spm:PATH', 'hf:DIR'.")
+    raise ValueError(f"config.data.tokenizer={spec!r} is not one of {', '.join(map(repr, TOKENIZERS))}.")
 
 
 def train_sentencepiece(text_files: list[str | Path], model_prefix: str | Path, vocab_size: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -22,11 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightjax.model.config import ModelConfig
-from lightjax.model.layers import Array, Dtype, Linear, apply_rope, compute_dtype, constrain, init_stds, make_norm
+from lightjax.model.kv_cache import KVCache
+from lightjax.model.layers import (
+    Array,
+    Dtype,
+    Linear,
+    apply_rope,
+    causal_mask,
+    compute_dtype,
+    constrain,
+    init_stds,
+    make_norm,
+)
 from lightjax.model.lora import lora_for, qkv_lora
-
-if TYPE_CHECKING:
-    from lightjax.model.kv_cache import KVCache
 
 ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
 
@@ -47,20 +55,69 @@ class LayerKind(flax.struct.PyTreeNode):
         return int(self.local_rope) if isinstance(self.local_rope, bool) else self.local_rope
 
 
-def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | None = None,
-                     softcap: float | None = None) -> Array:
-    """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, t, g, h]:
-    each query sees its own and earlier positions, the last `window` of them when given.
+# The attention kernels of training and evaluation (decoding always attends over the cache with einsums).
+ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
 
-    On GPU and TPU `jax.nn.dot_product_attention` computes that, grouped queries natively: cuDNN flash
-    attention on GPU for bfloat16/float16 (asked for by name: JAX's default is XLA's version), XLA's
-    elsewhere. The explicit path below runs instead on CPU (its heads-major layout trains about 1.7x
-    faster there than the fused call, whose output layout the CPU matmul library handles poorly),
-    with `softcap` (Gemma 2: scores -> softcap * tanh(scores / softcap)), and in float64 (gradient
-    checks): the fused version's softmax is float32.
+
+def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | None = None) -> tuple[str, str]:
+    """(the kernel that will run, why): `kernel` as asked for, or for 'auto' the one for this backend and
+    dtype. A ValueError in one line when an explicit kernel cannot run here.
+
+    - einsum: the explicit softmax(q k^T) v below, heads-major; runs everywhere, and alone takes
+      Gemma 2's score soft-capping and float64 (gradient checks). On CPU it trains about 1.7x faster
+      than the fused call, whose output layout the CPU matmul library handles poorly.
+    - xla: `jax.nn.dot_product_attention`, XLA's own version (GPU, TPU).
+    - cudnn: cuDNN's flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, bfloat16 or
+      float16): it does not keep every layer's [B, N, T, S] scores for the backward pass.
     """
-    if softcap is None and q.dtype != jnp.float64 and jax.default_backend() != "cpu":
-        return _fused_attention(q, k, v, scale, window)
+    backend = backend or jax.default_backend()
+    dtype = jnp.dtype(dtype)
+    softcap = cfg.attention_logit_softcapping is not None
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}.")
+    if kernel in ("xla", "cudnn") and softcap:
+        raise ValueError(f"attention kernel {kernel!r} cannot soft-cap the scores (attention_logit_softcapping="
+                         f"{cfg.attention_logit_softcapping}); use 'einsum' or 'auto'.")
+    if kernel == "cudnn":
+        problem = _cudnn_problem(cfg, dtype, backend)
+        if problem:
+            raise ValueError(f"attention kernel 'cudnn' cannot run here: {problem}; use 'auto', 'xla' or 'einsum'.")
+    if kernel != "auto":
+        return kernel, "as configured"
+    if backend == "cpu" or softcap or dtype == jnp.float64:
+        reason = "CPU" if backend == "cpu" else ("score soft-capping" if softcap else "float64")
+        return "einsum", f"auto: {reason}"
+    problem = _cudnn_problem(cfg, dtype, backend)
+    return ("xla", f"auto on {backend}" + (f"; not cudnn: {problem}" if backend == "gpu" else "")) if problem \
+        else ("cudnn", "auto on gpu")
+
+
+def _cudnn_problem(cfg: ModelConfig, dtype: Any, backend: str) -> str:
+    """Why cuDNN's attention cannot run this model here ('' when it can), as JAX checks it while tracing."""
+    if backend != "gpu":
+        return f"the backend is {backend}, not an NVIDIA GPU"
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return f"it takes bfloat16 or float16, not {dtype.name}"
+    q = jax.ShapeDtypeStruct((1, 128, cfg.n_head, cfg.head_size), dtype)
+    kv = jax.ShapeDtypeStruct((1, 128, cfg.n_query_groups, cfg.head_size), dtype)
+    try:
+        jax.eval_shape(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"),
+                       q, kv, kv)
+    except (NotImplementedError, ValueError, TypeError) as e:
+        return (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return ""
+
+
+def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | None = None,
+                     softcap: float | None = None, kernel: str = "einsum") -> Array:
+    """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, t, g, h]:
+    each query sees its own and earlier positions, the last `window` of them when given. `kernel` is a
+    resolved one (resolve_attention): 'einsum' below, or 'xla' / 'cudnn' through
+    `jax.nn.dot_product_attention`, grouped queries natively."""
+    if kernel in ("xla", "cudnn"):
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local,
+                                            implementation=kernel)
     T = q.shape[1]
     q_bgqth = _heads_major_queries(q, k.shape[2])
     k_bg_sh, v_bg_sh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -118,27 +175,6 @@ def _attend(q: Array, ks: list[Array], vs: list[Array], scale: float, mask: Arra
     return functools.reduce(jnp.add, outs).reshape(B, G, Q, T, hs)
 
 
-def _fused_attention(q: Array, k: Array, v: Array, scale: float, window: int | None) -> Array:
-    local = None if window is None else (window - 1, 0)
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        try:  # JAX's default is XLA's version, which keeps every layer's [B, N, T, S] scores for backward
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local,
-                                                implementation="cudnn")
-        except (NotImplementedError, ValueError):  # a head size or shape cuDNN does not take
-            pass
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local)
-
-
-def causal_mask(q_slot: Array, S: int, window: int | None = None) -> Array:
-    """[1, 1, T, S]: query slot q_slot[t] sees key slots <= its own, and with a window the last
-    `window` of them only (itself included, as Hugging Face counts)."""
-    k_slot = jnp.arange(S)[None, :]
-    mask = k_slot <= q_slot[:, None]
-    if window is not None:
-        mask &= k_slot > q_slot[:, None] - window
-    return mask[None, None]
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head, grouped-query or multi-query attention with a fused qkv projection.
 
@@ -151,6 +187,7 @@ class CausalSelfAttention(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel: str = "einsum"  # a resolved attention kernel (resolve_attention)
 
     @nn.compact
     def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind,
@@ -179,7 +216,7 @@ class CausalSelfAttention(nn.Module):
 
         def attend(window: int | None) -> Array:
             if cache is None:
-                return causal_attention(q, k, v, scale, window, c.attention_logit_softcapping)
+                return causal_attention(q, k, v, scale, window, c.attention_logit_softcapping, self.kernel)
             return cached_attention(q, k, v, scale, cache.mask(T, window), c.attention_logit_softcapping)
 
         if c.sliding_window_size is None or kind.windowed is False:

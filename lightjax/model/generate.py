@@ -80,7 +80,7 @@ def _decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, r
 
     lengths = attended_lengths(P, cache_len)
     cache = KVCache.empty(cfg, B, lengths, model.dtype, start, stacked=model.scan_layers)
-    logits, cache = model.apply({"params": params}, prompt, cache=cache.replace(length=lengths[0]))
+    logits, cache = model.apply({"params": params}, prompt, cache.replace(length=lengths[0]), method="decode")
     token = next_token(logits, 0)
     out = jnp.zeros((B, cache_len - P), jnp.int32).at[:, 0].set(token)
     done = token == eos_id
@@ -91,7 +91,7 @@ def _decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, r
 
     def body(carry: tuple) -> tuple:
         i, token, cache, out, done = carry
-        logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+        logits, cache = model.apply({"params": params}, token[:, None], cache, method="decode")
         token = jnp.where(done, eos_id, next_token(logits, i))  # finished rows repeat EOS
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, token, cache, out, done | (token == eos_id)

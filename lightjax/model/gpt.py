@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lightjax.model.attention import CausalSelfAttention, LayerKind, causal_attention
+from lightjax.model.attention import CausalSelfAttention, LayerKind, causal_attention, resolve_attention
 from lightjax.model.config import ModelConfig
 from lightjax.model.kv_cache import KVCache
 from lightjax.model.layers import (
@@ -70,6 +70,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     deterministic: bool = True  # a field, not an argument, so that nn.scan/nn.remat see it as static
+    attention: str = "einsum"  # a resolved attention kernel
 
     @nn.compact
     def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind,
@@ -79,7 +80,8 @@ class Block(nn.Module):
         c = self.config
         mlp = MLP_MODULES[c.mlp_class_name](c, self.dtype, self.param_dtype, name="mlp")
         x_normed = self._norm("norm_1")(x) if c.norm_1 else x
-        h, cache = CausalSelfAttention(c, self.dtype, self.param_dtype, name="attn")(x_normed, rope, kind, cache)
+        attention = CausalSelfAttention(c, self.dtype, self.param_dtype, self.attention, name="attn")
+        h, cache = attention(x_normed, rope, kind, cache)
         if c.post_attention_norm:
             h = self._norm("post_attention_norm")(h)
         h = self._dropout(h)
@@ -103,19 +105,31 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """`GPT(cfg).init(rng, tokens)`, `GPT(cfg).apply(variables, tokens)` -> logits [B, T, padded_vocab]."""
+    """`GPT(cfg).init(rng, tokens)`, `GPT(cfg).apply(variables, tokens)` -> logits [B, T, padded_vocab];
+    `GPT(cfg).apply(variables, tokens, cache, method="decode")` -> (logits, the updated cache)."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Dtype = jnp.float32  # storage dtype of parameters
     scan_layers: bool = False
     remat: str = "none"  # a key of REMAT_POLICIES
+    attention: str = "auto"  # an attention kernel (attention.ATTENTION_KERNELS), resolved when traced
+
+    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True) -> Array:
+        """Logits [B, T, padded_vocab_size] (float32) of `tokens` [B, T] at `positions` (default 0..T-1);
+        with `deterministic=False` dropout is active (a 'dropout' rng)."""
+        return self.forward(tokens, positions, deterministic, None)[0]
+
+    def decode(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """(logits, cache): `tokens` [B, T] fill the cache's slots index..index+T-1 (their positions follow
+        from the slots) and attend over everything the cache holds."""
+        logits, cache = self.forward(tokens, None, True, cache)
+        return logits, cache
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True,
-                 cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
-        """Logits for `tokens` [B, T]. With a `cache` the tokens fill its slots index..index+T-1 (their
-        positions follow from the slots), and the result is (logits, updated cache)."""
+    def forward(self, tokens: Array, positions: Array | None, deterministic: bool,
+                cache: KVCache | None) -> tuple[Array, KVCache | None]:
+        """The model: (logits, cache), the cache None when there is none. Call it as GPT or GPT.decode."""
         c = self.config
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"GPT.remat={self.remat!r} is not one of {', '.join(map(repr, REMAT_POLICIES))}.")
@@ -149,8 +163,7 @@ class GPT(nn.Module):
         logits = logits.astype(compute_dtype(self.dtype))
         if c.final_logit_softcapping is not None:
             logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        return logits if cache is None else (logits, cache)
+        return constrain(logits, ("batch", "length", "act_vocab")), cache
 
     def _blocks(self, x: Array, rope: tuple[Array, Array], deterministic: bool,
                 cache: KVCache | None) -> tuple[Array, KVCache | None]:
@@ -163,7 +176,9 @@ class GPT(nn.Module):
             # Inside scan, CSE cannot merge the recomputation with the forward pass, so skip the guard.
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers,
                                  static_argnums=(3,) if uniform or not self.scan_layers else ())
-        block_args = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
+        kernel = resolve_attention(self.attention, c, self.dtype)[0]
+        block_args = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic,
+                          attention=kernel)
         if not self.scan_layers:
             for i, kind in enumerate(kinds):
                 layer_cache = None if cache is None else cache.replace(layer=i)

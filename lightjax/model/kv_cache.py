@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightjax.model.attention import causal_mask
 from lightjax.model.config import ModelConfig
-from lightjax.model.layers import Array, Dtype, constrain
+from lightjax.model.layers import Array, Dtype, causal_mask, constrain
 
 AXES = ("layers", "batch", "act_heads", None, "act_kv")  # kv heads over tensor, like the qkv kernel
 

@@ -323,3 +323,13 @@ def apply_rope(x: Array, cos: Array, sin: Array, interleave: bool = False) -> Ar
         rotated = jnp.concatenate([-x2, x1], axis=-1)
     roped = (x32 * cos + rotated * sin).astype(x.dtype)
     return jnp.concatenate([roped, x_pass], axis=-1)
+
+
+def causal_mask(q_slot: Array, S: int, window: int | None = None) -> Array:
+    """[1, 1, T, S]: query slot q_slot[t] sees key slots <= its own, and with a window the last
+    `window` of them only (itself included, as Hugging Face counts)."""
+    k_slot = jnp.arange(S)[None, :]
+    mask = k_slot <= q_slot[:, None]
+    if window is not None:
+        mask &= k_slot > q_slot[:, None] - window
+    return mask[None, None]

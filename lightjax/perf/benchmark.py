@@ -17,16 +17,21 @@ import jax
 import numpy as np
 from etils import epath
 
-from lightjax.data.pipeline import TokenRows, train_iterator, write_token_file
+from lightjax.data.pipeline import train_iterator
+from lightjax.data.rows import TokenRows
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import make_tokenizer
+from lightjax.data.tokens import write_token_file
+from lightjax.model.flops import flops_per_token
 from lightjax.model.generate import decode_inputs, decode_loop, generate
+from lightjax.runtime.hardware import mfu, peak_flops_per_device
+from lightjax.runtime.hlo import compiled_flops
 from lightjax.runtime.sharding import shard_batch
 from lightjax.train.checkpoint import Checkpointer, state_digests
-from lightjax.train.config import resolve_model_config, validate
-from lightjax.train.metrics import compiled_flops, flops_per_token, mfu, peak_flops_per_device
+from lightjax.train.config import resolve_model_config
 from lightjax.train.run import Run, build_model, build_run
 from lightjax.train.step import synthetic_batch
+from lightjax.train.validate import validate
 
 
 def synthetic_inputs(run: Run, config: Any) -> tuple[Any, dict[str, jax.Array]]:
@@ -200,7 +205,7 @@ def _decode_setup(config: Any, batch: int, prompt_len: int) -> tuple[Any, Any, l
     benchmarks: speed does not depend on the weights."""
     validate(config, 1)
     cfg = resolve_model_config(config)
-    model = build_model(cfg, config.train)
+    model, _ = build_model(cfg, config.train)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))()
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     return model, params, prompts

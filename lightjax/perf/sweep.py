@@ -29,12 +29,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from lightjax.model.flops import flops_per_token
 from lightjax.model.gpt import REMAT_POLICIES
 from lightjax.perf.benchmark import synthetic_inputs
-from lightjax.runtime.hardware import chip_for
-from lightjax.runtime.hlo import COLLECTIVES, collectives, partitioned_text
+from lightjax.runtime.hardware import chip_for, peak_flops_per_device
+from lightjax.runtime.hlo import COLLECTIVES, collectives, compiled_flops, partitioned_text
 from lightjax.runtime.sharding import RULE_SETS, batch_sharding
-from lightjax.train.metrics import compiled_flops, flops_per_token, peak_flops_per_device
 from lightjax.train.run import build_run
 
 # Bytes each device moves over its links per byte of the combined tensor, for ring algorithms.

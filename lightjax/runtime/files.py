@@ -1,8 +1,9 @@
 """Writing a run's files so that a crash, a kill -9 or a full disk never leaves a half-written one,
 and so that two trainers never write into one workdir.
 
-- `write_atomic`: a file written beside its destination, then renamed over it (a reader sees the old
-  file or the new one, never a mixture). Object stores (gs://) write an object whole already.
+- `atomic_path`, `write_atomic`: a file written beside its destination, then renamed over it (a reader
+  sees the old file or the new one, never a mixture); every file lightjax writes whole (token files,
+  examples, safetensors, metadata) goes through them. Object stores (gs://) write an object whole already.
 - `staged_dir`, `output_dir`: output folders (exports, conversions, sweeps, audits) that never replace
   what lightjax did not write: each carries a marker naming its kind and entries, and an existing
   folder is replaced only when it is an earlier output of the same kind holding nothing else (or on
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,22 +38,37 @@ def _local(path: epath.Path) -> bool:
     return "://" not in str(path)
 
 
-def write_atomic(path: str | epath.PathLike, data: str | bytes) -> None:
-    """Replace `path`'s contents with `data` in one step."""
+@contextlib.contextmanager
+def atomic_path(path: str | epath.PathLike) -> Iterator[epath.Path]:
+    """A new path beside `path` to write to, renamed over `path` when the block completes and removed
+    when it fails: a reader sees the old file or the new one, never a mixture, and two writers never
+    share a partial file. On object stores (gs://), which write an object whole, `path` itself."""
     path = epath.Path(path)
     if not _local(path):
-        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        yield path
         return
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(partial, "wb") as f:
-            f.write(data if isinstance(data, bytes) else data.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        yield partial
         os.replace(partial, path)
     finally:
         if partial.exists():
             partial.unlink()
+
+
+def write_atomic(path: str | epath.PathLike, data: str | bytes) -> None:
+    """Replace `path`'s contents with `data` in one step (atomic_path), flushed to disk first."""
+    with atomic_path(path) as partial, partial.open("wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+        f.flush()
+        if _local(partial):
+            os.fsync(f.fileno())
+
+
+def absolute(path: str | epath.PathLike) -> epath.Path:
+    """`path` as an absolute epath: local paths made absolute (Orbax needs them so), URLs as given."""
+    path = epath.Path(path)
+    return path if not _local(path) else epath.Path(os.path.abspath(path))
 
 
 OUTPUT_MARKER = "lightjax_output.json"  # in every output folder: what wrote it, and which entries
@@ -77,7 +94,7 @@ def check_output_dir(path: str | epath.PathLike, kind: str, overwrite: bool = Fa
     the folder is new or empty, or an earlier output of the same kind holding only what lightjax wrote
     there (its marker lists it), or `overwrite` is asked for. A folder inside a run, or one that holds a
     run, is refused even then."""
-    path = _absolute(path)
+    path = absolute(path)
     for folder in (path, *path.parents):
         if is_run_dir(folder):
             where = "is" if folder == path else "is inside"
@@ -106,11 +123,6 @@ def check_output_dir(path: str | epath.PathLike, kind: str, overwrite: bool = Fa
                             "folder, or pass --overwrite to replace it.")
     raise OutputRefused(f"{path} holds files added after lightjax wrote it ({_names(_added(entries, marker))}). "
                         "Move them, choose another folder, or pass --overwrite to replace it.")
-
-
-def _absolute(path: str | epath.PathLike) -> epath.Path:
-    path = epath.Path(path)
-    return path if not _local(path) else epath.Path(os.path.abspath(path))
 
 
 def _read_marker(path: epath.Path) -> dict[str, Any] | None:
@@ -154,7 +166,7 @@ def staged_dir(path: str | epath.PathLike, kind: str, overwrite: bool = False) -
     """Yields a temporary folder beside `path`; when the block succeeds it becomes `path`, marked as a
     `kind` output, when it fails it is removed and `path` is untouched. An existing `path` is replaced
     only where check_output_dir allows it."""
-    path = _absolute(path)
+    path = absolute(path)
     check_output_dir(path, kind, overwrite)
     if not _local(path):  # object stores cannot rename a folder in one step: written in place
         path.mkdir(parents=True, exist_ok=True)
@@ -185,7 +197,7 @@ def output_dir(path: str | epath.PathLike, kind: str, overwrite: bool = False) -
     """A `kind` output folder written in place by a long job (sweeps, audits, fault injection), whose
     partial results are worth keeping: checked like staged_dir, an earlier output there removed, then
     marked first (so a crashed job's folder is still known as ours) and its entries listed at the end."""
-    path = _absolute(path)
+    path = absolute(path)
     check_output_dir(path, kind, overwrite)
     if path.exists():
         _remove(path)

@@ -2,7 +2,8 @@
 
 `CHIPS` holds, per chip, its dense bf16 peak, HBM capacity and bandwidth and interconnect bandwidth
 (both directions, all links of one chip: TPU ICI, NVIDIA NVLink), each from the vendor's public page
-named in `source`. `chip_for(device.device_kind)` finds a device's entry.
+named in `source`. `chip_for(device.device_kind)` finds a device's entry; `peak_flops_per_device` is
+the peak MFU is measured against (the table's, or for a CPU, which publishes none, a matmul measured on it).
 
 `tpu_topology("v5e-16")` (an accelerator type as Cloud TPU names it) or `tpu_topology("v5e:4x4")`
 (generation and chip grid) describes a slice; its `devices()` are compile-only TPU devices made by
@@ -14,12 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 GiB = 2**30
 
@@ -65,6 +71,51 @@ _GENERATIONS = {"v4": ("TPU v4", 2, 3), "v5p": ("TPU v5p", 2, 3), "v5e": ("TPU v
 _GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 _GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+
+
+def lookup_peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s for a `jax.Device.device_kind` (CHIPS), or None when unknown (CPUs)."""
+    chip = chip_for(device_kind)
+    return chip.peak_bf16 if chip else None
+
+
+@functools.lru_cache
+def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 5,
+                         device: jax.Device | None = None) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n x n matmul on one device: a practical peak for CPUs,
+    which publish none."""
+    device = device or jax.local_devices()[0]  # jax.devices()[0] may belong to another process
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0, dtype: Any = jnp.float32,
+                          device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s per device, where the figure came from): the config value when set, else the
+    table for the kind of `device` (default: this process's first; pass a mesh's own device, which may
+    be a compile-only TPU), else a matmul measurement on it (CPU)."""
+    if configured > 0:
+        return configured, "config"
+    device = device or jax.local_devices()[0]
+    table = lookup_peak_flops(device.device_kind)
+    if table is not None:
+        return table, f"table ({device.device_kind}, bf16)"
+    # Simulated CPU devices share the same cores: measure one, then split it between them.
+    per_device = (measure_matmul_flops(dtype=dtype, device=device)
+                  / (jax.local_device_count() if device.platform == "cpu" else 1))
+    return per_device, f"measured ({device.device_kind} matmul, {jnp.dtype(dtype).name})"
+
+
+def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float, n_devices: int) -> float:
+    return tokens_per_sec * flops_per_tok / (peak_per_device * n_devices)
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,6 +202,20 @@ def loop_corrected_flops(text: str, xla_flops: float) -> float:
                            for name, times in _executions(comps, entry) if times > 1)
 
 
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled function (one device's share), from XLA's cost analysis with the
+    matmuls of loop bodies counted once per iteration (loop_corrected_flops; XLA counts a scanned
+    layer stack once). None if the backend has no cost analysis."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 (some backends do not implement it)
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return loop_corrected_flops(compiled.as_text(), float(flops)) if flops else None
+
+
 def loop_copies(text: str, min_elements: int) -> list[tuple[str, str, str]]:
     """(instruction, op, shape) of each array of at least `min_elements` elements that the body of a
     while loop (or a loop, branch or call inside one) makes anew each iteration: copies, slices,

@@ -23,30 +23,23 @@ import logging
 import math
 import os
 import re
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 import lightjax
-from lightjax.convert.hf import load_hf_checkpoint
-from lightjax.convert.safetensors_io import write_safetensors
 from lightjax.model import lora
 from lightjax.model.config import ModelConfig
-from lightjax.model.gpt import unstack_layers
 from lightjax.runtime.distributed import is_leader, print_once
-from lightjax.runtime.files import check_output_dir, staged_dir
-from lightjax.train.config import DTYPES, default_config, resolve_model_config
+from lightjax.runtime.files import absolute
+from lightjax.train.config import default_config, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -125,42 +118,12 @@ def check_digests(meta: dict[str, Any], state: Any) -> None:
                               "was saved")
 
 
-def _about_orbax(exc_info: Any, text: str) -> bool:
-    """Whether an error log or unraisable error is Orbax's own account of a failed save: its message or
-    its traceback names Orbax, or it is its asyncio loop's follow-on 'Event loop is closed'."""
-    frames = traceback.extract_tb(exc_info[2]) if exc_info and exc_info[2] else []
-    return "orbax" in text or "Event loop is closed" in text or any("orbax" in f.filename for f in frames)
-
-
-class _OrbaxErrors(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _about_orbax(record.exc_info, record.getMessage()))
-
-
-def _quiet_orbax_errors() -> None:
-    """A failed save is reported once, in one line, by Checkpointer.check/wait; Orbax's threads and
-    asyncio loops would also log it, and its follow-on errors, as a few dozen tracebacks."""
-    if any(isinstance(f, _OrbaxErrors) for f in logging.getLogger("absl").filters):
-        return
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_OrbaxErrors())
-    previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
-        if not _about_orbax(exc_info, str(unraisable.exc_value)):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-
-
 def _val_loss(metrics: dict[str, Any]) -> float:
     return metrics.get("val_loss", math.inf)
 
 
 class Checkpointer:
     def __init__(self, workdir: str | epath.PathLike, keep: int = 3, async_save: bool = True, keep_best: int = 1):
-        _quiet_orbax_errors()
         self.directory = absolute(workdir) / "checkpoints"
         # The lowest validation losses (BestN) beside the latest: a save without an evaluation ranks as
         # +inf, so it is kept only while it is among the latest.
@@ -317,12 +280,6 @@ def _cause(error: BaseException) -> str:
     return (text.splitlines() or [""])[0][:200]
 
 
-def absolute(path: str | epath.PathLike) -> epath.Path:
-    """`path` as an absolute epath: local paths made absolute (Orbax needs them so), URLs as given."""
-    path = epath.Path(path)
-    return path if "://" in str(path) else path.absolute()
-
-
 def restore_params(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[Any, Any, int]:
     """(the run's config as a ConfigDict, its parameters on the default device, the step) from a
     run's checkpoint: `step`, 'latest' (the default) or 'best' (the lowest validation loss); the
@@ -365,76 +322,6 @@ def _read_params(ckpt: Checkpointer, step: int) -> tuple[dict[str, Any], Any]:
     return meta, state
 
 
-def restore_model(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[ModelConfig, Any, int, Any]:
-    """(ModelConfig, parameters, step, the run's config) of a run's checkpoint, LoRA adapters merged
-    into their kernels (lora.merge): the plain model that the fine-tuned run computes."""
-    config, params, step = restore_params(workdir, step)
-    cfg, params = lora.merge(resolve_model_config(config), params)
-    return cfg, params, step, config
-
-
-def export_params(workdir: str | epath.PathLike, out: str | epath.PathLike, step: int | str | None = None,
-                  dtype: str = "float32", overwrite: bool = False) -> epath.Path:
-    """Parameters only (no optimizer state; LoRA adapters merged), cast to `dtype`, for inference and
-    conversion: OUT/params (Orbax), OUT/model_config.json (the resolved ModelConfig), OUT/tokenizer/."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
-    check_output_dir(out, "export", overwrite)  # before the checkpoint is read
-    cfg, params, step, _ = restore_model(workdir, step)
-    with staged_dir(out, "export", overwrite) as stage:  # a failed export leaves no half-written folder
-        save_exported(stage, cfg, params, dtype, step)
-        tokenizer = epath.Path(workdir) / "tokenizer"
-        if tokenizer.is_dir():
-            (stage / "tokenizer").mkdir(parents=True, exist_ok=True)
-            for f in tokenizer.iterdir():
-                f.copy(stage / "tokenizer" / f.name, overwrite=True)
-    return absolute(out)
-
-
-def export_adapters(workdir: str | epath.PathLike, out: str | epath.PathLike,
-                    step: int | str | None = None, overwrite: bool = False) -> epath.Path:
-    """A LoRA run's adapters alone: OUT/adapters.safetensors (every lora_a and lora_b in float32, named by
-    its path, e.g. h_0/attn/qkv/lora_a, loop layout) and OUT/lora_config.json (rank, alpha, dropout,
-    targets, the base model and the weights the run started from)."""
-    check_output_dir(out, "adapters", overwrite)
-    config, params, _ = restore_params(workdir, step)
-    cfg = resolve_model_config(config)
-    adapters = lora.split(unstack_layers(params) if "h" in params else params)[0]
-    if not adapters:
-        raise ValueError(f"{workdir} has no LoRA adapters to export (its config.lora.rank is 0).")
-    tensors = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
-    meta = {"rank": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets),
-            "base_model": cfg.name, "base_weights": config.train.init_from}
-    with staged_dir(out, "adapters", overwrite) as stage:
-        write_safetensors(stage / "adapters.safetensors", tensors)
-        (stage / "lora_config.json").write_text(json.dumps(meta, indent=1))
-    return absolute(out)
-
-
-def save_exported(out: str | epath.PathLike, cfg: Any, params: Any, dtype: str = "float32",
-                  step: int = 0) -> epath.Path:
-    """OUT/params (Orbax, cast to `dtype`, loop or scan layout as given) and OUT/model_config.json:
-    the export format, also written by `scripts/convert_hf.py import`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
-    out = absolute(out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "params", params, force=True)
-    checkpointer.wait_until_finished()
-    (out / "model_config.json").write_text(json.dumps({"step": step, "dtype": dtype, **cfg.to_dict()}, indent=1))
-    return out
-
-
-def load_weights(directory: str | epath.PathLike) -> tuple[Any, Any]:
-    """(ModelConfig, params in loop layout) from an export directory or a Hugging Face model directory."""
-    if (epath.Path(directory) / "model_config.json").is_file():
-        cfg, params = load_exported(directory)
-        return cfg, (unstack_layers(params) if "h" in params else params)
-    return load_hf_checkpoint(directory)
-
-
 # Fields that may differ between pretrained weights and the run that starts from them.
 _FREE_WHEN_LOADING = ("name", "block_size", "dropout", "vocab_size", "padding_multiple", "lora_r", "lora_alpha",
                       "lora_dropout", "lora_targets")  # LoRA adapters start fresh beside the loaded weights
@@ -450,12 +337,9 @@ def check_same_architecture(run_cfg: Any, weights_cfg: Any, source: str) -> None
                               + "; ".join(diffs) + ".")
 
 
-def load_exported(directory: str | epath.PathLike) -> tuple[Any, Any]:
-    """(ModelConfig, params) from an `export_params` directory."""
-    directory = absolute(directory)
-    if not (directory / "model_config.json").is_file():
-        raise FileNotFoundError(f"No model_config.json in {directory}: not a lightjax export directory.")
-    fields = json.loads((directory / "model_config.json").read_text())
-    fields.pop("step"), fields.pop("dtype")
-    params = ocp.StandardCheckpointer().restore(directory / "params")
-    return ModelConfig(**fields), params
+def restore_model(workdir: str | epath.PathLike, step: int | str | None = None) -> tuple[ModelConfig, Any, int, Any]:
+    """(ModelConfig, parameters, step, the run's config) of a run's checkpoint, LoRA adapters merged
+    into their kernels (lora.merge): the plain model that the fine-tuned run computes."""
+    config, params, step = restore_params(workdir, step)
+    cfg, params = lora.merge(resolve_model_config(config), params)
+    return cfg, params, step, config

@@ -1,121 +1,20 @@
-"""Model FLOPs, peak FLOP/s per device kind, and MFU.
-
-FLOPs per token of one training step (forward + backward), as nanoGPT and the PaLM paper count them:
-
-    6 * N  +  12 * n_layer * n_head * head_size * T
-
-- 6N: each parameter used in a matmul costs 2 FLOPs per token forward and 4 backward. N counts the
-  matmul parameters: everything except the input embedding table (a lookup, not a matmul) unless
-  the table is tied to the output head, where it is used in a matmul once. Norms and biases are
-  included, as nanoGPT includes them; they are a rounding error. In a mixture of experts N counts
-  the experts a token uses (n_expert_per_token of n_expert), as MoE papers do.
-- 12 L H Q T: attention scores (QK^T) and the weighted sum (AV), 2 * 2 * T * H * Q FLOPs per token
-  and layer forward, times 3 for forward + backward. Causal masking is ignored (as in PaLM), so this
-  counts the full T x T square.
-
-MFU = achieved model FLOP/s / (peak FLOP/s per device * devices). Rematerialisation does not count:
-recomputed FLOPs are the hardware's cost, not the model's.
+"""A run's metrics: every logged row to WORKDIR/metrics.jsonl and, when enabled, TensorBoard and Weights &
+Biases (only process 0 writes); reading them back, the CSV and the loss plot written at the end of a run.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
-import math
 import sys
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 
-from lightjax.model.config import ModelConfig
-from lightjax.model.gpt import abstract_params, count_params
 from lightjax.runtime.files import write_atomic
-from lightjax.runtime.hardware import chip_for
-from lightjax.runtime.hlo import loop_corrected_flops
 from lightjax.runtime.packages import missing_package_message
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """N in 6N: parameters that take part in matmuls (see module docstring)."""
-    n = count_params(abstract_params(cfg))
-    if cfg.n_expert:  # a token uses n_expert_per_token experts (lightjax computes all: see mlp.LLaMAMoE)
-        n -= (cfg.n_expert - cfg.n_expert_per_token) * 3 * cfg.n_embd * cfg.moe_intermediate_size * cfg.n_layer
-    return n if cfg.tie_embeddings else n - cfg.padded_vocab_size * cfg.n_embd
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length `seq_len`: 2 per weight forward,
-    4 backward (gradients of the input and of the weight); LoRA's frozen weights get no weight gradient."""
-    per_weight = 4 if cfg.lora_r else 6
-    return per_weight * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
-
-
-def lookup_peak_flops(device_kind: str) -> float | None:
-    """Dense bf16 peak FLOP/s for a `jax.Device.device_kind` (hardware.CHIPS), or None when unknown (CPUs)."""
-    chip = chip_for(device_kind)
-    return chip.peak_bf16 if chip else None
-
-
-@functools.lru_cache
-def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 5,
-                         device: jax.Device | None = None) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n x n matmul on one device: a practical peak for CPUs,
-    which publish none."""
-    device = device or jax.local_devices()[0]  # jax.devices()[0] may belong to another process
-    a = jax.device_put(jnp.ones((n, n), dtype), device)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def peak_flops_per_device(configured: float = 0.0, dtype: Any = jnp.float32,
-                          device: jax.Device | None = None) -> tuple[float, str]:
-    """(peak FLOP/s per device, where the figure came from): the config value when set, else the
-    table for the kind of `device` (default: this process's first; pass a mesh's own device, which may
-    be a compile-only TPU), else a matmul measurement on it (CPU)."""
-    if configured > 0:
-        return configured, "config"
-    device = device or jax.local_devices()[0]
-    table = lookup_peak_flops(device.device_kind)
-    if table is not None:
-        return table, f"table ({device.device_kind}, bf16)"
-    # Simulated CPU devices share the same cores: measure one, then split it between them.
-    per_device = (measure_matmul_flops(dtype=dtype, device=device)
-                  / (jax.local_device_count() if device.platform == "cpu" else 1))
-    return per_device, f"measured ({device.device_kind} matmul, {jnp.dtype(dtype).name})"
-
-
-def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float, n_devices: int) -> float:
-    return tokens_per_sec * flops_per_tok / (peak_per_device * n_devices)
-
-
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled function (one device's share), from XLA's cost analysis with the
-    matmuls of loop bodies counted once per iteration (hlo.loop_corrected_flops; XLA counts a scanned
-    layer stack once). None if the backend has no cost analysis."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 (some backends do not implement it)
-        return None
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    return loop_corrected_flops(compiled.as_text(), float(flops)) if flops else None
-
-
-# ------------------------------------------------------------------------------------------------
-# Writers: metrics.jsonl (always), TensorBoard (no TensorFlow needed), Weights & Biases (optional).
-# ------------------------------------------------------------------------------------------------
 
 
 def _summary_writer() -> Any:
@@ -279,7 +178,7 @@ def write_metrics_csv(workdir: str | epath.PathLike, out: str | epath.PathLike |
     writer.writeheader()
     for step in sorted(by_step):
         writer.writerow({k: _csv_value(by_step[step].get(k)) for k in CSV_COLUMNS})
-    out.write_text(text.getvalue())
+    write_atomic(out, text.getvalue())
     return out
 
 

@@ -22,12 +22,14 @@ import optax
 from jax.sharding import Mesh
 
 from lightjax.model import lora
+from lightjax.model.attention import resolve_attention
 from lightjax.model.config import ModelConfig
 from lightjax.model.gpt import GPT, stack_layers
 from lightjax.runtime.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
-from lightjax.train.config import DTYPES, ConfigError, resolve_model_config, validate
+from lightjax.train.config import ConfigError, resolve_model_config
 from lightjax.train.optim import check_no_decay, lr_schedule, make_optimizer
 from lightjax.train.step import Step, TrainState, make_eval_step, make_train_step
+from lightjax.train.validate import validate
 
 # The shape of a PRNG key, for tracing init without creating one: nothing runs eagerly on the mesh, so
 # shapes and shardings also come out for devices that can only compile (TPU topologies on a laptop).
@@ -46,6 +48,7 @@ class Run:
     eval_step: Step
     init_fn: Callable[[jax.Array], TrainState]  # rng -> the initial state, logically boxed
     seed: int
+    attention_why: str  # why model.attention is the kernel it is ('as configured', 'auto: CPU', ...)
 
     @property
     def shardings(self) -> TrainState:
@@ -68,10 +71,18 @@ class Run:
         return state.replace(params=lora.combine(lora.split(state.params)[0], params))
 
 
-def build_model(cfg: ModelConfig, train: Mapping[str, Any]) -> GPT:
-    """The GPT of `cfg` as config.train asks for it: dtypes, layer layout, remat policy."""
-    return GPT(cfg, dtype=DTYPES[train["dtype"]], param_dtype=DTYPES[train["param_dtype"]],
-               scan_layers=train["scan_layers"], remat=train["remat"])
+def build_model(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None) -> tuple[GPT, str]:
+    """(the GPT of `cfg` as config.train asks for it: dtypes, layer layout, remat policy and its attention
+    kernel resolved for `backend` (default JAX's); why that kernel). ConfigError if the asked-for kernel
+    cannot run there."""
+    dtype = jnp.dtype(train["dtype"])
+    try:
+        kernel, why = resolve_attention(train.get("attention", "auto"), cfg, dtype, backend)
+    except ValueError as e:
+        raise ConfigError(f"config.train.attention: {e}") from None
+    model = GPT(cfg, dtype=dtype, param_dtype=jnp.dtype(train["param_dtype"]), scan_layers=train["scan_layers"],
+                remat=train["remat"], attention=kernel)
+    return model, why
 
 
 def _init_fn(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, seq_len: int) -> Callable:
@@ -91,7 +102,7 @@ def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
     devices = list(jax.devices() if devices is None else devices)
     validate(config, len(devices))
     t = config.train
-    model = build_model(resolve_model_config(config), t)
+    model, attention_why = build_model(resolve_model_config(config), t, devices[0].platform)
     tx, schedule = make_optimizer(config.optim, t.max_steps), lr_schedule(config.optim, t.max_steps)
     mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
     init_fn = _init_fn(model, tx, mesh, config.data.seq_len)
@@ -108,4 +119,4 @@ def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
                                  t.skip_nonfinite)
     eval_step = make_eval_step(model, shardings.params, batch)
     return Run(mesh, rules, model, abstract_state, Step(train_step, mesh, rules), Step(eval_step, mesh, rules),
-               init_fn, t.seed)
+               init_fn, t.seed, attention_why)

@@ -21,7 +21,6 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -29,35 +28,19 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from lightjax.data.instructions import ExampleRows, is_instruction_source
-from lightjax.data.pipeline import (
-    TokenRows,
-    check_vocab,
-    open_tokens,
-    read_token_meta,
-    train_iterator,
-)
-from lightjax.data.prepare import prepare_token_files, prepare_tokenizer
+from lightjax.convert.export import load_weights
+from lightjax.data.pipeline import train_iterator
+from lightjax.data.prepare import prepare_splits, prepare_tokenizer
+from lightjax.data.rows import Rows
+from lightjax.data.tokenizers import check_vocab
+from lightjax.model.flops import flops_per_token
 from lightjax.runtime.distributed import any_process, is_leader, print_once, run_once
-from lightjax.runtime.files import WorkdirLock
+from lightjax.runtime.files import WorkdirLock, absolute, write_atomic
+from lightjax.runtime.hardware import mfu, peak_flops_per_device
 from lightjax.runtime.sharding import PlacedBatches
-from lightjax.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    absolute,
-    check_same_architecture,
-    config_changes,
-    load_weights,
-)
+from lightjax.train.checkpoint import Checkpointer, CheckpointError, check_same_architecture, config_changes
 from lightjax.train.evaluate import evaluate
-from lightjax.train.metrics import (
-    MetricWriters,
-    flops_per_token,
-    mfu,
-    peak_flops_per_device,
-    plot_losses,
-    write_metrics_csv,
-)
+from lightjax.train.metrics import MetricWriters, plot_losses, write_metrics_csv
 from lightjax.train.run import Run, build_run
 
 
@@ -214,23 +197,18 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Sequence[np.ndarray], Any, float]:
-    """What the loop needs before the first step: the built steps, the training rows, the validation
-    tokens and their tokens per character (each file prepared once, by process 0)."""
+def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Rows, Rows, float]:
+    """What the loop needs before the first step: the built steps, the training and validation rows, and
+    the validation split's tokens per character (each split prepared once, by process 0)."""
     run = build_run(config)
+    print_once(f"Attention kernel: {run.model.attention} ({run.attention_why}).")
     tokenizer = prepare_tokenizer(config, workdir)
     check_vocab(tokenizer, run.model.config.vocab_size)
-    paths = prepare_token_files(config, workdir, tokenizer)
-    val_meta = read_token_meta(paths["validation"])
-    tokens_per_char = val_meta["tokens"] / max(val_meta["characters"], 1)
-    d = config.data
-    if is_instruction_source(d.source):
-        train, val = (ExampleRows(paths[split], d.seq_len, d.pack) for split in ("train", "validation"))
-        if train.cut:
-            print_once(f"{train.cut} of {len(train.starts)} training examples are longer than data.seq_len + 1 = "
-                       f"{d.seq_len + 1} tokens and are cut ({train.unlearnable} lose their whole response).")
-        return run, train, val, tokens_per_char
-    return run, TokenRows(paths["train"], d.seq_len), open_tokens(paths["validation"]), tokens_per_char
+    splits = prepare_splits(config, workdir, tokenizer)
+    train_rows, val_rows = splits.rows("train", training=True), splits.rows("validation", training=False)
+    if train_rows.note:
+        print_once(f"Training data: {train_rows.note}")
+    return run, train_rows, val_rows, splits.tokens_per_char("validation")
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
@@ -259,10 +237,9 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     held = _HeldInterrupt()
     closing.callback(held.restore)
-    run, rows, val_tokens, tokens_per_char = _prepare(config, workdir)
+    run, rows, val_rows, tokens_per_char = _prepare(config, workdir)
     closing.callback(rows.close)
-    if hasattr(val_tokens, "close"):
-        closing.callback(val_tokens.close)
+    closing.callback(val_rows.close)
     config_dict = json.loads(config.to_json_best_effort())
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, ck.keep, ck.async_save, ck.keep_best)
@@ -270,7 +247,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
     state, meta = _resume(config, checkpointer, run, config_dict)
     if is_leader():
-        (workdir / "config.json").write_text(json.dumps(config_dict, indent=1))
+        write_atomic(workdir / "config.json", json.dumps(config_dict, indent=1))
     t, start = config.train, _Start.of(meta)
     source = train_iterator(rows, t.global_batch_size, t.seed, config.data.num_workers,
                             start_step=start.data_position)
@@ -285,7 +262,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     stop = _StopSignal()
     closing.callback(stop.restore)
     loop = _Loop(config, config_dict, run, checkpointer, writers, progress, stop, start)
-    loop.train(state, batches, lambda params: evaluate(run, params, val_tokens, config, tokens_per_char))
+    loop.train(state, batches, lambda params: evaluate(run, params, val_rows, config, tokens_per_char))
     return loop.summary(workdir)
 
 

@@ -1,0 +1,132 @@
+"""Token files: a split of a text source tokenized once into one flat stream on disk.
+
+    documents --tokenize a piece at a time, EOS after each document (when the tokenizer has one)-->
+      WORKDIR/data/SPLIT.tokens (uint16 or uint32) + SPLIT.tokens.json (its length, dtype, the
+      documents, characters and bytes it covers, and its provenance), the metadata written last
+
+A file without its metadata is incomplete. Local files are memory-mapped when read; files on an object
+store (gs://) are read by range. Instruction examples (examples.py) are kept the same way, with the
+same metadata file beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from lightjax.data.text import TextFile, pieces
+from lightjax.data.tokenizers import Tokenizer
+from lightjax.runtime.files import atomic_path, write_atomic
+
+
+def encode_document(doc: str | TextFile, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, str]]:
+    """A document's tokens (int32) a piece at a time, so that no whole long document's tokens are held,
+    each with the text it covers; then EOS (covering no text) when the tokenizer has one."""
+    for piece in pieces(doc):
+        yield np.asarray(tokenizer.encode(piece), dtype=np.int32), piece
+    if tokenizer.eos_id is not None:
+        yield np.array([tokenizer.eos_id], np.int32), ""
+
+
+def token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """A split as one token stream in memory, EOS after each document when the tokenizer has one."""
+    return np.concatenate([ids for i in range(len(docs)) for ids, _ in encode_document(docs[i], tokenizer)])
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epath.PathLike,
+                     provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize `docs` one at a time into the flat file `path` and its metadata (`write_meta`, last).
+    Returns the metadata."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
+    dtype, count, chars, nbytes = _token_dtype(tokenizer.vocab_size), 0, 0, 0
+    with atomic_path(path) as partial, partial.open("wb") as f:
+        for i in range(len(docs)):
+            for ids, text in encode_document(docs[i], tokenizer):
+                f.write(ids.astype(dtype).tobytes())
+                count, chars, nbytes = count + len(ids), chars + len(text), nbytes + len(text.encode("utf-8"))
+    meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), "characters": chars, "bytes": nbytes,
+            **(provenance or {})}
+    write_meta(path, meta)
+    return meta
+
+
+def meta_path(path: epath.Path) -> epath.Path:
+    """Where the metadata of the split file `path` is: `path`.json."""
+    return path.parent / (path.name + ".json")
+
+
+def write_meta(path: str | epath.PathLike, meta: dict[str, Any]) -> None:
+    """The metadata of a split file, written once the file is complete."""
+    write_atomic(meta_path(epath.Path(path)), json.dumps(meta, indent=1))
+
+
+def read_meta(path: str | epath.PathLike) -> dict[str, Any] | None:
+    """The metadata of a complete split file (token file or examples), None when there is none."""
+    meta = meta_path(epath.Path(path))
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
+def text_units(meta: dict[str, Any]) -> dict[str, float]:
+    """Tokens per character and per UTF-8 byte of a split file (token file or examples) from its metadata,
+    to turn nats per token into bits per character or byte."""
+    return {"tokens_per_char": meta["tokens"] / max(meta["characters"], 1),
+            "tokens_per_byte": meta["tokens"] / max(meta["bytes"], 1)}
+
+
+class _RemoteTokens:
+    """Token ranges of a file on a remote filesystem (gs://...), read on demand. Grain reads ahead
+    from several threads: each seek-and-read holds the lock."""
+
+    def __init__(self, path: str, count: int, dtype: np.dtype):
+        self.path, self.count, self.dtype, self._file = path, count, dtype, None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        stop = min(s.stop, self.count)
+        with self._lock:
+            if self._file is None:
+                self._file = epath.Path(self.path).open("rb")
+            self._file.seek(s.start * self.dtype.itemsize)
+            data = self._file.read((stop - s.start) * self.dtype.itemsize)
+        return np.frombuffer(data, self.dtype)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def open_tokens(path: str | epath.PathLike) -> Any:
+    """The token stream of a `write_token_file` file, as something sliceable: memory-mapped when local,
+    read by range when remote."""
+    meta = read_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete token file (no {path}.json).")
+    dtype = np.dtype(meta["dtype"])
+    if "://" in str(path):
+        return _RemoteTokens(str(path), meta["tokens"], dtype)
+    return np.memmap(str(path), dtype=dtype, mode="r", shape=(meta["tokens"],))
+
+
+def count_tokens(docs: Sequence[str], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Documents, characters and tokens of a split (scripts/prepare_data.py prints them)."""
+    tokens = chars = 0
+    for i in range(len(docs)):
+        for ids, text in encode_document(docs[i], tokenizer):
+            tokens, chars = tokens + len(ids), chars + len(text)
+    return {"documents": len(docs), "characters": chars, "tokens": tokens, "tokens_per_char": tokens / max(chars, 1)}

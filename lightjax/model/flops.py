@@ -1,0 +1,38 @@
+"""A model's FLOPs per token of training (model FLOPs, for MFU).
+
+FLOPs per token of one training step (forward + backward), as nanoGPT and the PaLM paper count them:
+
+    6 * N  +  12 * n_layer * n_head * head_size * T
+
+- 6N: each parameter used in a matmul costs 2 FLOPs per token forward and 4 backward. N counts the
+  matmul parameters: everything except the input embedding table (a lookup, not a matmul) unless
+  the table is tied to the output head, where it is used in a matmul once. Norms and biases are
+  included, as nanoGPT includes them; they are a rounding error. In a mixture of experts N counts
+  the experts a token uses (n_expert_per_token of n_expert), as MoE papers do.
+- 12 L H Q T: attention scores (QK^T) and the weighted sum (AV), 2 * 2 * T * H * Q FLOPs per token
+  and layer forward, times 3 for forward + backward. Causal masking is ignored (as in PaLM), so this
+  counts the full T x T square.
+
+MFU (runtime/hardware.py) = achieved model FLOP/s / (peak FLOP/s per device * devices).
+Rematerialisation does not count: recomputed FLOPs are the hardware's cost, not the model's.
+"""
+
+from __future__ import annotations
+
+from lightjax.model.config import ModelConfig
+from lightjax.model.gpt import abstract_params, count_params
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """N in 6N: parameters that take part in matmuls (see module docstring)."""
+    n = count_params(abstract_params(cfg))
+    if cfg.n_expert:  # a token uses n_expert_per_token experts (lightjax computes all: see mlp.LLaMAMoE)
+        n -= (cfg.n_expert - cfg.n_expert_per_token) * 3 * cfg.n_embd * cfg.moe_intermediate_size * cfg.n_layer
+    return n if cfg.tie_embeddings else n - cfg.padded_vocab_size * cfg.n_embd
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`: 2 per weight forward,
+    4 backward (gradients of the input and of the weight); LoRA's frozen weights get no weight gradient."""
+    per_weight = 4 if cfg.lora_r else 6
+    return per_weight * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
