@@ -45,8 +45,8 @@ class PromptStyle:
         messages = as_messages(record)
         if self.style == "alpaca":
             return alpaca_prompt(record, messages), messages[-1]["content"]
-        prompt = self._render(messages[:-1], add_generation_prompt=True, where=record.where)
-        full = self._render(messages, add_generation_prompt=False, where=record.where)
+        prompt = self.render(messages[:-1], add_generation_prompt=True, where=record.where)
+        full = self.render(messages, add_generation_prompt=False, where=record.where)
         if not full.startswith(prompt):
             raise ValueError(f"{record.where}: the chat template renders the conversation without its prompt as a "
                              "prefix; the response cannot be told apart.")
@@ -57,7 +57,9 @@ class PromptStyle:
         record = Record(instruction=instruction, input=input_text, output="-")
         return self(record)[0]
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool, where: str = "") -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, where: str = "") -> str:
+        """The chat template's text of `messages` (chat style), as transformers' apply_chat_template renders
+        it; a ValueError naming `where` (the record) and the template's file when the template fails."""
         try:
             return self._template.render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self._special)
