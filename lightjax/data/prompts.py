@@ -98,8 +98,8 @@ def _chat_template(tokenizer_spec: str) -> tuple[jinja2.Template, dict[str, str]
         if isinstance(template, list):  # several named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
-        raise ValueError(f"config.data.prompt_style='chat': {directory} has no chat template (no chat_template.jinja, "
-                         "no chat_template in tokenizer_config.json); use prompt_style='alpaca'.")
+        raise ValueError(f"config.data.prompt_style='chat': {directory} has no chat_template (no chat_template.jinja, "
+                         "none in tokenizer_config.json); use prompt_style='alpaca'.")
     tokens = {**_read_json(directory / "special_tokens_map.json"), **config}
     special = {k: _token_text(tokens[k]) for k in _SPECIAL_TOKENS if tokens.get(k) is not None}
     try:
