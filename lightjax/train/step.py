@@ -123,5 +123,6 @@ def make_eval_step(model: GPT, param_shardings: Any, batch_sharding: NamedShardi
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """Random tokens of the shape the train step takes, for benchmarks and tests."""
-    return {"tokens": rng.integers(0, vocab_size, (batch, seq_len + 1), dtype=np.int32)}
+    """Random tokens of the shape the train step takes (every target counted), for benchmarks and tests."""
+    return {"tokens": rng.integers(0, vocab_size, (batch, seq_len + 1), dtype=np.int32),
+            "mask": np.ones((batch, seq_len), np.int32)}
