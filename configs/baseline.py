@@ -2,7 +2,7 @@
 rotary 0.25) trained char-level on Tiny Shakespeare with AdamW (0.9, 0.95), lr 1e-3 after 200 warmup
 steps with cosine decay to 1e-4, 8192 tokens per step (32 x 256), float32, 3000 steps, evaluated every
 250 steps, seed 1337. Target: the last step's validation loss <= 1.50 (the seed's reference 1.47);
-results in the README.
+results in docs/benchmarks.md.
 
 One key differs from `default_config()`, with its reason:
 

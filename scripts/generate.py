@@ -56,7 +56,7 @@ def load(workdir, step, hf_dir, export_dir):
     from lightjax.train.run import build_model
 
     config, params, step = restore_params(workdir, step)
-    model, _ = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
+    model = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
     return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}", config
 
 

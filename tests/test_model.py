@@ -46,7 +46,7 @@ def test_compute_dtype_reaches_every_matmul_while_norms_and_softmax_stay_float32
     from lightjax.train.run import build_model
 
     cfg = tiny_config("llama")
-    model, _ = build_model(cfg, {"dtype": dtype, "param_dtype": "float32", "scan_layers": False, "remat": "none"})
+    model = build_model(cfg, {"dtype": dtype, "param_dtype": "float32", "scan_layers": False, "remat": "none"})
     params, tokens = _init(cfg)
     text = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).as_text()
     short = {"bfloat16": "bf16", "float32": "f32"}[dtype]

@@ -20,7 +20,7 @@ from tests.helpers import ROOT, SHAKESPEARE, script_env
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
-# The README's multi-host example, shortened to 8 steps, evaluated at the end.
+# The multi-host example of docs/tpu.md, shortened to 8 steps, evaluated at the end.
 SMOKE = ["--config", "configs/smoke.py", f"--config.data.local_path={SHAKESPEARE}", "--config.train.max_steps=8",
          "--config.optim.warmup_steps=2", "--config.train.log_every=1", "--config.train.eval_every=8",
          "--config.train.eval_batches=2", "--config.logging.progress=False", "--config.logging.tensorboard=False"]

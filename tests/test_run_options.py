@@ -1,4 +1,4 @@
-"""Run options the README promises: where a run stops (max_tokens, max_time_s), where it starts
+"""Run options the docs promise: where a run stops (max_tokens, max_time_s), where it starts
 (checkpoint.resume never / a run / one of its checkpoints, init_from), and the z-loss."""
 
 import jax

@@ -63,7 +63,7 @@ def test_single_host_create_run_delete(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Done: 4 steps" in done.stdout  # worker 0's output streamed
     assert (workdir / "checkpoints" / "4").is_dir()
-    assert (state / "workers" / "t1" / "0" / "lightjax" / "lightjax" / "tpu_vm.py").is_file()  # the copied checkout
+    assert (state / "workers" / "t1" / "0" / "lightjax" / "lightjax" / "cloud" / "tpu_vm.py").is_file()  # the checkout
     issued = tpu_calls(state)[1:]
     assert [c[3] for c in issued] == ["describe", "scp", "ssh", "ssh"]
     assert issued[1][-1] == "--worker=all" and issued[2][-2] == "--worker=all"

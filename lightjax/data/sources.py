@@ -5,7 +5,7 @@ a `.txt` file a `TextFile`, read a piece at a time (`pieces(doc)` gives any docu
   90/5/5 character split; it downloads once, or reads `config.data.local_path` (offline machines).
 - `tfds:NAME`: any TFDS dataset prepared in ArrayRecord format, read with `tfds.data_source`.
 - `text:GLOB`: local `.txt` files (one document each) or `.jsonl` files (a `text` field per line).
-- `json:PATH`, `jsonl:PATH`: instruction records for fine-tuning (instructions.py); as documents,
+- `json:PATH`, `jsonl:PATH`: instruction records for fine-tuning (records.py, prompts.py); as documents,
   each record's prompt and response as one text.
 """
 

@@ -2,7 +2,7 @@
 
 `ModelConfig` mirrors the field names of LitGPT's `Config`, grouped in sections, so that a LitGPT
 user can read a preset (presets.py) here and recognise it. It holds the architecture only: training,
-data and mesh settings are the run config's (run_config.py).
+data and mesh settings are the run config's (train/config.py).
 
 `__post_init__` first derives the optional fields (`head_size`, `padded_vocab_size`,
 `n_query_groups`, `intermediate_size`, `rope_n_elem`) from the others, then validates the whole:

@@ -74,7 +74,7 @@ class LLaMAMoE(nn.Module):
     mixes their outputs with the softmax of the picked router logits.
 
     The experts are one stacked kernel per projection ([n_expert, n_embd, moe_intermediate_size], the
-    leading `expert` axis sharded over the mesh by the rules in sharding.py). Both dispatches are exact
+    leading `expert` axis sharded over the mesh by the rules in runtime/sharding.py). Both dispatches are exact
     (no capacity, no dropped tokens, so logits equal Hugging Face's):
     - "grouped" (`grouped_experts`): each expert runs over the tokens that picked it, n_expert_per_token
       expert MLPs per token;

@@ -205,7 +205,7 @@ def _decode_setup(config: Any, batch: int, prompt_len: int) -> tuple[Any, Any, l
     benchmarks: speed does not depend on the weights."""
     validate(config, 1)
     cfg = resolve_model_config(config)
-    model, _ = build_model(cfg, config.train)
+    model = build_model(cfg, config.train)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))()
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     return model, params, prompts

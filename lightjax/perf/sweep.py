@@ -123,10 +123,11 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     try:
         run = build_run(c, devices)
         state = run.abstract_state
-        tokens = jax.ShapeDtypeStruct((batch, seq + 1), np.int32,
-                                      sharding=batch_sharding(run.mesh))
+        sharding = batch_sharding(run.mesh)
+        rows = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), np.int32, sharding=sharding),
+                "mask": jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding)}  # as training's rows
         start = time.perf_counter()
-        compiled, text = partitioned_text(run.train_step.lower(state, {"tokens": tokens}))
+        compiled, text = partitioned_text(run.train_step.lower(state, rows))
         row["compile_s"] = time.perf_counter() - start
     except Exception as e:  # noqa: BLE001 (a setting that cannot work is a row, and the sweep goes on)
         row.update(fits=False if "RESOURCE_EXHAUSTED" in str(e) else None, error=_first_line(e))
@@ -151,7 +152,7 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
 def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[str, Any]:
     """The roofline step time: compute at the peak plus collectives over the links, not overlapped."""
     peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
-    # The model's own FLOPs are a floor: XLA's count can fall short where hlo.py misses a matmul form.
+    # The model's own FLOPs are a floor: XLA's count can fall short where runtime/hlo.py misses a matmul form.
     compute_s = max(row["xla_flops_per_device"] or 0.0, row["model_flops_per_device"]) / peak
     link = chip.interconnect if chip else None
     moved = sum(_LINK_FACTOR[k] * row["collectives"][k]["bytes"] for k in COLLECTIVES)

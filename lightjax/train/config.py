@@ -124,7 +124,7 @@ def _data_defaults() -> ml_collections.ConfigDict:
 
 
 def _lora_defaults() -> ml_collections.ConfigDict:
-    """config.lora, LoRA fine-tuning (lora.py): adapters of this rank on the targeted layers train, every
+    """config.lora, LoRA fine-tuning (model/lora.py): adapters of this rank on the targeted layers train, every
     other weight stays frozen (usually with train.init_from set). 0: no adapters, everything trains."""
     lora = ml_collections.ConfigDict()
     lora.rank = 0

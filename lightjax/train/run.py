@@ -1,7 +1,7 @@
 """Build a run from its config, once: mesh, model, optimizer, the train state's shapes and
 shardings, the jitted steps; `Run.init_state` then creates the state directly in its shards.
 
-The shardings come from the logical names the model gives its parameters (sharding.py maps them
+The shardings come from the logical names the model gives its parameters (runtime/sharding.py maps them
 onto the mesh): init is traced once with `eval_shape`, its boxed result gives every leaf's
 NamedSharding, and the real init runs under `jax.jit` with those as out_shardings, so no device ever
 holds the whole model. The optimizer moments inherit their parameter's names (optax maps over the
@@ -71,18 +71,21 @@ class Run:
         return state.replace(params=lora.combine(lora.split(state.params)[0], params))
 
 
-def build_model(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None) -> tuple[GPT, str]:
-    """(the GPT of `cfg` as config.train asks for it: dtypes, layer layout, remat policy and its attention
-    kernel resolved for `backend` (default JAX's); why that kernel). ConfigError if the asked-for kernel
-    cannot run there."""
-    dtype = jnp.dtype(train["dtype"])
+def attention_kernel(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None) -> tuple[str, str]:
+    """(the attention kernel config.train.attention asks for, resolved for `backend` (default JAX's) and
+    the compute dtype; why that one). ConfigError, one line, if an explicit kernel cannot run there."""
     try:
-        kernel, why = resolve_attention(train.get("attention", "auto"), cfg, dtype, backend)
+        return resolve_attention(train.get("attention", "auto"), cfg, jnp.dtype(train["dtype"]), backend)
     except ValueError as e:
         raise ConfigError(f"config.train.attention: {e}") from None
-    model = GPT(cfg, dtype=dtype, param_dtype=jnp.dtype(train["param_dtype"]), scan_layers=train["scan_layers"],
-                remat=train["remat"], attention=kernel)
-    return model, why
+
+
+def build_model(cfg: ModelConfig, train: Mapping[str, Any], kernel: str | None = None) -> GPT:
+    """The GPT of `cfg` as config.train asks for it: dtypes, layer layout, remat policy, attention kernel
+    (`kernel`, already resolved, or config.train.attention's for JAX's backend)."""
+    return GPT(cfg, dtype=jnp.dtype(train["dtype"]), param_dtype=jnp.dtype(train["param_dtype"]),
+               scan_layers=train["scan_layers"], remat=train["remat"],
+               attention=kernel or attention_kernel(cfg, train)[0])
 
 
 def _init_fn(model: GPT, tx: optax.GradientTransformation, mesh: Mesh, seq_len: int) -> Callable:
@@ -102,7 +105,9 @@ def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
     devices = list(jax.devices() if devices is None else devices)
     validate(config, len(devices))
     t = config.train
-    model, attention_why = build_model(resolve_model_config(config), t, devices[0].platform)
+    cfg = resolve_model_config(config)
+    kernel, attention_why = attention_kernel(cfg, t, devices[0].platform)
+    model = build_model(cfg, t, kernel)
     tx, schedule = make_optimizer(config.optim, t.max_steps), lr_schedule(config.optim, t.max_steps)
     mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
     init_fn = _init_fn(model, tx, mesh, config.data.seq_len)

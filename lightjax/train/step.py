@@ -2,7 +2,7 @@
 
 `step(state, batch) -> (state, metrics)`: the gradients of the loss (loss.py) over the batch, summed
 over micro-batches when accumulating, divided once by the counted tokens, then the optimizer update.
-They are built, with the state they update and its shardings, by run.py, which wraps each in a
+They are built, with the state they update and its shardings, by train/run.py, which wraps each in a
 `Step` bound to the mesh.
 """
 

@@ -9,7 +9,7 @@ metrics are read back (one step late, so the host never waits for the device it 
 SIGTERM/SIGINT the state, the data position and the metadata are saved together.
 
 In a multi-process job every process runs this same loop on its slice of each global batch; process
-0 alone writes the run's files and prints (see distributed.py).
+0 alone writes the run's files and prints (see runtime/distributed.py).
 """
 
 from __future__ import annotations
