@@ -8,7 +8,7 @@
     # a LoRA run: its adapters merged into the weights (W + alpha/r B A), or with --adapters_only alone
     python scripts/convert_hf.py export --workdir runs/lora --out hf/lora
 
-An imported directory is what `scripts/generate.py --export_dir` and `checkpoint.load_exported` read;
+An imported directory is what `scripts/generate.py --export_dir` and `lightjax.convert.export.load_exported` read;
 an exported one is what `transformers.AutoModelForCausalLM.from_pretrained` reads. Export writes the
 architecture the model was imported from (hf_config.json), else --model_type, else the first
 supported one the ModelConfig fits.

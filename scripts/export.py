@@ -4,7 +4,7 @@
     python scripts/export.py --workdir runs/lora --out exports/lora-adapters --adapters_only
 
 Writes OUT/params (Orbax), OUT/model_config.json and OUT/tokenizer/, a LoRA run's adapters merged into
-its weights; read them back with `lightjax.train.checkpoint.load_exported(OUT)`. With --adapters_only, a
+its weights; read them back with `lightjax.convert.export.load_exported(OUT)`. With --adapters_only, a
 LoRA run's adapters alone: OUT/adapters.safetensors and OUT/lora_config.json.
 """
 

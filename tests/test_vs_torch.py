@@ -27,6 +27,14 @@ def test_torch_model_is_the_runs_architecture(config):
     assert torch_params == count_params(abstract_params(resolve_model_config(config)))
 
 
+def test_torch_model_drops_out_as_the_run_does():
+    """The timed PyTorch step does the run's dropout (GPT-NeoX: on the embeddings and residual branches)."""
+    require_hf()
+    config = tiny_run_config("pythia")
+    config.model.dropout = 0.2
+    assert build_torch_model(resolve_model_config(config)).config.hidden_dropout == 0.2
+
+
 @pytest.mark.shakespeare  # the baseline config's data keys point at it, though the benchmark reads none
 def test_vs_torch_prints_both_and_the_ratio():
     require_hf()

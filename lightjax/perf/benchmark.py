@@ -1,7 +1,7 @@
 """Train-step benchmark: compile time, step time, tokens/s, MFU and per-device memory of one setting.
 
 Figures come from synthetic batches of the configured shape, so they measure the step alone: no data
-pipeline, no host stalls. The FLOPs of the model (metrics.flops_per_token) are cross-checked against
+pipeline, no host stalls. The FLOPs of the model (model/flops.py flops_per_token) are cross-checked against
 XLA's own count of the compiled step.
 """
 

@@ -34,11 +34,20 @@ def _import_torch() -> tuple[Any, Any]:
     return torch, transformers
 
 
+# transformers' names for dropout on the embeddings and the residual branches, where lightjax's
+# ModelConfig.dropout applies it (GPT-NeoX: hidden_dropout; Llama-style models have none).
+_RESIDUAL_DROPOUT = ("hidden_dropout", "resid_pdrop", "embd_pdrop")
+
+
 def build_torch_model(cfg: ModelConfig, seed: int = 0) -> Any:
-    """`cfg`'s architecture as a `transformers` causal LM, float32, randomly initialised."""
+    """`cfg`'s architecture as a `transformers` causal LM, float32, randomly initialised, with `cfg`'s
+    dropout where the family has it, so that a training step does the same work as lightjax's."""
     torch, transformers = _import_torch()
     hf = config_to_hf(cfg)
     hf_config = transformers.AutoConfig.for_model(**hf)
+    for name in _RESIDUAL_DROPOUT:
+        if hasattr(hf_config, name):
+            setattr(hf_config, name, cfg.dropout)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
 
