@@ -3,9 +3,10 @@
     python scripts/export.py --workdir runs/baseline-20261124 --out exports/baseline --dtype bfloat16
     python scripts/export.py --workdir runs/lora --out exports/lora-adapters --adapters_only
 
-Writes OUT/params (Orbax), OUT/model_config.json and OUT/tokenizer/, a LoRA run's adapters merged into
-its weights; read them back with `lightjax.convert.export.load_exported(OUT)`. With --adapters_only, a
-LoRA run's adapters alone: OUT/adapters.safetensors and OUT/lora_config.json.
+Writes OUT/params (Orbax), OUT/model_config.json, OUT/tokenizer/ and OUT/base/ (the base model's own files),
+a LoRA run's adapters merged into its weights; read them back with `lightjax.convert.export.load_exported(OUT)`.
+With --adapters_only, a LoRA run's adapters alone in PEFT's format: OUT/adapter_config.json and
+OUT/adapter_model.safetensors (peft.PeftModel.from_pretrained(base, OUT) reads them).
 """
 
 import sys
@@ -34,7 +35,7 @@ def main(argv):
             out = export_params(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _OVERWRITE.value)
     except (OSError, ValueError, CheckpointError) as e:
         sys.exit(f"export: {e}")
-    what = "the LoRA adapters (float32)" if _ADAPTERS_ONLY.value else f"the parameters ({_DTYPE.value})"
+    what = "the LoRA adapters (PEFT's format, float32)" if _ADAPTERS_ONLY.value else f"the parameters ({_DTYPE.value})"
     print(f"Exported {what} to {out}.")
 
 

@@ -1,14 +1,2 @@
-"""Weight import and export between lightjax and other formats (Hugging Face)."""
-
-from lightjax.convert.hf import (
-    SUPPORTED_MODEL_TYPES,
-    config_from_hf,
-    config_to_hf,
-    load_hf_checkpoint,
-    params_from_hf,
-    params_to_hf,
-    save_hf_checkpoint,
-)
-
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "load_hf_checkpoint", "params_from_hf",
-           "params_to_hf", "save_hf_checkpoint"]
+"""Weight and folder formats of other tools: Hugging Face folders (hf.py, hf_config.py, hf_weights.py,
+hf_folder.py), PEFT adapters (peft.py), safetensors (safetensors_io.py), and lightjax's own export (export.py)."""

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lightjax.convert.hf import load_hf_checkpoint
+from lightjax.convert.peft import is_peft_dir, peft_base
 from lightjax.model.config import ModelConfig
 from lightjax.model.gpt import unstack_layers
 from lightjax.runtime.files import absolute
@@ -43,7 +44,10 @@ def save_exported(out: str | epath.PathLike, cfg: Any, params: Any, dtype: str =
 
 
 def load_weights(directory: str | epath.PathLike) -> tuple[Any, Any]:
-    """(ModelConfig, params in loop layout) from an export directory or a Hugging Face model directory."""
+    """(ModelConfig, params in loop layout) from an export directory or a Hugging Face model directory; for
+    a PEFT adapter folder, its base model's (peft.read_adapters reads the adapters)."""
+    if is_peft_dir(directory):
+        return load_weights(peft_base(directory))
     if (epath.Path(directory) / "model_config.json").is_file():
         cfg, params = load_exported(directory)
         return cfg, (unstack_layers(params) if "h" in params else params)

@@ -19,13 +19,15 @@ import jax
 import numpy as np
 
 from lightjax.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, hf_model_type
+from lightjax.convert.hf_folder import export_config, read_hf_config
 from lightjax.convert.hf_weights import entries, get_path, normalise_names, set_path, tied_head_name
 from lightjax.convert.safetensors_io import read_safetensors, write_safetensors
 from lightjax.model.config import ModelConfig
 from lightjax.model.gpt import abstract_params, unstack_layers
+from lightjax.runtime.files import write_atomic
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "hf_model_type", "params_from_hf",
-           "params_to_hf", "load_hf_checkpoint", "save_hf_checkpoint", "read_hf_state_dict"]
+           "params_to_hf", "load_hf_checkpoint", "save_hf_checkpoint", "read_hf_config", "read_hf_state_dict"]
 
 
 def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig,
@@ -129,19 +131,6 @@ def _indexed_files(index: Path) -> list[Path]:
     return files
 
 
-def read_hf_config(directory: str | Path) -> dict[str, Any]:
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No config.json in {directory}: not a Hugging Face model directory.")
-    try:
-        hf = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path} is not a JSON object.")
-    return hf
-
-
 def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params) from a Hugging Face model directory: config.json plus safetensors weights."""
     hf = read_hf_config(directory)
@@ -153,17 +142,20 @@ def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, An
 
 
 def save_hf_checkpoint(directory: str | Path, params: Mapping[str, Any], cfg: ModelConfig,
-                       model_type: str | None = None, token_ids: Mapping[str, Any] | None = None) -> Path:
+                       model_type: str | None = None, token_ids: Mapping[str, Any] | None = None,
+                       base: Mapping[str, Any] | None = None) -> Path:
     """Write `config.json` and `model.safetensors` that `transformers.AutoModelForCausalLM
-    .from_pretrained(directory)` loads (and `load_hf_checkpoint` reads back). `token_ids` (bos_token_id,
-    eos_token_id, pad_token_id) go into config.json, where generation and tokenizers look for them."""
+    .from_pretrained(directory)` loads (and `load_hf_checkpoint` reads back). config.json is the `base`
+    model's (its special ids and every field lightjax does not own) with `cfg`'s architecture over it
+    (hf_folder.export_config); without a base, `token_ids` (bos_token_id, eos_token_id, pad_token_id) give
+    the special ids, where generation and tokenizers look for them."""
     model_type = hf_model_type(cfg, model_type)
     state_dict = params_to_hf(params, cfg, model_type)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtypes = {str(v.dtype) for v in state_dict.values()}
-    hf = dict(config_to_hf(cfg, model_type), torch_dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
-    hf.update({k: v for k, v in (token_ids or {}).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    hf = export_config(cfg, model_type, dict(base) if base else None, dtypes.pop() if len(dtypes) == 1 else "float32",
+                       dict(token_ids or {}))
     write_safetensors(directory / "model.safetensors", state_dict)
-    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_atomic(directory / "config.json", json.dumps(hf, indent=2) + "\n")
     return directory

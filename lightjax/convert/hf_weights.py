@@ -226,6 +226,12 @@ def normalise_names(state_dict: Mapping[str, Any], model_type: str) -> dict[str,
     return out
 
 
+def memory_name(name: str, model_type: str) -> str:
+    """The name a module has in transformers' model in memory (where PEFT adapters name it), for its name
+    in the Hub's files: GPT-NeoX's `embed_out` is `lm_head` in transformers >= 5."""
+    return "lm_head" if model_type == "gpt_neox" and name == "embed_out" else name
+
+
 def get_path(tree: Mapping[str, Any], path: str) -> Any:
     for key in path.split("/"):
         tree = tree[key]

@@ -24,6 +24,11 @@ from lightjax.runtime.files import content_fingerprint, write_atomic
 
 META_FILE = "tokenizer.json"
 TOKENIZERS = ("char", "byte", "spm:PATH", "hf:DIR")  # config.data.tokenizer
+# What a Hugging Face tokenizer folder holds beside tokenizer.json or tokenizer.model, and AutoTokenizer
+# reads: special tokens, chat templates, added tokens, BPE files. Saved with the tokenizer, so that an
+# export carries them (additional_chat_templates/ is a folder of named templates).
+HF_COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "additional_chat_templates")
 
 
 class Tokenizer:
@@ -112,8 +117,9 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "spm"
     MODEL_FILE = "tokenizer.model"
 
-    def __init__(self, model_path: str | epath.PathLike):
+    def __init__(self, model_path: str | epath.PathLike, companions: str | epath.PathLike | None = None):
         self.model_path = epath.Path(model_path)
+        self.companions = epath.Path(companions) if companions else None  # a Hugging Face folder's other files
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece model {self.model_path} does not exist.")
         self._sp = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
@@ -123,10 +129,10 @@ class SentencePieceTokenizer(Tokenizer):
                                                  (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()))
 
     def __getstate__(self) -> dict[str, Any]:  # Grain workers get a pickled copy: reload the model there
-        return {"model_path": self.model_path}
+        return {"model_path": self.model_path, "companions": self.companions}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["model_path"])
+        self.__init__(state["model_path"], state["companions"])
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
@@ -136,6 +142,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _state(self, directory: epath.Path) -> dict[str, Any]:
         _copy_unless_same(self.model_path, directory / self.MODEL_FILE)
+        _copy_companions(self.companions, directory)
         return {"model_file": self.MODEL_FILE}
 
 
@@ -148,7 +155,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | epath.PathLike, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None):
-        self.path = epath.Path(path)
+        self.path = epath.Path(path)  # its companion files (HF_COMPANION_FILES) are the ones beside it
         self._tok = FastTokenizer.from_str(self.path.read_text())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
@@ -167,13 +174,31 @@ class HFTokenizer(Tokenizer):
 
     def _state(self, directory: epath.Path) -> dict[str, Any]:
         _copy_unless_same(self.path, directory / self.SAVED_FILE)
+        _copy_companions(self.path.parent, directory)
         return {"file": self.SAVED_FILE, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
+def _same(source: epath.Path, target: epath.Path) -> bool:
+    return "://" not in str(source) + str(target) and Path(source).resolve() == Path(target).resolve()
+
+
 def _copy_unless_same(source: epath.Path, target: epath.Path) -> None:
-    same = "://" not in str(source) + str(target) and Path(source).resolve() == Path(target).resolve()
-    if not same:
+    if not _same(source, target):
         source.copy(target, overwrite=True)
+
+
+def _copy_companions(source: epath.Path | None, directory: epath.Path) -> None:
+    """The Hugging Face tokenizer files found in `source` (HF_COMPANION_FILES), copied into `directory`."""
+    if source is None or _same(source, directory):
+        return
+    for name in HF_COMPANION_FILES:
+        path = source / name
+        if path.is_dir():
+            (directory / name).mkdir(exist_ok=True)
+            for f in path.glob("*.jinja"):
+                f.copy(directory / name / f.name, overwrite=True)
+        elif path.is_file():
+            path.copy(directory / name, overwrite=True)
 
 
 def load_hf_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
@@ -181,13 +206,30 @@ def load_hf_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
     `tokenizer.json` (with the `tokenizers` package)."""
     directory = epath.Path(directory)
     if (directory / SentencePieceTokenizer.MODEL_FILE).is_file():
-        return SentencePieceTokenizer(directory / SentencePieceTokenizer.MODEL_FILE)
+        return SentencePieceTokenizer(directory / SentencePieceTokenizer.MODEL_FILE, directory)
     if (directory / "tokenizer.json").is_file():
         config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
         ids = [config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
         ids = [i[0] if isinstance(i, list) else i for i in ids]  # some models list several EOS ids
         return HFTokenizer(directory / "tokenizer.json", *ids)
     raise FileNotFoundError(f"No tokenizer.model or tokenizer.json in {directory}.")
+
+
+def save_hf_tokenizer(saved: str | epath.PathLike, out: str | epath.PathLike) -> str:
+    """A tokenizer saved by lightjax (`Tokenizer.save`) written as a Hugging Face folder holds it, into
+    `out`: tokenizer.json or tokenizer.model and its companion files. Returns what was written, in words."""
+    saved, out = epath.Path(saved), epath.Path(out)
+    meta_path = saved / META_FILE
+    if not meta_path.is_file():
+        return "no tokenizer to write"
+    meta = json.loads(meta_path.read_text())
+    if meta["kind"] not in ("hf", "spm"):
+        return f"the {meta['kind']!r} tokenizer has no Hugging Face file: decode ids with lightjax's"
+    main = ("tokenizer.json", meta["file"]) if meta["kind"] == "hf" else ("tokenizer.model", meta["model_file"])
+    (saved / main[1]).copy(out / main[0], overwrite=True)
+    _copy_companions(saved, out)
+    written = [main[0]] + sorted(name for name in HF_COMPANION_FILES if (out / name).exists())
+    return f"{', '.join(written)} written"
 
 
 def tokenizer_fingerprint(directory: str | epath.PathLike) -> str:
@@ -207,7 +249,7 @@ def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
     if meta["kind"] == "byte":
         return ByteTokenizer()
     if meta["kind"] == "spm":
-        return SentencePieceTokenizer(directory / meta["model_file"])
+        return SentencePieceTokenizer(directory / meta["model_file"], directory)
     if meta["kind"] == "hf":
         return HFTokenizer(directory / meta["file"], meta["bos_id"], meta["eos_id"], meta["pad_id"])
     raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r}; known: 'char', 'byte', 'spm', 'hf'.")

@@ -9,11 +9,13 @@ Importing this module is light (no JAX, Flax or Jinja): every config file import
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from lightjax.convert.hf_folder import model_config_of
 from lightjax.data import tiny_shakespeare
 from lightjax.model.config import ModelConfig
 
@@ -27,8 +29,8 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """Every key with its default; the defaults are the baseline run without dropout (configs/baseline.py)."""
     c = ml_collections.ConfigDict()
-    # config.model.name is a preset (ModelConfig.names()); every other key is a ModelConfig field,
-    # None (the preset's value) unless set: --config.model.n_layer=4.
+    # config.model.name is a preset (ModelConfig.names()) or hf:DIR (a model folder's architecture); every
+    # other key is a ModelConfig field, None (the preset's value) unless set: --config.model.n_layer=4.
     c.model = ml_collections.ConfigDict({"name": "baseline-tiny", **_model_placeholders()})
     c.data = _data_defaults()
     c.lora = _lora_defaults()
@@ -148,15 +150,21 @@ def _model_placeholders() -> dict[str, Any]:
 
 
 def resolve_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run: the named preset with the other `config.model` keys as overrides,
-    and config.lora's adapters (a config saved before LoRA existed has none)."""
+    """The ModelConfig of a run: the named preset, or with `hf:DIR` the architecture a model folder
+    describes (a Hugging Face folder, a lightjax export, a PEFT adapter's base), with the other
+    `config.model` keys as overrides, and config.lora's adapters (a config saved before LoRA existed has
+    none)."""
     fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
     name = fields.pop("name")
     lora = config.get("lora")
     if lora is not None and lora.rank:
         fields.update({field: lora[key] for field, key in _LORA_KEYS.items()})
     try:
+        if name.startswith("hf:"):  # the architecture a model folder describes
+            return model_config_of(name[len("hf:"):], **fields)
         return ModelConfig.from_name(name, **fields)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config.model.name={name!r}: {e}") from None
     except TypeError as e:  # an unknown field name
         raise ConfigError(f"config.model: {e}") from None
     except ValueError as e:

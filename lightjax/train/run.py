@@ -54,21 +54,26 @@ class Run:
     def shardings(self) -> TrainState:
         return jax.tree.map(lambda x: x.sharding, self.abstract_state)
 
-    def init_state(self, pretrained: Any = None) -> TrainState:
+    def init_state(self, pretrained: Any = None, adapters: Any = None) -> TrainState:
         """A freshly initialised train state, created directly in its shards. `pretrained` parameters
-        (loop layout, host arrays, this model's shapes) replace the initial ones, cast to the run's
-        param_dtype and placed in the same shards; the optimizer state starts fresh either way."""
+        (loop layout, host arrays, this model's shapes) replace the initial ones, and `adapters` (LoRA's,
+        likewise) the fresh adapters, cast to the run's dtypes and placed in the same shards; the optimizer
+        state starts fresh either way."""
         with with_mesh(self.mesh, self.rules):
             init = jax.jit(lambda rng: nn.unbox(self.init_fn(rng)), out_shardings=self.shardings)
             state = init(jax.random.PRNGKey(self.seed))
         if pretrained is None:
             return state
+        fresh_adapters, base = lora.split(self.abstract_state.params)
+        params = self._placed(pretrained, base)
+        adapters = lora.split(state.params)[0] if adapters is None else self._placed(adapters, fresh_adapters)
+        return state.replace(params=lora.combine(adapters, params))
+
+    def _placed(self, tree: Any, like: Any) -> Any:
+        """Host arrays in loop layout, laid out and placed as `like` (abstract, this run's layout)."""
         if self.model.scan_layers:
-            pretrained = stack_layers(pretrained, self.model.config.n_layer)
-        base = lora.split(self.abstract_state.params)[1]  # LoRA adapters start fresh
-        params = jax.tree.map(lambda p, like: jax.device_put(np.asarray(p).astype(like.dtype), like.sharding),
-                              pretrained, base)
-        return state.replace(params=lora.combine(lora.split(state.params)[0], params))
+            tree = stack_layers(tree, self.model.config.n_layer)
+        return jax.tree.map(lambda p, x: jax.device_put(np.asarray(p).astype(x.dtype), x.sharding), tree, like)
 
 
 def attention_kernel(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None) -> tuple[str, str]:

@@ -29,6 +29,8 @@ from etils import epath
 from tqdm import tqdm
 
 from lightjax.convert.export import load_weights
+from lightjax.convert.hf_folder import keep_base_files
+from lightjax.convert.peft import is_peft_dir, read_adapters
 from lightjax.data.pipeline import train_iterator
 from lightjax.data.prepare import prepare_splits, prepare_tokenizer
 from lightjax.data.rows import Rows
@@ -101,7 +103,7 @@ def _resume(config: Any, checkpointer: Checkpointer, run: Run,
                                   + "; ".join(changes) + ". Use a new --workdir or --config.checkpoint.resume=never.")
 
     if mode == "never" or (mode == "auto" and not checkpointer.steps()):
-        return _fresh_state(config, run), {}
+        return _fresh_state(config, run, checkpointer.directory.parent), {}
     if mode == "auto":
         restored = checkpointer.restore_latest(run.abstract_state, same_run)
         if restored is None:
@@ -151,7 +153,7 @@ def _restore_from(mode: str, run: Run, same_run: Any) -> tuple[tuple[Any, dict[s
         source.close()
 
 
-def _fresh_state(config: Any, run: Run) -> Any:
+def _fresh_state(config: Any, run: Run, workdir: epath.Path) -> Any:
     source = config.train.init_from
     if not source:
         if config.lora.rank:
@@ -161,8 +163,10 @@ def _fresh_state(config: Any, run: Run) -> Any:
         return run.init_state()
     weights_cfg, params = load_weights(source)
     check_same_architecture(run.model.config, weights_cfg, source)
-    print_once(f"Starting from the weights in {source}.")
-    return run.init_state(params)
+    adapters = read_adapters(source, run.model.config) if is_peft_dir(source) else None
+    run_once("keeping the base model's files", lambda: keep_base_files(source, workdir))
+    print_once(f"Starting from the weights in {source}{' and its LoRA adapters' if adapters else ''}.")
+    return run.init_state(params, adapters)
 
 
 class _Progress:

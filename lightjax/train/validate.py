@@ -68,7 +68,8 @@ def _check_train(t: Any, check: Check) -> None:
     check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: no evaluation)")
     check(not t.init_from or _is_weights_dir(t.init_from), "train.init_from", t.init_from,
-          "is not an export directory (model_config.json) or a Hugging Face one (config.json)")
+          "is not an export directory (model_config.json), a Hugging Face one (config.json) or a PEFT adapter "
+          "folder (adapter_config.json)")
 
 
 def _check_data(d: Any, check: Check) -> None:
@@ -122,4 +123,4 @@ def _check_model_and_mesh(config: Any, device_count: int | None, check: Check, p
 
 
 def _is_weights_dir(path: str) -> bool:
-    return any((Path(path) / name).is_file() for name in ("model_config.json", "config.json"))
+    return any((Path(path) / name).is_file() for name in ("model_config.json", "config.json", "adapter_config.json"))
