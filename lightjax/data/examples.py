@@ -4,8 +4,10 @@ response only (as LitGPT's SFT datasets, with its default of masking the prompt)
 Prepared once (process 0, before the first step) into WORKDIR/data/SPLIT.examples.npz: every
 example's tokens (BOS, prompt, response, EOS) and its prompt length. `ExampleRows` cuts them into rows
 of seq_len + 1 tokens with a mask [seq_len] that is 1 where the target is a response token: one example
-per row, padded (`data.pack=False`), or consecutive examples packed into each row (`data.pack=True`;
-an example then attends to the ones before it in its row, as in TRL's packing).
+per row, padded (`data.pack=False`), or consecutive examples packed into each row (`data.pack=True`). With
+document masks (`data.document_mask`, the default) each example of a packed row is its own segment: it
+attends to itself only and its positions start at 0; without, it attends to the examples before it in
+its row, as in TRL's plain packing.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class ExampleRows(Sequence):
     """Rows of seq_len + 1 tokens and their response masks, from a `write_examples` file: one example
     per row (truncated to fit) or, with `pack`, consecutive examples filling each row."""
 
-    def __init__(self, path: str | epath.PathLike, seq_len: int, pack: bool = False):
+    def __init__(self, path: str | epath.PathLike, seq_len: int, pack: bool = False, document_mask: bool = False):
         with epath.Path(path).open("rb") as f:
             data = np.load(f)
             self.tokens, starts, self.prompt_lens = data["tokens"], data["starts"], data["prompt_lens"]
@@ -87,6 +89,7 @@ class ExampleRows(Sequence):
             raise ValueError(f"config.data.seq_len={seq_len} leaves no response token of any example in {path} "
                              f"(the shortest prompt has {int(self.prompt_lens.min())} tokens); raise data.seq_len.")
         self.rows = _pack(self.ends - self.starts, seq_len + 1) if pack else [[i] for i in range(len(self.starts))]
+        self.document_mask = document_mask
 
     @property
     def note(self) -> str:
@@ -101,13 +104,18 @@ class ExampleRows(Sequence):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:  # type: ignore[override]
         tokens, mask = np.zeros(self.seq_len + 1, np.int32), np.zeros(self.seq_len + 1, np.int32)
+        segments, positions = np.zeros(self.seq_len + 1, np.int32), np.zeros(self.seq_len + 1, np.int32)
         at = 0
-        for e in self.rows[i]:
+        for k, e in enumerate(self.rows[i]):
             example = self.tokens[self.starts[e]: self.ends[e]][: self.seq_len + 1 - at]
             tokens[at: at + len(example)] = example
             mask[at + self.prompt_lens[e]: at + len(example)] = 1  # the response's tokens, as targets
+            segments[at: at + len(example)], positions[at: at + len(example)] = k + 1, np.arange(len(example))
             at += len(example)
-        return {"tokens": tokens, "mask": mask[1:]}  # mask[j]: whether target j (token j + 1) counts
+        row = {"tokens": tokens, "mask": mask[1:]}  # mask[j]: whether target j (token j + 1) counts
+        if self.document_mask:  # one segment per example; its inputs are tokens 0 .. seq_len - 1
+            row["segment_ids"], row["positions"] = segments[:-1], positions[:-1]
+        return row
 
     def close(self) -> None:
         """Nothing to close: the examples are held in memory."""

@@ -57,18 +57,18 @@ def train_iterator(rows: Rows, global_batch: int, seed: int, num_workers: int = 
 def eval_batches(rows: Rows, batch_size: int, shard: tuple[int, int] | None = None,
                  max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of one pass over `rows` in order (at most `max_batches` batches; 0: all):
-    `tokens` [batch_size, seq_len + 1] and `mask` [batch_size, seq_len]. Every process yields the same
-    number of batches, padding with fully masked rows."""
+    each row's arrays stacked (`tokens` [batch_size, seq_len + 1], `mask` [batch_size, seq_len], ...).
+    Every process yields the same number of batches, padding with all-zero rows (fully masked)."""
     index, count = shard or process_shard()
     n_batches = -(-len(rows) // (batch_size * count))
     if max_batches:
         n_batches = min(n_batches, max_batches)
+    shapes = {k: v.shape for k, v in rows[0].items()} if len(rows) else {}
     for b in range(n_batches):
-        tokens = np.zeros((batch_size, rows.seq_len + 1), np.int32)
-        mask = np.zeros((batch_size, rows.seq_len), np.int32)
+        batch = {k: np.zeros((batch_size, *shape), np.int32) for k, shape in shapes.items()}
         for r in range(batch_size):
             row = (b * count + index) * batch_size + r  # process p takes every count-th block of rows
             if row < len(rows):
-                example = rows[row]
-                tokens[r], mask[r] = example["tokens"], example["mask"]
-        yield {"tokens": tokens, "mask": mask}
+                for k, v in rows[row].items():
+                    batch[k][r] = v
+        yield batch

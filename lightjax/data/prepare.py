@@ -66,9 +66,10 @@ class PreparedSplits:
     paths: dict[str, epath.Path]
     seq_len: int
     pack: bool
+    document_mask: bool
 
     def rows(self, split: str, training: bool) -> Rows:
-        return open_rows(self.paths[split], self.seq_len, training, self.pack)
+        return open_rows(self.paths[split], self.seq_len, training, self.pack, self.document_mask)
 
     def tokens_per_char(self, split: str) -> float:
         """Tokens per character of the split's text (for bits per character)."""
@@ -77,6 +78,7 @@ class PreparedSplits:
 
 # The data keys a prepared split file depends on; any change prepares it again.
 _SPLIT_FILE_KEYS = ("source", "tokenizer", "text_field", "val_split", "val_fraction", "prompt_style")
+_FORMAT = 2  # split files with their documents' starts (token files made before had none)
 _SPLITS = ("train", "validation")
 
 
@@ -92,7 +94,7 @@ def prepare_splits(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> Pr
 
     def prepare() -> int:
         prepare_source(d)
-        provenance = {**{k: d[k] for k in _SPLIT_FILE_KEYS},
+        provenance = {**{k: d[k] for k in _SPLIT_FILE_KEYS}, "format": _FORMAT,
                       "source_fingerprint": content_fingerprint(source_files(d)),
                       "tokenizer_fingerprint": tokenizer_fingerprint(workdir / "tokenizer")}
         key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
@@ -111,7 +113,8 @@ def prepare_splits(config: Any, workdir: epath.Path, tokenizer: Tokenizer) -> Pr
 
     chosen = int(leader_value(run_once("preparing the data", prepare) or 0))
     folder = directory if chosen == 0 else directory / f"{chosen:012x}"
-    return PreparedSplits({split: folder / f"{split}{suffix}" for split in _SPLITS}, d.seq_len, d.pack)
+    return PreparedSplits({split: folder / f"{split}{suffix}" for split in _SPLITS}, d.seq_len, d.pack,
+                          d.document_mask)
 
 
 def _made_from(meta: dict[str, Any], provenance: dict[str, Any]) -> bool:

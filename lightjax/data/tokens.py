@@ -1,8 +1,9 @@
 """Token files: a split of a text source tokenized once into one flat stream on disk.
 
     documents --tokenize a piece at a time, EOS after each document (when the tokenizer has one)-->
-      WORKDIR/data/SPLIT.tokens (uint16 or uint32) + SPLIT.tokens.json (its length, dtype, the
-      documents, characters and bytes it covers, and its provenance), the metadata written last
+      WORKDIR/data/SPLIT.tokens (uint16 or uint32), SPLIT.tokens.starts (each document's first token,
+      int64: where attention stops when rows are document-masked) + SPLIT.tokens.json (its length, dtype,
+      the documents, characters and bytes it covers, and its provenance), the metadata written last
 
 A file without its metadata is incomplete. Local files are memory-mapped when read; files on an object
 store (gs://) are read by range. Instruction examples (examples.py) are kept the same way, with the
@@ -50,15 +51,32 @@ def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epat
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
     dtype, count, chars, nbytes = _token_dtype(tokenizer.vocab_size), 0, 0, 0
+    starts = np.zeros(len(docs), np.int64)
     with atomic_path(path) as partial, partial.open("wb") as f:
         for i in range(len(docs)):
+            starts[i] = count
             for ids, text in encode_document(docs[i], tokenizer):
                 f.write(ids.astype(dtype).tobytes())
                 count, chars, nbytes = count + len(ids), chars + len(text), nbytes + len(text.encode("utf-8"))
+    with atomic_path(starts_path(path)) as partial, partial.open("wb") as f:
+        f.write(starts.tobytes())
     meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), "characters": chars, "bytes": nbytes,
             **(provenance or {})}
     write_meta(path, meta)
     return meta
+
+
+def starts_path(path: epath.Path) -> epath.Path:
+    """Where a token file's document starts are: `path`.starts, one int64 token offset per document."""
+    return path.parent / (path.name + ".starts")
+
+
+def open_document_starts(path: str | epath.PathLike) -> np.ndarray:
+    """The token offset at which each document of a token file starts (memory-mapped when local)."""
+    path = epath.Path(path)
+    if "://" in str(path):
+        return np.frombuffer(starts_path(path).read_bytes(), np.int64)
+    return np.memmap(str(starts_path(path)), dtype=np.int64, mode="r")
 
 
 def meta_path(path: epath.Path) -> epath.Path:

@@ -59,16 +59,18 @@ class LayerKind(flax.struct.PyTreeNode):
 ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
 
 
-def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | None = None) -> tuple[str, str]:
+def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | None = None,
+                      segments: bool = False) -> tuple[str, str]:
     """(the kernel that will run, why): `kernel` as asked for, or for 'auto' the one for this backend and
-    dtype. A ValueError in one line when an explicit kernel cannot run here.
+    dtype (and `segments`: document masks). A ValueError in one line when an explicit kernel cannot run here.
 
     - einsum: the explicit softmax(q k^T) v below, heads-major; runs everywhere, and alone takes
       Gemma 2's score soft-capping and float64 (gradient checks). On CPU it trains about 1.7x faster
       than the fused call, whose output layout the CPU matmul library handles poorly.
     - xla: `jax.nn.dot_product_attention`, XLA's own version (GPU, TPU).
     - cudnn: cuDNN's flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, bfloat16 or
-      float16): it does not keep every layer's [B, N, T, S] scores for the backward pass.
+      float16): it does not keep every layer's [B, N, T, S] scores for the backward pass. JAX gives it no
+      segment ids, so with document masks `auto` takes xla on a GPU (which applies them as a mask).
     """
     backend = backend or jax.default_backend()
     dtype = jnp.dtype(dtype)
@@ -79,7 +81,7 @@ def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | 
         raise ValueError(f"attention kernel {kernel!r} cannot soft-cap the scores (attention_logit_softcapping="
                          f"{cfg.attention_logit_softcapping}); use 'einsum' or 'auto'.")
     if kernel == "cudnn":
-        problem = _cudnn_problem(cfg, dtype, backend)
+        problem = _cudnn_problem(cfg, dtype, backend, segments)
         if problem:
             raise ValueError(f"attention kernel 'cudnn' cannot run here: {problem}; use 'auto', 'xla' or 'einsum'.")
     if kernel != "auto":
@@ -87,15 +89,17 @@ def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | 
     if backend == "cpu" or softcap or dtype == jnp.float64:
         reason = "CPU" if backend == "cpu" else ("score soft-capping" if softcap else "float64")
         return "einsum", f"auto: {reason}"
-    problem = _cudnn_problem(cfg, dtype, backend)
+    problem = _cudnn_problem(cfg, dtype, backend, segments)
     return ("xla", f"auto on {backend}" + (f"; not cudnn: {problem}" if backend == "gpu" else "")) if problem \
         else ("cudnn", "auto on gpu")
 
 
-def _cudnn_problem(cfg: ModelConfig, dtype: Any, backend: str) -> str:
+def _cudnn_problem(cfg: ModelConfig, dtype: Any, backend: str, segments: bool) -> str:
     """Why cuDNN's attention cannot run this model here ('' when it can), as JAX checks it while tracing."""
     if backend != "gpu":
         return f"the backend is {backend}, not an NVIDIA GPU"
+    if segments:
+        return "JAX passes it no segment ids (data.document_mask=True)"
     if dtype not in (jnp.bfloat16, jnp.float16):
         return f"it takes bfloat16 or float16, not {dtype.name}"
     q = jax.ShapeDtypeStruct((1, 128, cfg.n_head, cfg.head_size), dtype)
@@ -109,14 +113,15 @@ def _cudnn_problem(cfg: ModelConfig, dtype: Any, backend: str) -> str:
 
 
 def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | None = None,
-                     softcap: float | None = None, kernel: str = "einsum") -> Array:
+                     softcap: float | None = None, kernel: str = "einsum", segment_ids: Array | None = None) -> Array:
     """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, t, g, h]:
-    each query sees its own and earlier positions, the last `window` of them when given. `kernel` is a
-    resolved one (resolve_attention): 'einsum' below, or 'xla' / 'cudnn' through
-    `jax.nn.dot_product_attention`, grouped queries natively."""
+    each query sees its own and earlier positions, the last `window` of them when given, and with
+    `segment_ids` [b, t] only those of its own segment. `kernel` is a resolved one (resolve_attention):
+    'einsum' below, or 'xla' / 'cudnn' through `jax.nn.dot_product_attention`, grouped queries natively."""
+    same = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     if kernel in ("xla", "cudnn"):
         local = None if window is None else (window - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=local,
+        return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, scale=scale, local_window_size=local,
                                             implementation=kernel)
     T = q.shape[1]
     q_bgqth = _heads_major_queries(q, k.shape[2])
@@ -128,8 +133,10 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | N
     size, outs = T // blocks, []
     for i in range(blocks):
         lo, hi = i * size, (i + 1) * size
-        outs.append(_attend(q_bgqth[:, :, :, lo:hi], [k_bg_sh[:, :, :hi]], [v_bg_sh[:, :, :hi]], scale,
-                            causal_mask(jnp.arange(lo, hi), hi, window), softcap))
+        mask = causal_mask(jnp.arange(lo, hi), hi, window)
+        if same is not None:
+            mask = mask & same[:, :, lo:hi, :hi]
+        outs.append(_attend(q_bgqth[:, :, :, lo:hi], [k_bg_sh[:, :, :hi]], [v_bg_sh[:, :, :hi]], scale, mask, softcap))
     return _token_major(outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3))
 
 
@@ -190,8 +197,8 @@ class CausalSelfAttention(nn.Module):
     kernel: str = "einsum"  # a resolved attention kernel (resolve_attention)
 
     @nn.compact
-    def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind, cache: KVCache | None = None,
+                 segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """-> (output, cache). `rope` is (cos, sin), each [tables, B, T, rope_n_elem]; `kind` picks the
         table and the window. With a layer's `cache`, this call's keys and values are written into it
         and the queries attend over all of it."""
@@ -216,7 +223,8 @@ class CausalSelfAttention(nn.Module):
 
         def attend(window: int | None) -> Array:
             if cache is None:
-                return causal_attention(q, k, v, scale, window, c.attention_logit_softcapping, self.kernel)
+                return causal_attention(q, k, v, scale, window, c.attention_logit_softcapping, self.kernel,
+                                        segment_ids)
             return cached_attention(q, k, v, scale, cache.mask(T, window), c.attention_logit_softcapping)
 
         if c.sliding_window_size is None or kind.windowed is False:

@@ -73,15 +73,16 @@ class Block(nn.Module):
     attention: str = "einsum"  # a resolved attention kernel
 
     @nn.compact
-    def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(self, x: Array, rope: tuple[Array, Array], kind: LayerKind, cache: KVCache | None = None,
+                 segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """-> (x, cache): the layer's output and, when decoding, its updated cache. `rope` is
-        (cos, sin), each [tables, B, T, rope_n_elem]: table 0 global, table 1 local."""
+        (cos, sin), each [tables, B, T, rope_n_elem]: table 0 global, table 1 local; `segment_ids` [B, T]
+        keep attention inside each document of a packed row."""
         c = self.config
         mlp = MLP_MODULES[c.mlp_class_name](c, self.dtype, self.param_dtype, name="mlp")
         x_normed = self._norm("norm_1")(x) if c.norm_1 else x
         attention = CausalSelfAttention(c, self.dtype, self.param_dtype, self.attention, name="attn")
-        h, cache = attention(x_normed, rope, kind, cache)
+        h, cache = attention(x_normed, rope, kind, cache, segment_ids)
         if c.post_attention_norm:
             h = self._norm("post_attention_norm")(h)
         h = self._dropout(h)
@@ -115,10 +116,12 @@ class GPT(nn.Module):
     remat: str = "none"  # a key of REMAT_POLICIES
     attention: str = "auto"  # an attention kernel (attention.ATTENTION_KERNELS), resolved when traced
 
-    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True) -> Array:
+    def __call__(self, tokens: Array, positions: Array | None = None, deterministic: bool = True,
+                 segment_ids: Array | None = None) -> Array:
         """Logits [B, T, padded_vocab_size] (float32) of `tokens` [B, T] at `positions` (default 0..T-1);
-        with `deterministic=False` dropout is active (a 'dropout' rng)."""
-        return self.forward(tokens, positions, deterministic, None)[0]
+        with `segment_ids` [B, T] a token attends only to earlier tokens of its own segment (the documents
+        of a packed row); with `deterministic=False` dropout is active (a 'dropout' rng)."""
+        return self.forward(tokens, positions, deterministic, None, segment_ids)[0]
 
     def decode(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """(logits, cache): `tokens` [B, T] fill the cache's slots index..index+T-1 (their positions follow
@@ -127,8 +130,8 @@ class GPT(nn.Module):
         return logits, cache
 
     @nn.compact
-    def forward(self, tokens: Array, positions: Array | None, deterministic: bool,
-                cache: KVCache | None) -> tuple[Array, KVCache | None]:
+    def forward(self, tokens: Array, positions: Array | None, deterministic: bool, cache: KVCache | None,
+                segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """The model: (logits, cache), the cache None when there is none. Call it as GPT or GPT.decode."""
         c = self.config
         if self.remat not in REMAT_POLICIES:
@@ -152,7 +155,7 @@ class GPT(nn.Module):
         if c.rope_indices is not None:
             tables.append(rope_cos_sin(c, positions, local=True))
         rope = tuple(jnp.stack(t) for t in zip(*tables, strict=True))
-        x, cache = self._blocks(x, rope, deterministic, cache)
+        x, cache = self._blocks(x, rope, deterministic, cache, segment_ids)
         x = make_norm(c, self.dtype, self.param_dtype, "ln_f")(x)
         if c.tie_embeddings:
             logits = wte.attend(x)
@@ -165,8 +168,8 @@ class GPT(nn.Module):
             logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
         return constrain(logits, ("batch", "length", "act_vocab")), cache
 
-    def _blocks(self, x: Array, rope: tuple[Array, Array], deterministic: bool,
-                cache: KVCache | None) -> tuple[Array, KVCache | None]:
+    def _blocks(self, x: Array, rope: tuple[Array, Array], deterministic: bool, cache: KVCache | None,
+                segment_ids: Array | None) -> tuple[Array, KVCache | None]:
         c, L = self.config, self.config.n_layer
         kinds = [LayerKind(c.sliding_window(i) is not None, c.local_rope(i)) for i in range(L)]
         uniform = len(set(kinds)) == 1
@@ -176,13 +179,13 @@ class GPT(nn.Module):
             # Inside scan, CSE cannot merge the recomputation with the forward pass, so skip the guard.
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers,
                                  static_argnums=(3,) if uniform or not self.scan_layers else ())
-        kernel = resolve_attention(self.attention, c, self.dtype)[0]
+        kernel = resolve_attention(self.attention, c, self.dtype, segments=segment_ids is not None)[0]
         block_args = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic,
                           attention=kernel)
         if not self.scan_layers:
             for i, kind in enumerate(kinds):
                 layer_cache = None if cache is None else cache.replace(layer=i)
-                x, cache = block_cls(**block_args, name=f"h_{i}")(x, rope, kind, layer_cache)
+                x, cache = block_cls(**block_args, name=f"h_{i}")(x, rope, kind, layer_cache, segment_ids)
         else:
             # The layer stack is one scanned block: x and the cache are the carry (each layer writes
             # its slots of the cache in place), the layer's index is scanned over, and so are the
@@ -193,21 +196,21 @@ class GPT(nn.Module):
                 _scanned_layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast if uniform else 0, 0),
+                in_axes=(nn.broadcast, nn.broadcast if uniform else 0, 0, nn.broadcast),
                 length=L,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            (x, cache), _ = stack(block_cls(**block_args, name="h"), (x, cache), rope, kind, jnp.arange(L))
+            (x, cache), _ = stack(block_cls(**block_args, name="h"), (x, cache), rope, kind, jnp.arange(L), segment_ids)
         if cache is not None:
             cache = cache.replace(layer=0, index=cache.index + x.shape[1])
         return x, cache
 
 
 def _scanned_layer(block: Block, carry: tuple[Array, KVCache | None], rope: tuple[Array, Array], kind: LayerKind,
-                   layer: Array) -> tuple[tuple[Array, KVCache | None], None]:
+                   layer: Array, segment_ids: Array | None) -> tuple[tuple[Array, KVCache | None], None]:
     """One step of the scanned layer stack: (x, cache) -> the layer's (x, cache)."""
     x, cache = carry
-    return block(x, rope, kind, None if cache is None else cache.replace(layer=layer)), None
+    return block(x, rope, kind, None if cache is None else cache.replace(layer=layer), segment_ids), None
 
 
 # ------------------------------------------------------------------------------------------------

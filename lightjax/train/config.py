@@ -122,6 +122,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
     # tokenizer's chat template), and whether examples are packed into rows or padded one per row.
     d.prompt_style = "alpaca"
     d.pack = False
+    # Rows that hold several documents (or packed examples) attend within each only, positions restarting
+    # at 0 for each (as MaxText, Levanter and torchtitan do); False: a row is one sequence (nanoGPT's way).
+    d.document_mask = True
     return d
 
 

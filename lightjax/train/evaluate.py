@@ -56,7 +56,8 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
     with tempfile.TemporaryDirectory() as tmp:  # the split tokenized as training prepared its files
         path = f"{tmp}/{split}{split_suffix(config.data)}"
         units = text_units(write_split(config.data, split, load_tokenizer(workdir / "tokenizer"), path))
-        rows = open_rows(path, config.data.seq_len, training=False, pack=config.data.pack)
+        rows = open_rows(path, config.data.seq_len, training=False, pack=config.data.pack,
+                         document_mask=config.data.get("document_mask", False))  # runs from before it had none
         try:
             ev = evaluate(run, params, rows, config, units["tokens_per_char"], max_batches)
         finally:

@@ -1,7 +1,8 @@
 """The loss, shared by training and evaluation: next-token cross-entropy over the counted targets.
 
-A batch is a dict: `tokens` [B, T+1] int32 (inputs are tokens[:, :-1], targets tokens[:, 1:]) and an
-optional `mask` [B, T] (1 where the target counts; 0 for padding). Losses are kept as sums over the
+A batch is a dict: `tokens` [B, T+1] int32 (inputs are tokens[:, :-1], targets tokens[:, 1:]), an
+optional `mask` [B, T] (1 where the target counts; 0 for padding), and with document masks the inputs'
+`segment_ids` and `positions` [B, T] (data/rows.py). Losses are kept as sums over the
 counted targets, with their count beside them, so that micro-batches, devices and evaluation batches
 add up exactly; a mean is taken once, at the end.
 """
@@ -40,11 +41,13 @@ def batch_nll(model: GPT, params: Any, batch: Mapping[str, jax.Array],
     """(summed NLL, log-sum-exp [B, T], mask [B, T]) of a batch. With `rng` dropout is active (when
     the model has any); without it the forward pass is deterministic, as evaluation needs."""
     targets, mask = targets_and_mask(batch)
+    inputs = (batch["tokens"][:, :-1], batch.get("positions"))
+    segments = batch.get("segment_ids")  # rows holding several documents attend within each
     if rng is None:
-        logits = model.apply({"params": params}, batch["tokens"][:, :-1])
+        logits = model.apply({"params": params}, *inputs, segment_ids=segments)
     else:
-        logits = model.apply({"params": params}, batch["tokens"][:, :-1], deterministic=model.config.dropout == 0,
-                             rngs={"dropout": rng})
+        logits = model.apply({"params": params}, *inputs, deterministic=model.config.dropout == 0,
+                             segment_ids=segments, rngs={"dropout": rng})
     nll_sum, lse = cross_entropy(logits, targets, mask)
     return nll_sum, lse, mask
 

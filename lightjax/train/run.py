@@ -76,11 +76,13 @@ class Run:
         return jax.tree.map(lambda p, x: jax.device_put(np.asarray(p).astype(x.dtype), x.sharding), tree, like)
 
 
-def attention_kernel(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None) -> tuple[str, str]:
-    """(the attention kernel config.train.attention asks for, resolved for `backend` (default JAX's) and
-    the compute dtype; why that one). ConfigError, one line, if an explicit kernel cannot run there."""
+def attention_kernel(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None,
+                     segments: bool = False) -> tuple[str, str]:
+    """(the attention kernel config.train.attention asks for, resolved for `backend` (default JAX's), the
+    compute dtype and `segments` (document masks); why that one). ConfigError, one line, if an explicit
+    kernel cannot run there."""
     try:
-        return resolve_attention(train.get("attention", "auto"), cfg, jnp.dtype(train["dtype"]), backend)
+        return resolve_attention(train.get("attention", "auto"), cfg, jnp.dtype(train["dtype"]), backend, segments)
     except ValueError as e:
         raise ConfigError(f"config.train.attention: {e}") from None
 
@@ -111,7 +113,7 @@ def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
     validate(config, len(devices))
     t = config.train
     cfg = resolve_model_config(config)
-    kernel, attention_why = attention_kernel(cfg, t, devices[0].platform)
+    kernel, attention_why = attention_kernel(cfg, t, devices[0].platform, config.data.get("document_mask", False))
     model = build_model(cfg, t, kernel)
     tx, schedule = make_optimizer(config.optim, t.max_steps), lr_schedule(config.optim, t.max_steps)
     mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
