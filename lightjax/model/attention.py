@@ -35,6 +35,7 @@ from lightjax.model.layers import (
     make_norm,
 )
 from lightjax.model.lora import lora_for, qkv_lora
+from lightjax.model.splash import block_size, splash_attention, splash_problem
 
 ACT_HEADS = ("batch", "length", "act_heads", "act_kv")
 
@@ -56,13 +57,14 @@ class LayerKind(flax.struct.PyTreeNode):
 
 
 # The attention kernels of training and evaluation (decoding always attends over the cache with einsums).
-ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
+ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
 def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | None = None,
-                      segments: bool = False) -> tuple[str, str]:
-    """(the kernel that will run, why): `kernel` as asked for, or for 'auto' the one for this backend and
-    dtype (and `segments`: document masks). A ValueError in one line when an explicit kernel cannot run here.
+                      segments: bool = False, seq_len: int | None = None) -> tuple[str, str]:
+    """(the kernel that will run, why): `kernel` as asked for, or for 'auto' the one for this backend, dtype,
+    `segments` (document masks) and `seq_len`. A ValueError in one line when an explicit kernel cannot run
+    here.
 
     - einsum: the explicit softmax(q k^T) v below, heads-major; runs everywhere, and alone takes
       Gemma 2's score soft-capping and float64 (gradient checks). On CPU it trains about 1.7x faster
@@ -71,6 +73,8 @@ def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | 
     - cudnn: cuDNN's flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, bfloat16 or
       float16): it does not keep every layer's [B, N, T, S] scores for the backward pass. JAX gives it no
       segment ids, so with document masks `auto` takes xla on a GPU (which applies them as a mask).
+    - splash: the TPU Pallas kernel (splash.py): blockwise like cuDNN's, with windows, soft-capping,
+      grouped queries and segment ids; `auto` on a TPU wherever the sequence length suits its blocks.
     """
     backend = backend or jax.default_backend()
     dtype = jnp.dtype(dtype)
@@ -80,18 +84,27 @@ def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | 
     if kernel in ("xla", "cudnn") and softcap:
         raise ValueError(f"attention kernel {kernel!r} cannot soft-cap the scores (attention_logit_softcapping="
                          f"{cfg.attention_logit_softcapping}); use 'einsum' or 'auto'.")
-    if kernel == "cudnn":
-        problem = _cudnn_problem(cfg, dtype, backend, segments)
-        if problem:
-            raise ValueError(f"attention kernel 'cudnn' cannot run here: {problem}; use 'auto', 'xla' or 'einsum'.")
+    problem = {"cudnn": lambda: _cudnn_problem(cfg, dtype, backend, segments),
+               "splash": lambda: _splash_problem(backend, seq_len)}.get(kernel, str)()
+    if problem:
+        raise ValueError(f"attention kernel {kernel!r} cannot run here: {problem}; use 'auto', 'xla' or 'einsum'.")
     if kernel != "auto":
-        return kernel, "as configured"
+        return kernel, "as configured" + (f"; blocks of {block_size(seq_len)} tokens" if kernel == "splash" and
+                                          seq_len else "")
+    if backend == "tpu" and not _splash_problem(backend, seq_len) and dtype != jnp.float64:
+        return "splash", "auto on tpu" + (f"; blocks of {block_size(seq_len)} tokens" if seq_len else "")
     if backend == "cpu" or softcap or dtype == jnp.float64:
         reason = "CPU" if backend == "cpu" else ("score soft-capping" if softcap else "float64")
         return "einsum", f"auto: {reason}"
     problem = _cudnn_problem(cfg, dtype, backend, segments)
     return ("xla", f"auto on {backend}" + (f"; not cudnn: {problem}" if backend == "gpu" else "")) if problem \
         else ("cudnn", "auto on gpu")
+
+
+def _splash_problem(backend: str, seq_len: int | None) -> str:
+    if backend != "tpu":
+        return f"the backend is {backend}, not a TPU"
+    return splash_problem(seq_len)
 
 
 def _cudnn_problem(cfg: ModelConfig, dtype: Any, backend: str, segments: bool) -> str:
@@ -117,7 +130,10 @@ def causal_attention(q: Array, k: Array, v: Array, scale: float, window: int | N
     """softmax(q k^T * scale, over the keys each query sees) v, for q [b, t, n, h], k and v [b, t, g, h]:
     each query sees its own and earlier positions, the last `window` of them when given, and with
     `segment_ids` [b, t] only those of its own segment. `kernel` is a resolved one (resolve_attention):
-    'einsum' below, or 'xla' / 'cudnn' through `jax.nn.dot_product_attention`, grouped queries natively."""
+    'einsum' below, 'xla' / 'cudnn' through `jax.nn.dot_product_attention`, or 'splash' (splash.py); the
+    fused ones take grouped queries natively."""
+    if kernel == "splash":
+        return splash_attention(q, k, v, scale, window, softcap, segment_ids)
     same = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     if kernel in ("xla", "cudnn"):
         local = None if window is None else (window - 1, 0)

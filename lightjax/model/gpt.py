@@ -179,7 +179,9 @@ class GPT(nn.Module):
             # Inside scan, CSE cannot merge the recomputation with the forward pass, so skip the guard.
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers,
                                  static_argnums=(3,) if uniform or not self.scan_layers else ())
-        kernel = resolve_attention(self.attention, c, self.dtype, segments=segment_ids is not None)[0]
+        kernel = self.attention  # as resolved by whoever built the model (train/run.py), or 'auto' here:
+        if kernel == "auto":
+            kernel = resolve_attention(kernel, c, self.dtype, segments=segment_ids is not None, seq_len=x.shape[1])[0]
         block_args = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic,
                           attention=kernel)
         if not self.scan_layers:

@@ -77,12 +77,13 @@ class Run:
 
 
 def attention_kernel(cfg: ModelConfig, train: Mapping[str, Any], backend: str | None = None,
-                     segments: bool = False) -> tuple[str, str]:
+                     segments: bool = False, seq_len: int | None = None) -> tuple[str, str]:
     """(the attention kernel config.train.attention asks for, resolved for `backend` (default JAX's), the
-    compute dtype and `segments` (document masks); why that one). ConfigError, one line, if an explicit
-    kernel cannot run there."""
+    compute dtype, `segments` (document masks) and `seq_len`; why that one). ConfigError, one line, if an
+    explicit kernel cannot run there."""
     try:
-        return resolve_attention(train.get("attention", "auto"), cfg, jnp.dtype(train["dtype"]), backend, segments)
+        return resolve_attention(train.get("attention", "auto"), cfg, jnp.dtype(train["dtype"]), backend, segments,
+                                 seq_len)
     except ValueError as e:
         raise ConfigError(f"config.train.attention: {e}") from None
 
@@ -113,7 +114,8 @@ def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
     validate(config, len(devices))
     t = config.train
     cfg = resolve_model_config(config)
-    kernel, attention_why = attention_kernel(cfg, t, devices[0].platform, config.data.get("document_mask", False))
+    kernel, attention_why = attention_kernel(cfg, t, devices[0].platform, config.data.get("document_mask", False),
+                                             config.data.seq_len)
     model = build_model(cfg, t, kernel)
     tx, schedule = make_optimizer(config.optim, t.max_steps), lr_schedule(config.optim, t.max_steps)
     mesh, rules = make_mesh(config.mesh, devices), resolve_rules(config.mesh.rules)
