@@ -108,3 +108,22 @@ def test_a_document_masked_run_resumes_exactly_and_trains_alike_on_any_mesh(tmp_
     train(_document_run(tmp_path, (2, 2, 2)), tmp_path / "mesh")
     full, mesh = losses(tmp_path / "full"), losses(tmp_path / "mesh")
     np.testing.assert_allclose([mesh[k] for k in sorted(mesh)], [full[k] for k in sorted(full)], atol=1e-5)
+
+
+def test_mfu_counts_causal_attention_and_the_keys_documents_allow():
+    """Attention FLOPs per token: the full square counts T keys per query, causal attention (T + 1) / 2,
+    and with document masks the train step measures the keys the segments allow."""
+    from lightjax.model.flops import causal_keys, flops_per_token
+    from lightjax.train.run import build_run
+    from tests.helpers import tiny_run_config
+
+    cfg = tiny_config()
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_size
+    assert flops_per_token(cfg, 8) - flops_per_token(cfg, 8, causal_keys(8)) == attention * (8 - 4.5)
+    run = build_run(tiny_run_config(), jax.devices()[:1])
+    segments = np.array([[1, 1, 1, 2, 2, 2, 2, 2] * 2] * 8)  # documents of 3 and 5 tokens
+    positions = np.array([[0, 1, 2, 0, 1, 2, 3, 4] * 2] * 8)
+    batch = {"tokens": np.ones((8, 17), np.int32), "mask": np.ones((8, 16), np.int32), "segment_ids": segments,
+             "positions": positions}
+    _, metrics = run.train_step(run.init_state(), batch)
+    assert float(metrics["attended_keys"]) == (1 + 2 + 3 + 1 + 2 + 3 + 4 + 5) / 8  # 2.625 of causal's 8.5

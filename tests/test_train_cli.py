@@ -16,7 +16,7 @@ from tests.helpers import ROOT, SHAKESPEARE, load_config_module, local_data_flag
 
 pytestmark = pytest.mark.shakespeare  # reads the local Tiny Shakespeare copy
 
-ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen", "elapsed_s"}
+ROW_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "mfu_full_square", "tokens_seen", "elapsed_s"}
 EVAL_KEYS = {"step", "val_loss", "val_ppl", "val_bpc", "val_tokens", "tokens_seen", "elapsed_s"}
 
 

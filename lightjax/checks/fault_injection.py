@@ -25,7 +25,7 @@ from lightjax.train.checkpoint import restore_params
 from lightjax.train.metrics import read_metrics
 
 # Row fields that depend on the clock, not on the computation.
-TIMING_FIELDS = ("tokens_per_sec", "mfu", "elapsed_s")
+TIMING_FIELDS = ("tokens_per_sec", "mfu", "mfu_full_square", "elapsed_s")
 MOMENTS = ("during a save", "during an evaluation", "at a random moment")
 
 

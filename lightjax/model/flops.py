@@ -9,9 +9,12 @@ FLOPs per token of one training step (forward + backward), as nanoGPT and the Pa
   the table is tied to the output head, where it is used in a matmul once. Norms and biases are
   included, as nanoGPT includes them; they are a rounding error. In a mixture of experts N counts
   the experts a token uses (n_expert_per_token of n_expert), as MoE papers do.
-- 12 L H Q T: attention scores (QK^T) and the weighted sum (AV), 2 * 2 * T * H * Q FLOPs per token
-  and layer forward, times 3 for forward + backward. Causal masking is ignored (as in PaLM), so this
-  counts the full T x T square.
+- 12 L H Q K: attention scores (QK^T) and the weighted sum (AV), 2 * 2 * K * H * Q FLOPs per token
+  and layer forward, times 3 for forward + backward, where K is the number of keys a query attends to on
+  average. lightjax's MFU counts causal attention, K = (T + 1) / 2 (`causal_keys`: the attended half of the
+  T x T square, MaxText's convention), and with document masks the keys the batch's segments allow
+  (measured by the train step); `mfu_full_square` beside it counts K = T, the full square (PaLM's count,
+  and lightjax's figure before December 2026), so that older figures stay comparable.
 
 MFU (runtime/hardware.py) = achieved model FLOP/s / (peak FLOP/s per device * devices).
 Rematerialisation does not count: recomputed FLOPs are the hardware's cost, not the model's.
@@ -31,8 +34,15 @@ def matmul_params(cfg: ModelConfig) -> int:
     return n if cfg.tie_embeddings else n - cfg.padded_vocab_size * cfg.n_embd
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, keys: float | None = None) -> float:
     """Training FLOPs (forward + backward) per token at sequence length `seq_len`: 2 per weight forward,
-    4 backward (gradients of the input and of the weight); LoRA's frozen weights get no weight gradient."""
+    4 backward (gradients of the input and of the weight; LoRA's frozen weights get none), and attention
+    over `keys` keys per query (default seq_len: the full square; causal: `causal_keys(seq_len)`)."""
     per_weight = 4 if cfg.lora_r else 6
-    return per_weight * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
+    keys = seq_len if keys is None else keys
+    return per_weight * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * keys
+
+
+def causal_keys(seq_len: int) -> float:
+    """The keys a query attends to on average under a causal mask over `seq_len` tokens."""
+    return (seq_len + 1) / 2

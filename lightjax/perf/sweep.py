@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightjax.model.flops import flops_per_token
+from lightjax.model.flops import causal_keys, flops_per_token
 from lightjax.model.gpt import REMAT_POLICIES
 from lightjax.perf.benchmark import synthetic_inputs
 from lightjax.runtime.hardware import chip_for, peak_flops_per_device
@@ -139,7 +139,7 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
                temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
                fits=None if row["hbm_bytes"] is None else used <= row["hbm_bytes"])
     n = len(devices)
-    model_flops = flops_per_token(run.model.config, seq) * batch * seq / n
+    model_flops = flops_per_token(run.model.config, seq, causal_keys(seq)) * batch * seq / n  # causal attention
     xla_flops = compiled_flops(compiled)
     row.update(model_flops_per_device=model_flops, xla_flops_per_device=xla_flops,
                collectives=collectives(text))

@@ -80,8 +80,8 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
                     batch_sharding: NamedSharding, grad_accum_steps: int = 1, z_loss: float = 0.0,
                     skip_nonfinite: bool = False) -> Any:
     """The jitted step(state, batch) -> (state, metrics), the state donated; metrics: loss, grad_norm,
-    lr, tokens (all scalars, replicated), and `skipped` with skip_nonfinite (an update whose loss or
-    gradients are not finite is not applied)."""
+    lr, tokens (all scalars, replicated), `attended_keys` with document masks (keys per query, for MFU),
+    and `skipped` with skip_nonfinite (an update whose loss or gradients are not finite is not applied)."""
     loss_fn = make_loss_fn(model, z_loss)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -98,6 +98,10 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
             params = lora.combine(optax.apply_updates(trained, updates), frozen)
             grad_norm = optax.tree.norm(grads)
         metrics = {"loss": nll_sum / denom, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count}
+        if "positions" in batch:  # document masks: the keys each query attends to, on average (for MFU)
+            counted = batch["segment_ids"] > 0
+            metrics["attended_keys"] = (jnp.sum(jnp.where(counted, batch["positions"] + 1, 0))
+                                        / jnp.maximum(jnp.sum(counted), 1))
         if skip_nonfinite:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),

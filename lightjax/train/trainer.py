@@ -35,7 +35,7 @@ from lightjax.data.pipeline import train_iterator
 from lightjax.data.prepare import prepare_splits, prepare_tokenizer
 from lightjax.data.rows import Rows
 from lightjax.data.tokenizers import check_vocab
-from lightjax.model.flops import flops_per_token
+from lightjax.model.flops import causal_keys, flops_per_token
 from lightjax.runtime.distributed import any_process, is_leader, print_once, run_once
 from lightjax.runtime.files import WorkdirLock, absolute, write_atomic
 from lightjax.runtime.hardware import mfu, peak_flops_per_device
@@ -185,7 +185,8 @@ class _Progress:
                                      mfu=f"{100 * row['mfu']:.1f}%")
         elif row is not None and jax.process_index() == 0:
             print(f"step {row['step']:6d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad_norm "
-                  f"{row['grad_norm']:.3f} | {row['tokens_per_sec']:,.0f} tok/s | MFU {100 * row['mfu']:.1f}%",
+                  f"{row['grad_norm']:.3f} | {row['tokens_per_sec']:,.0f} tok/s | MFU {100 * row['mfu']:.1f}% "
+                  f"(full square {100 * row['mfu_full_square']:.1f}%)",
                   flush=True)
 
     def message(self, text: str) -> None:
@@ -321,7 +322,7 @@ class _Loop:
         self.clock = _Clock(start.elapsed_s, self.step)
         self.tokens_per_step = self.t.global_batch_size * config.data.seq_len
         self.best_val, self.val_loss, self.asked = start.best_val_loss, None, False
-        self.flops_per_token = flops_per_token(run.model.config, config.data.seq_len)
+        self.cfg, self.seq_len = run.model.config, config.data.seq_len
         self.peak, _ = peak_flops_per_device(self.t.peak_flops, dtype=run.model.dtype,
                                              device=run.mesh.local_mesh.devices.flat[0])
 
@@ -393,13 +394,19 @@ class _Loop:
             self.progress.step(None)
             return
         tok_s = self.clock.tokens_per_sec(step, self.tokens_per_step)
+        keys = float(m.get("attended_keys", causal_keys(self.seq_len)))  # causal, or what documents allow
         row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_sec": tok_s, "mfu": mfu(tok_s, self.flops_per_token, self.peak, self.run.mesh.size),
-               "tokens_seen": self.tokens_seen(step), "elapsed_s": self.clock.elapsed()}
+               "tokens_per_sec": tok_s, "mfu": self._mfu(tok_s, keys),
+               "mfu_full_square": self._mfu(tok_s, None), "tokens_seen": self.tokens_seen(step),
+               "elapsed_s": self.clock.elapsed()}
         if self.t.skip_nonfinite:
             row["skipped"] = bool(m["skipped"])
         self.writers.write(row)
         self.progress.step(row)
+
+    def _mfu(self, tok_s: float, keys: float | None) -> float:
+        """MFU with attention over `keys` keys per query (None: the full square; model/flops.py)."""
+        return mfu(tok_s, flops_per_token(self.cfg, self.seq_len, keys), self.peak, self.run.mesh.size)
 
     def _evaluate(self, ev: dict[str, float]) -> bool:
         """Write and show an evaluation; whether it is the run's best so far."""
