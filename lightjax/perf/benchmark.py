@@ -34,11 +34,13 @@ from lightjax.train.step import synthetic_batch
 from lightjax.train.validate import validate
 
 
-def synthetic_inputs(run: Run, config: Any) -> tuple[Any, dict[str, jax.Array]]:
+def synthetic_inputs(run: Run, config: Any, documents: bool = False) -> tuple[Any, dict[str, jax.Array]]:
     """(a fresh train state, this process's share of a random batch of the config's shape placed on
-    the mesh): what the benchmarks time the step on, with no data pipeline in the way."""
+    the mesh): what the benchmarks time the step on, with no data pipeline in the way; plain rows, or
+    with `documents` document-masked ones."""
     local_batch = config.train.global_batch_size // jax.process_count()
-    tokens = synthetic_batch(np.random.default_rng(0), local_batch, config.data.seq_len, run.model.config.vocab_size)
+    tokens = synthetic_batch(np.random.default_rng(0), local_batch, config.data.seq_len, run.model.config.vocab_size,
+                             documents)
     return run.init_state(), shard_batch(tokens, run.mesh)
 
 

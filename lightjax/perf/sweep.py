@@ -124,8 +124,9 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
         run = build_run(c, devices)
         state = run.abstract_state
         sharding = batch_sharding(run.mesh)
+        inputs = ("mask", "segment_ids", "positions") if c.data.document_mask else ("mask",)  # as training's rows
         rows = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), np.int32, sharding=sharding),
-                "mask": jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding)}  # as training's rows
+                **{k: jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding) for k in inputs}}
         start = time.perf_counter()
         compiled, text = partitioned_text(run.train_step.lower(state, rows))
         row["compile_s"] = time.perf_counter() - start
@@ -166,7 +167,7 @@ def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[
 def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: float,
              peak: float) -> dict[str, Any]:
     """Median step time of the compiled step on real devices, synthetic batches, after one warm-up."""
-    state, batch = synthetic_inputs(run, config)
+    state, batch = synthetic_inputs(run, config, config.data.document_mask)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -126,7 +126,13 @@ def make_eval_step(model: GPT, param_shardings: Any, batch_sharding: NamedShardi
     return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
 
-def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """Random tokens of the shape the train step takes (every target counted), for benchmarks and tests."""
-    return {"tokens": rng.integers(0, vocab_size, (batch, seq_len + 1), dtype=np.int32),
-            "mask": np.ones((batch, seq_len), np.int32)}
+def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int,
+                    documents: bool = False) -> dict[str, np.ndarray]:
+    """Random tokens of the shape the train step takes (every target counted), for benchmarks and tests;
+    with `documents`, the inputs of document-masked rows too (one document per row)."""
+    out = {"tokens": rng.integers(0, vocab_size, (batch, seq_len + 1), dtype=np.int32),
+           "mask": np.ones((batch, seq_len), np.int32)}
+    if documents:
+        out["segment_ids"] = np.ones((batch, seq_len), np.int32)
+        out["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
+    return out
