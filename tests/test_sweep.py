@@ -27,8 +27,9 @@ def test_sweep_on_local_devices_measures_beside_the_estimate(tmp_path):
     rows = sweep(tiny_run_config(), settings("8,1,1:1,8,1:1,1,8:3,1,1"), jax.devices(), measure_steps=1)
     good, bad = rows[:3], rows[3]
     for r in good:
-        assert r["total_bytes"] > 0 and r["estimated_step_s"] > 0 and r["measured_step_s"] > 0
-        assert r["xla_flops_per_device"] > 0 and 0 < r["predicted_mfu"] <= 1.5
+        fast, slow = r["estimated_step_s"]
+        assert r["total_bytes"] > 0 and 0 < fast <= slow and r["measured_step_s"] > 0
+        assert r["xla_flops_per_device"] > 0 and 0 < r["estimated_mfu"][0] <= r["estimated_mfu"][1] <= 0.75
     assert good[0]["collectives"]["all-reduce"]["bytes"] > 0 and good[1]["collectives"]["all-gather"]["bytes"] > 0
     assert "has 3 positions but jax.device_count() is 8" in bad["error"]
     table = markdown(rows)
@@ -69,3 +70,17 @@ def test_shard_sweep_script(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/shard_sweep.py", "--layouts=8,1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("shard_sweep: --layouts='8,1'")
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_analytic_work_and_xla_agree_on_a_scanned_stack(remat):
+    """A scanned stack of 6 layers of known matmuls, rematerialised or not: the row's analytic count of the
+    compiled work and XLA's agree within 10% (with remat full the work is 1.2x the model's: ignoring the
+    recompute would miss by that much)."""
+    c = tiny_run_config(scan_layers=True, remat=remat)
+    c.model.n_layer = 6
+    (row,) = sweep(c, settings("1,1,1"), jax.devices()[:1])
+    assert abs(row["xla_flops_per_device"] / row["work_flops_per_device"] - 1) < 0.10, row
+    assert not row["flops_flag"]
+    if remat == "full":
+        assert row["work_flops_per_device"] / row["model_flops_per_device"] > 1.15

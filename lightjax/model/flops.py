@@ -46,3 +46,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, keys: float | None = None) -
 def causal_keys(seq_len: int) -> float:
     """The keys a query attends to on average under a causal mask over `seq_len` tokens."""
     return (seq_len + 1) / 2
+
+
+# The part of each layer's forward pass a remat policy recomputes in the backward pass: its matmuls'
+# share (the weights' and the attention's), the rest being elementwise work no FLOP count includes.
+REMAT_RECOMPUTES = {"none": (0.0, 0.0), "dots_saveable": (0.0, 0.0),
+                    "dots_with_no_batch_dims_saveable": (0.0, 1.0), "full": (1.0, 1.0)}
+
+
+def work_flops_per_token(cfg: ModelConfig, seq_len: int, remat: str = "none", blockwise: bool = False) -> float:
+    """The FLOPs a compiled train step computes per token, which is more than the model's: attention over
+    the full T x T square (XLA's and the einsum kernel's; `blockwise` kernels, splash and cuDNN, skip the
+    blocks above the diagonal: about half), and the forward matmuls `remat` recomputes in the backward
+    pass (full: the layers' weight matmuls and attention again, 2 FLOPs per weight and 4 L H Q K per
+    token; dots_with_no_batch_dims_saveable: the attention matmuls). The embedding lookup and the head
+    are never recomputed."""
+    keys = causal_keys(seq_len) if blockwise else seq_len
+    weights, attention = REMAT_RECOMPUTES[remat]
+    head = 0 if cfg.tie_embeddings else cfg.padded_vocab_size * cfg.n_embd
+    layer_weights = matmul_params(cfg) - head - (cfg.padded_vocab_size * cfg.n_embd if cfg.tie_embeddings else 0)
+    attention_fwd = 4 * cfg.n_layer * cfg.n_head * cfg.head_size * keys
+    return flops_per_token(cfg, seq_len, keys) + weights * 2 * layer_weights + attention * attention_fwd

@@ -29,9 +29,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightjax.model.flops import causal_keys, flops_per_token
 from lightjax.model.gpt import REMAT_POLICIES
 from lightjax.perf.benchmark import synthetic_inputs
+from lightjax.perf.costs import practice_for
+from lightjax.perf.estimate import flop_counts, prices, step_range
 from lightjax.runtime.hardware import chip_for, peak_flops_per_device
 from lightjax.runtime.hlo import COLLECTIVES, collectives, compiled_flops, partitioned_text
 from lightjax.runtime.sharding import RULE_SETS, batch_sharding
@@ -136,32 +137,30 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     memory = compiled.memory_analysis()
     used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes
+    # Fits: the compiler's verdict for a TPU (it refuses a program over its usable HBM); unknown elsewhere.
     row.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
-               fits=None if row["hbm_bytes"] is None else used <= row["hbm_bytes"])
-    n = len(devices)
-    model_flops = flops_per_token(run.model.config, seq, causal_keys(seq)) * batch * seq / n  # causal attention
-    xla_flops = compiled_flops(compiled)
-    row.update(model_flops_per_device=model_flops, xla_flops_per_device=xla_flops,
-               collectives=collectives(text))
+               fits=True if device.platform == "tpu" else None, attention=run.model.attention)
+    sent = collectives(text)
+    row.update(flop_counts(run.model.config, seq, batch * seq / len(devices), c.train.remat, run.model.attention,
+                           compiled_flops(compiled), "collective-permute" in text and setting.mesh[2] > 1))
+    row["collectives"] = sent
     row.update(_estimate(row, c, device, chip))
     if measure_steps:  # real devices only: compile-only ones cannot run
-        row.update(_measure(run, compiled, c, measure_steps, model_flops, row["peak_flops"]))
+        row.update(_measure(run, compiled, c, measure_steps, row["model_flops_per_device"], row["peak_flops"]))
     return row
 
 
 def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[str, Any]:
-    """The roofline step time: compute at the peak plus collectives over the links, not overlapped."""
+    """The step-time range, its MFU range and its prices (perf/estimate.py)."""
     peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
-    # The model's own FLOPs are a floor: XLA's count can fall short where runtime/hlo.py misses a matmul form.
-    compute_s = max(row["xla_flops_per_device"] or 0.0, row["model_flops_per_device"]) / peak
+    practice = practice_for(chip.name if chip else None, device.platform)
+    ici_bytes = sum(_LINK_FACTOR[k] * row["collectives"][k]["bytes"] for k in COLLECTIVES)
     link = chip.interconnect if chip else None
-    moved = sum(_LINK_FACTOR[k] * row["collectives"][k]["bytes"] for k in COLLECTIVES)
-    comm_s = moved / link if link else None
-    step_s = compute_s + (comm_s or 0.0)
-    return {"peak_flops": peak, "peak_source": source, "interconnect": link, "compute_s": compute_s,
-            "collective_s": comm_s, "estimated_step_s": step_s,
-            "predicted_mfu": row["model_flops_per_device"] / (peak * step_s)}
+    est = step_range(row["work_flops_per_device"], row["model_flops_per_device"], peak, practice, ici_bytes, link)
+    tokens = row["global_batch_size"] * config.data.seq_len
+    return {"peak_flops": peak, "peak_source": source, "interconnect": link, **{f"estimated_{k}": v for k, v in
+            est.items()}, **prices(tokens, row["devices"], est["step_s"], practice)}
 
 
 def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: float,
@@ -190,6 +189,7 @@ def sweep(config: Any, all_settings: list[Setting], devices: list[Any], measure_
 
 
 def _size(b: float | None) -> str:
+    """Bytes in GiB (MiB below one GiB): the one unit of every memory figure."""
     if b is None:
         return ""
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
@@ -199,35 +199,60 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f}" if seconds >= 1e-3 else f"{1e3 * seconds:.3g}"
 
 
+def _range(values: tuple[float, float], fmt: str = "{:.1f}") -> str:
+    low, high = sorted(values)
+    return fmt.format(low) + "-" + fmt.format(high)
+
+
+def _flops(r: dict[str, Any]) -> str:
+    xla = r["xla_flops_per_device"]
+    counts = [r["model_flops_per_device"], r["work_flops_per_device"]] + ([xla] if xla else [])
+    return " / ".join(f"{x / 1e12:.2f}" for x in counts) + (" [!]" if r["flops_flag"] else "")
+
+
+def _cost(r: dict[str, Any]) -> str:
+    usd = r.get("usd_per_million_tokens")
+    return "" if usd is None else "$" + _range(usd, "{:.2f}")
+
+
 def format_row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['setting']}: {'does not fit' if r.get('fits') is False else 'failed'}: {r['error']}"
     sent = sum(v["bytes"] for v in r["collectives"].values())
     measured = f", measured {_ms(r['measured_step_s'])} ms" if "measured_step_s" in r else ""
-    return (f"{r['setting']}: {_size(r['total_bytes'])}/device"
-            f"{'' if r['fits'] is None else (' fits' if r['fits'] else ' DOES NOT FIT')}, "
-            f"collectives {sent / 1e9:.3f} GB/step, estimated {_ms(r['estimated_step_s'])} ms"
-            f"{measured}, predicted MFU {100 * r['predicted_mfu']:.1f}%, compile {r['compile_s']:.1f} s")
+    cost = f", {_cost(r)} per 1M tokens" if _cost(r) else ""
+    flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
+    return (f"{r['setting']} attention={r['attention']}: {_size(r['total_bytes'])}/device"
+            f"{' fits (compiled)' if r['fits'] else ''}, TFLOPs/device model / work / XLA {_flops(r)}{flag}, "
+            f"collectives {sent / 1e9:.3f} GB/step, estimated {_range([1e3 * x for x in r['estimated_step_s']])} ms"
+            f"{measured}, MFU {_range([100 * x for x in r['estimated_mfu']])}%, "
+            f"{_range(r['tokens_per_s_per_chip'], '{:,.0f}')} tok/s/chip{cost}, compile {r['compile_s']:.1f} s")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """A table of the rows: memory per device, fit, collective GB per step, estimated (and measured)
-    step time, predicted MFU."""
-    head = ("| setting | per device (args + out + temp) | HBM | fits | all-gather / reduce-scatter / all-reduce "
-            "GB per step | est. step ms | measured ms | predicted MFU |\n|---|---|---|---|---|---|---|---|")
+    """A table of the rows: memory per device (the compiler's verdict on fitting), FLOPs three ways,
+    collectives, the estimated step-time and MFU ranges (and the measured step), tokens/s per chip and
+    the price per million tokens."""
+    head = ("| setting | attention | per device (args + out + temp) | HBM | fits | TFLOPs/device: model / work / XLA "
+            "| all-gather / reduce-scatter / all-reduce GB | est. step ms | est. MFU | measured ms | tok/s/chip "
+            "| $ per 1M tokens |\n" + "|---" * 12 + "|")
     lines = [head]
     for r in rows:
         if "error" in r:
             fit = "no" if r.get("fits") is False else "failed"
-            lines.append(f"| {r['setting']} | | {_size(r.get('hbm_bytes'))} | {fit}: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['setting']} | | | {_size(r.get('hbm_bytes'))} | {fit}: {r['error'][:120]} |"
+                         + " |" * 7)
             continue
         col = r["collectives"]
         gb = " / ".join(f"{col[k]['bytes'] / 1e9:.3f}" for k in ("all-gather", "reduce-scatter", "all-reduce"))
         fit = "" if r["fits"] is None else ("yes" if r["fits"] else "no")
         measured = _ms(r["measured_step_s"]) if "measured_step_s" in r else ""
         parts = " + ".join(_size(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes"))
-        lines.append(f"| {r['setting']} | {_size(r['total_bytes'])} ({parts}) | {_size(r['hbm_bytes'])} | {fit} | "
-                     f"{gb} | {_ms(r['estimated_step_s'])} | {measured} | {100 * r['predicted_mfu']:.1f}% |")
+        lines.append(f"| {r['setting']} | {r['attention']} | {_size(r['total_bytes'])} ({parts}) | "
+                     f"{_size(r['hbm_bytes'])} | {fit} | {_flops(r)} | {gb} | "
+                     f"{_range([1e3 * x for x in r['estimated_step_s']])} | "
+                     f"{_range([100 * x for x in r['estimated_mfu']])}% | {measured} | "
+                     f"{_range(r['tokens_per_s_per_chip'], '{:,.0f}')} | {_cost(r)} |")
     return "\n".join(lines)
 
 
@@ -257,7 +282,8 @@ def plot(rows: list[dict[str, Any]], out: Any) -> list[Any]:
     ax.set_ylabel("GiB per device")
     files.append(_save(fig, ax, x, labels, out / "memory.png"))
     fig, ax = plt.subplots(figsize=(max(6, len(done) * 1.2), 4), dpi=110)
-    ax.bar(x - 0.2, [1e3 * r["estimated_step_s"] for r in done], width=0.4, label="estimated")
+    fast, slow = (np.array([1e3 * r["estimated_step_s"][k] for r in done]) for k in (0, 1))
+    ax.bar(x - 0.2, slow - fast, bottom=fast, width=0.4, label="estimated (range)")
     if any("measured_step_s" in r for r in done):
         ax.bar(x + 0.2, [1e3 * r.get("measured_step_s", 0.0) for r in done], width=0.4, label="measured")
     ax.set_ylabel("ms per step")
