@@ -9,7 +9,7 @@ import jax
 import pytest
 from etils import epath
 
-from lightjax.perf.sweep import markdown, plot, settings, sweep
+from lightjax.perf.sweep import format_row, markdown, plot, settings, sweep
 from tests.helpers import ROOT, SHAKESPEARE, tiny_run_config
 from tests.test_hardware import _require_libtpu
 
@@ -84,3 +84,18 @@ def test_the_analytic_work_and_xla_agree_on_a_scanned_stack(remat):
     assert not row["flops_flag"]
     if remat == "full":
         assert row["work_flops_per_device"] / row["model_flops_per_device"] > 1.15
+
+
+def test_a_two_slice_mesh_compiles_and_its_gradient_reduction_crosses_the_data_center_network():
+    """2 x v5e:2x2 (8 chips in two slices): the data axis spans the slices; the gradient all-reduce over it
+    crosses the data-center network, the fsdp all-gathers stay inside each slice."""
+    from lightjax.runtime.hardware import tpu_topology
+
+    _require_libtpu()
+    devices = tpu_topology("2xv5e:2x2").devices()
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+    (row,) = sweep(tiny_run_config(scan_layers=True), settings("2,4,1"), devices)
+    assert "error" not in row, row.get("error")
+    col = row["collectives"]
+    assert col["all-reduce"]["dcn_bytes"] > 0 and col["all-gather"]["bytes"] > 0 == col["all-gather"]["dcn_bytes"]
+    assert row["dcn_bytes"] > 0 and "over the data-center network" in format_row(row)

@@ -141,7 +141,8 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     row.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
                fits=True if device.platform == "tpu" else None, attention=run.model.attention)
-    sent = collectives(text)
+    slices = [getattr(d, "slice_index", 0) for d in run.mesh.devices.flat]  # partition ids follow the mesh
+    sent = collectives(text, slices if len(set(slices)) > 1 else None)
     row.update(flop_counts(run.model.config, seq, batch * seq / len(devices), c.train.remat, run.model.attention,
                            compiled_flops(compiled), "collective-permute" in text and setting.mesh[2] > 1))
     row["collectives"] = sent
@@ -155,12 +156,15 @@ def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[
     """The step-time range, its MFU range and its prices (perf/estimate.py)."""
     peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
     practice = practice_for(chip.name if chip else None, device.platform)
-    ici_bytes = sum(_LINK_FACTOR[k] * row["collectives"][k]["bytes"] for k in COLLECTIVES)
+    col = row["collectives"]
+    ici_bytes = sum(_LINK_FACTOR[k] * (col[k]["bytes"] - col[k]["dcn_bytes"]) for k in COLLECTIVES)
+    dcn_bytes = sum(_LINK_FACTOR[k] * col[k]["dcn_bytes"] for k in COLLECTIVES)
     link = chip.interconnect if chip else None
-    est = step_range(row["work_flops_per_device"], row["model_flops_per_device"], peak, practice, ici_bytes, link)
+    est = step_range(row["work_flops_per_device"], row["model_flops_per_device"], peak, practice, ici_bytes, link,
+                     dcn_bytes)
     tokens = row["global_batch_size"] * config.data.seq_len
-    return {"peak_flops": peak, "peak_source": source, "interconnect": link, **{f"estimated_{k}": v for k, v in
-            est.items()}, **prices(tokens, row["devices"], est["step_s"], practice)}
+    return {"peak_flops": peak, "peak_source": source, "interconnect": link, "dcn_bytes": dcn_bytes,
+            **{f"estimated_{k}": v for k, v in est.items()}, **prices(tokens, row["devices"], est["step_s"], practice)}
 
 
 def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: float,
@@ -210,6 +214,11 @@ def _flops(r: dict[str, Any]) -> str:
     return " / ".join(f"{x / 1e12:.2f}" for x in counts) + (" [!]" if r["flops_flag"] else "")
 
 
+def _dcn(r: dict[str, Any]) -> str:
+    dcn = sum(v["dcn_bytes"] for v in r["collectives"].values())
+    return f" ({dcn / 1e9:.3f} GB over the data-center network)" if dcn else ""
+
+
 def _cost(r: dict[str, Any]) -> str:
     usd = r.get("usd_per_million_tokens")
     return "" if usd is None else "$" + _range(usd, "{:.2f}")
@@ -222,10 +231,10 @@ def format_row(r: dict[str, Any]) -> str:
     measured = f", measured {_ms(r['measured_step_s'])} ms" if "measured_step_s" in r else ""
     cost = f", {_cost(r)} per 1M tokens" if _cost(r) else ""
     flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
+    step_ms = _range([1e3 * x for x in r["estimated_step_s"]])
     return (f"{r['setting']} attention={r['attention']}: {_size(r['total_bytes'])}/device"
             f"{' fits (compiled)' if r['fits'] else ''}, TFLOPs/device model / work / XLA {_flops(r)}{flag}, "
-            f"collectives {sent / 1e9:.3f} GB/step, estimated {_range([1e3 * x for x in r['estimated_step_s']])} ms"
-            f"{measured}, MFU {_range([100 * x for x in r['estimated_mfu']])}%, "
+            f"collectives {sent / 1e9:.3f} GB/step{_dcn(r)}, estimated {step_ms} ms{measured}, MFU {_range([100 * x for x in r['estimated_mfu']])}%, "
             f"{_range(r['tokens_per_s_per_chip'], '{:,.0f}')} tok/s/chip{cost}, compile {r['compile_s']:.1f} s")
 
 

@@ -122,6 +122,7 @@ def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float, n_d
 class TpuTopology:
     generation: str
     grid: tuple[int, ...]
+    slices: int = 1  # slices joined over the data-center network (multi-slice)
 
     @property
     def chip(self) -> Chip:
@@ -129,7 +130,7 @@ class TpuTopology:
 
     @property
     def chips(self) -> int:
-        return math.prod(self.grid)
+        return math.prod(self.grid) * self.slices
 
     @property
     def host_bounds(self) -> tuple[int, int, int]:
@@ -140,6 +141,10 @@ class TpuTopology:
     @property
     def name(self) -> str:
         return f"{self.generation}:{'x'.join(map(str, self.grid))}"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.slices == 1 else f"{self.slices}x{self.name}"
 
     def devices(self) -> list[Any]:
         """Compile-only devices of this slice (one per chip), from libtpu."""
@@ -153,7 +158,7 @@ class TpuTopology:
                 desc = topologies.get_topology_desc(
                     platform="tpu", topology_name=self.name,
                     chip_config_name="megacore" if _GENERATIONS[self.generation][1] == 2 else "default",
-                    chips_per_host_bounds=self.host_bounds, wrap=(False,) * 3, num_slices=1)
+                    chips_per_host_bounds=self.host_bounds, wrap=(False,) * 3, num_slices=self.slices)
         except Exception as e:  # noqa: BLE001 (libtpu missing, or a grid it refuses)
             raise ValueError(f"--topology={self.name}: no TPU compiler to describe it ({str(e).splitlines()[0][:150]}"
                              "); install it with pip install -e \".[aot]\".") from None
@@ -177,8 +182,12 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def tpu_topology(name: str) -> TpuTopology:
-    """'v5e-16' (Cloud TPU accelerator type: chips for v5e/v6e, TensorCores for v4/v5p) or 'v5e:4x4'."""
+    """'v5e-16' (Cloud TPU accelerator type: chips for v5e/v6e, TensorCores for v4/v5p) or 'v5e:4x4'; with
+    an 'Nx' in front ('2xv5e-16'), N such slices joined over the data-center network."""
     known = ", ".join(_GENERATIONS)
+    many = re.fullmatch(r"(\d+)x(v.+)", name.strip())
+    if many:
+        return dataclasses.replace(tpu_topology(many.group(2)), slices=int(many.group(1)))
     m = re.fullmatch(r"(v\w+?)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip())
     if not m or m.group(1) not in _GENERATIONS:
         raise ValueError(f"--topology={name!r} is not a TPU slice like v5e-16 or v5e:4x4 (generations: {known}); "

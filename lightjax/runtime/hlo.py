@@ -14,8 +14,10 @@ import glob
 import math
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*)$")  # shape: array or tuple
@@ -295,13 +297,43 @@ def _scattered(name: str, users: dict[str, list[tuple[str, str]]]) -> bool:
     return bool(seen) or bool(users.get(name))
 
 
-def collectives(text: str) -> dict[str, dict[str, float]]:
-    """{kind: {"count", "bytes"}} of one run of a partitioned program (the module right after SPMD
-    partitioning: `partitioned_text`), loop bodies multiplied by their trip counts. Bytes are those of
+def _groups(rest: str) -> np.ndarray | None:
+    """The device groups of a collective, [groups, devices per group] of partition ids, in any of XLA's
+    spellings (mesh axes with device ids, iota, explicit lists, a permute's pairs); None if unreadable."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{([^}]*)\}",
+                  rest)
+    if m:
+        axes = [(name, int(size)) for name, size in re.findall(r"'(\w+)'=(\d+)", m.group(1))]
+        ids = np.arange(math.prod(size for _, size in axes))
+        if m.group(2):
+            ids = ids.reshape([int(d) for d in m.group(2).split(",")])
+            ids = ids.transpose([int(d) for d in m.group(3).split(",")]) if m.group(3) else ids
+        ids = ids.reshape([size for _, size in axes])
+        grouped = [i for i, (name, _) in enumerate(axes) if f"'{name}'" in m.group(4)]
+        moved = np.moveaxis(ids, grouped, list(range(ids.ndim - len(grouped), ids.ndim)))
+        return moved.reshape(-1, math.prod(axes[i][1] for i in grouped))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest)
+    if m:
+        ids = np.arange(int(m.group(1)) * int(m.group(2))).reshape([int(d) for d in m.group(3).split(",")])
+        ids = ids.transpose([int(d) for d in m.group(4).split(",")]) if m.group(4) else ids
+        return ids.reshape(int(m.group(1)), int(m.group(2)))
+    m = re.search(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,]*\},?)*)\}", rest)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+        width = max((len(g) for g in groups), default=0)
+        return np.array([g + g[-1:] * (width - len(g)) for g in groups if g]) if width else None
+    return None
+
+
+def collectives(text: str, slice_of: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+    """{kind: {"count", "bytes", "dcn_bytes"}} of one run of a partitioned program (the module right after
+    SPMD partitioning: `partitioned_text`), loop bodies multiplied by their trip counts. Bytes are those of
     the whole tensor each collective combines on one device: an all-gather's result, a reduce-scatter's
-    operand, an all-reduce's result."""
+    operand, an all-reduce's result. With `slice_of` (the slice of each partition id, multi-slice), the
+    bytes of collectives whose groups span slices are also counted as `dcn_bytes`: they cross the
+    data-center network."""
     comps, entry = computations(text)
-    totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
+    totals = {kind: {"count": 0.0, "bytes": 0.0, "dcn_bytes": 0.0} for kind in COLLECTIVES}
     for name, times in _executions(comps, entry):
         parsed = [m.groups() for line in comps[name] for m in [_INSTRUCTION.match(line)] if m]
         shapes = {inst: shape for inst, shape, _, _ in parsed}
@@ -321,7 +353,18 @@ def collectives(text: str) -> dict[str, dict[str, float]]:
                 kind = "reduce-scatter"
             totals[kind]["count"] += times
             totals[kind]["bytes"] += times * nbytes
+            if slice_of is not None and _crosses_slices(rest, slice_of):
+                totals[kind]["dcn_bytes"] += times * nbytes
     return totals
+
+
+def _crosses_slices(rest: str, slice_of: Sequence[int]) -> bool:
+    """Whether a collective's device groups span slices (a group it cannot read is taken to)."""
+    groups = _groups(rest)
+    if groups is None:
+        return True
+    slices = np.asarray(slice_of)[groups]
+    return bool((slices != slices[:, :1]).any())
 
 
 def partitioned_text(lowered: Any) -> tuple[Any, str]:

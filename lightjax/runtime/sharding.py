@@ -114,6 +114,9 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     """The (data, fsdp, tensor) mesh over all devices (or `devices`), with Auto axis types.
 
     Auto, not JAX's new default Explicit: Flax linen's logical partitioning breaks under Explicit axes.
+    Devices of several slices (a multi-slice job, or a multi-slice topology to compile for) make a hybrid
+    mesh whose data axis spans the slices, outermost: only data parallelism's gradient reduction crosses
+    the data-center network.
     `jax.make_mesh` orders the devices for the physical topology (TPU ICI rings, NVLink islands). It
     refuses a mesh axis that is not a product of whole physical axes (8 on a 4x4 v6e slice) except on
     v5e; such a layout is still valid, with one axis spanning parts of two rings, so it is built with
@@ -123,6 +126,13 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # multi-slice: the data axis spans the slices, over the data-center network
+        if shape[0] % slices:
+            raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {slices} slices the devices "
+                             "come in: the data axis is the one that spans them (over the data-center network).")
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     except (ValueError, NotImplementedError) as e:
