@@ -231,10 +231,10 @@ def format_row(r: dict[str, Any]) -> str:
     measured = f", measured {_ms(r['measured_step_s'])} ms" if "measured_step_s" in r else ""
     cost = f", {_cost(r)} per 1M tokens" if _cost(r) else ""
     flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
-    step_ms = _range([1e3 * x for x in r["estimated_step_s"]])
+    step_ms, mfu = _range([1e3 * x for x in r["estimated_step_s"]]), _range([100 * x for x in r["estimated_mfu"]])
     return (f"{r['setting']} attention={r['attention']}: {_size(r['total_bytes'])}/device"
             f"{' fits (compiled)' if r['fits'] else ''}, TFLOPs/device model / work / XLA {_flops(r)}{flag}, "
-            f"collectives {sent / 1e9:.3f} GB/step{_dcn(r)}, estimated {step_ms} ms{measured}, MFU {_range([100 * x for x in r['estimated_mfu']])}%, "
+            f"collectives {sent / 1e9:.3f} GB/step{_dcn(r)}, estimated {step_ms} ms{measured}, MFU {mfu}%, "
             f"{_range(r['tokens_per_s_per_chip'], '{:,.0f}')} tok/s/chip{cost}, compile {r['compile_s']:.1f} s")
 
 
