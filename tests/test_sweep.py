@@ -99,3 +99,16 @@ def test_a_two_slice_mesh_compiles_and_its_gradient_reduction_crosses_the_data_c
     col = row["collectives"]
     assert col["all-reduce"]["dcn_bytes"] > 0 and col["all-gather"]["bytes"] > 0 == col["all-gather"]["dcn_bytes"]
     assert row["dcn_bytes"] > 0 and "over the data-center network" in format_row(row)
+
+
+def test_compare_prints_the_cheapest_layout_that_fits_on_each_slice():
+    from lightjax.perf.compare import compare, compare_lines
+
+    _require_libtpu()
+    c = tiny_run_config(scan_layers=True)
+    summaries = compare(c, ["v5e:2x2", "v6e:2x2"], batch=8, train_tokens=1e9)
+    assert [s["topology"] for s in summaries] in (["v5e:2x2", "v6e:2x2"], ["v6e:2x2", "v5e:2x2"])
+    costs = [max(s["usd_per_million_tokens"]) for s in summaries]
+    assert costs == sorted(costs) and all(s["fits"] for s in summaries)
+    lines = compare_lines(summaries).splitlines()
+    assert len(lines) == 2 and all("per 1M tokens" in line and "days" in line for line in lines)

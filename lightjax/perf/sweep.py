@@ -108,7 +108,8 @@ def _first_line(e: Exception) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
-def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps: int = 0) -> dict[str, Any]:
+def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps: int = 0,
+                train_tokens: float = 0.0) -> dict[str, Any]:
     """One row of a sweep (see the module docstring)."""
     c = _configure(config, setting)
     seq = c.data.seq_len
@@ -146,13 +147,13 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     row.update(flop_counts(run.model.config, seq, batch * seq / len(devices), c.train.remat, run.model.attention,
                            compiled_flops(compiled), "collective-permute" in text and setting.mesh[2] > 1))
     row["collectives"] = sent
-    row.update(_estimate(row, c, device, chip))
+    row.update(_estimate(row, c, device, chip, train_tokens))
     if measure_steps:  # real devices only: compile-only ones cannot run
         row.update(_measure(run, compiled, c, measure_steps, row["model_flops_per_device"], row["peak_flops"]))
     return row
 
 
-def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[str, Any]:
+def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any, train_tokens: float) -> dict[str, Any]:
     """The step-time range, its MFU range and its prices (perf/estimate.py)."""
     peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
     practice = practice_for(chip.name if chip else None, device.platform)
@@ -163,8 +164,9 @@ def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any) -> dict[
     est = step_range(row["work_flops_per_device"], row["model_flops_per_device"], peak, practice, ici_bytes, link,
                      dcn_bytes)
     tokens = row["global_batch_size"] * config.data.seq_len
+    costs = prices(tokens, row["devices"], est["step_s"], practice, train_tokens=train_tokens)
     return {"peak_flops": peak, "peak_source": source, "interconnect": link, "dcn_bytes": dcn_bytes,
-            **{f"estimated_{k}": v for k, v in est.items()}, **prices(tokens, row["devices"], est["step_s"], practice)}
+            **{f"estimated_{k}": v for k, v in est.items()}, **costs}
 
 
 def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: float,
@@ -183,16 +185,16 @@ def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: floa
 
 
 def sweep(config: Any, all_settings: list[Setting], devices: list[Any], measure_steps: int = 0,
-          log: Any = None) -> list[dict[str, Any]]:
+          log: Any = None, train_tokens: float = 0.0) -> list[dict[str, Any]]:
     rows = []
     for s in all_settings:
-        rows.append(run_setting(config, s, devices, measure_steps))
+        rows.append(run_setting(config, s, devices, measure_steps, train_tokens))
         if log:
             log(format_row(rows[-1]))
     return rows
 
 
-def _size(b: float | None) -> str:
+def gib(b: float | None) -> str:
     """Bytes in GiB (MiB below one GiB): the one unit of every memory figure."""
     if b is None:
         return ""
@@ -203,7 +205,7 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f}" if seconds >= 1e-3 else f"{1e3 * seconds:.3g}"
 
 
-def _range(values: tuple[float, float], fmt: str = "{:.1f}") -> str:
+def span(values: tuple[float, float], fmt: str = "{:.1f}") -> str:
     low, high = sorted(values)
     return fmt.format(low) + "-" + fmt.format(high)
 
@@ -219,9 +221,9 @@ def _dcn(r: dict[str, Any]) -> str:
     return f" ({dcn / 1e9:.3f} GB over the data-center network)" if dcn else ""
 
 
-def _cost(r: dict[str, Any]) -> str:
+def cost_text(r: dict[str, Any]) -> str:
     usd = r.get("usd_per_million_tokens")
-    return "" if usd is None else "$" + _range(usd, "{:.2f}")
+    return "" if usd is None else "$" + span(usd, "{:.2f}")
 
 
 def format_row(r: dict[str, Any]) -> str:
@@ -229,13 +231,13 @@ def format_row(r: dict[str, Any]) -> str:
         return f"{r['setting']}: {'does not fit' if r.get('fits') is False else 'failed'}: {r['error']}"
     sent = sum(v["bytes"] for v in r["collectives"].values())
     measured = f", measured {_ms(r['measured_step_s'])} ms" if "measured_step_s" in r else ""
-    cost = f", {_cost(r)} per 1M tokens" if _cost(r) else ""
+    cost = f", {cost_text(r)} per 1M tokens" if cost_text(r) else ""
     flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
-    step_ms, mfu = _range([1e3 * x for x in r["estimated_step_s"]]), _range([100 * x for x in r["estimated_mfu"]])
-    return (f"{r['setting']} attention={r['attention']}: {_size(r['total_bytes'])}/device"
+    step_ms, mfu = span([1e3 * x for x in r["estimated_step_s"]]), span([100 * x for x in r["estimated_mfu"]])
+    return (f"{r['setting']} attention={r['attention']}: {gib(r['total_bytes'])}/device"
             f"{' fits (compiled)' if r['fits'] else ''}, TFLOPs/device model / work / XLA {_flops(r)}{flag}, "
             f"collectives {sent / 1e9:.3f} GB/step{_dcn(r)}, estimated {step_ms} ms{measured}, MFU {mfu}%, "
-            f"{_range(r['tokens_per_s_per_chip'], '{:,.0f}')} tok/s/chip{cost}, compile {r['compile_s']:.1f} s")
+            f"{span(r['tokens_per_s_per_chip'], '{:,.0f}')} tok/s/chip{cost}, compile {r['compile_s']:.1f} s")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -249,19 +251,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "error" in r:
             fit = "no" if r.get("fits") is False else "failed"
-            lines.append(f"| {r['setting']} | | | {_size(r.get('hbm_bytes'))} | {fit}: {r['error'][:120]} |"
+            lines.append(f"| {r['setting']} | | | {gib(r.get('hbm_bytes'))} | {fit}: {r['error'][:120]} |"
                          + " |" * 7)
             continue
         col = r["collectives"]
         gb = " / ".join(f"{col[k]['bytes'] / 1e9:.3f}" for k in ("all-gather", "reduce-scatter", "all-reduce"))
         fit = "" if r["fits"] is None else ("yes" if r["fits"] else "no")
         measured = _ms(r["measured_step_s"]) if "measured_step_s" in r else ""
-        parts = " + ".join(_size(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes"))
-        lines.append(f"| {r['setting']} | {r['attention']} | {_size(r['total_bytes'])} ({parts}) | "
-                     f"{_size(r['hbm_bytes'])} | {fit} | {_flops(r)} | {gb} | "
-                     f"{_range([1e3 * x for x in r['estimated_step_s']])} | "
-                     f"{_range([100 * x for x in r['estimated_mfu']])}% | {measured} | "
-                     f"{_range(r['tokens_per_s_per_chip'], '{:,.0f}')} | {_cost(r)} |")
+        parts = " + ".join(gib(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes"))
+        lines.append(f"| {r['setting']} | {r['attention']} | {gib(r['total_bytes'])} ({parts}) | "
+                     f"{gib(r['hbm_bytes'])} | {fit} | {_flops(r)} | {gb} | "
+                     f"{span([1e3 * x for x in r['estimated_step_s']])} | "
+                     f"{span([100 * x for x in r['estimated_mfu']])}% | {measured} | "
+                     f"{span(r['tokens_per_s_per_chip'], '{:,.0f}')} | {cost_text(r)} |")
     return "\n".join(lines)
 
 
