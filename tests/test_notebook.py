@@ -60,8 +60,12 @@ def test_sharding_notebook_runs(tmp_path):
     assert re.search(r"CPU 0,1\s+CPU 2,3\s+CPU 4,5\s+CPU 6,7", placements)
     assert "=== data: data=8" in text and "CPU 0,1,2,3,4,5,6,7" in text  # data parallelism: whole copies
     for layout in ("8x1x1", "1x8x1", "1x4x2"):
-        assert re.search(layout + r" default remat=none batch=16: .* measured [\d.]+ ms", text)
+        assert re.search(layout + r" default remat=none batch=16 attention=\w+: .* measured [\d.]+ ms", text)
     assert text.count("| 8x1x1 default") == 1 and text.count("| 1x4x2 default") == 1  # the table
     assert len(images) == 2  # memory and step time
     for layout in ("4x1x1", "1x4x1", "1x2x2"):  # compiled for the TPU slice
-        assert re.search(layout + r" default remat=none batch=16: [\d.]+ (MiB|GiB)/device fits", text)
+        assert re.search(layout + r" default remat=none batch=16 attention=\w+: [\d.]+ (MiB|GiB)/device fits", text)
+    for chip in ("v5e:2x2", "v6e:2x2"):  # the comparison: the cheapest layout that fits, priced
+        assert re.search(chip + r" \(4 chips\): .*, [\d.]+ MiB/chip, .* ms/step, MFU .* per 1M tokens, .* days", text)
+    # Two v5e:2x2 slices: the gradient all-reduce crosses the data-center network.
+    assert re.search(r"2x4x1 default remat=none batch=16 attention=\w+: .* GB over the data-center network", text)

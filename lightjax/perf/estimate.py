@@ -29,8 +29,8 @@ FLAG_RATIO = 0.15  # XLA's count off the analytic work by more than this: the ro
 
 
 def flop_counts(cfg: Any, seq_len: int, tokens_per_device: float, remat: str, kernel: str,
-                xla_flops: float | None, windowed_einsums: bool) -> dict[str, Any]:
-    """model / work / XLA FLOPs per device and step, and a flag (the likely cause) when XLA's count is off."""
+                xla_flops: float | None, tensor_parallel: bool) -> dict[str, Any]:
+    """model / work / XLA FLOPs per device and step, and a flag (the likely causes) when XLA's count is off."""
     model = flops_per_token(cfg, seq_len, causal_keys(seq_len)) * tokens_per_device
     work = work_flops_per_token(cfg, seq_len, remat, blockwise=kernel in ("splash", "cudnn")) * tokens_per_device
     out = {"model_flops_per_device": model, "work_flops_per_device": work, "xla_flops_per_device": xla_flops,
@@ -38,9 +38,10 @@ def flop_counts(cfg: Any, seq_len: int, tokens_per_device: float, remat: str, ke
     if xla_flops:
         ratio = xla_flops / work
         if ratio < 1 - FLAG_RATIO:
-            out["flops_flag"] = (f"XLA counts {ratio:.2f} of the work: "
-                                 + ("the matmuls of windowed-einsum loops (tensor parallelism) escape its count"
-                                    if windowed_einsums else "a matmul form its count misses"))
+            causes = ["the splash kernel's attention, a custom call it does not count"] if kernel == "splash" else []
+            causes += ["the matmuls of tensor parallelism's windowed-einsum loops"] if tensor_parallel else []
+            out["flops_flag"] = f"XLA counts {ratio:.2f} of the work: " + (
+                " and ".join(causes) + " escape its count" if causes else "a matmul form its count misses")
         elif ratio > 1 + FLAG_RATIO:
             out["flops_flag"] = (f"XLA counts {ratio:.2f} of the work: "
                                  + ("the loop correction counts the recomputed forward pass again" if remat != "none"
