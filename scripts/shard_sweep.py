@@ -35,6 +35,8 @@ _OUT = flags.DEFINE_string("out", "runs/sweep", "Output folder (any etils.epath 
 _COMPARE = flags.DEFINE_string("compare", "", "TPU slices to compare, comma-separated (v5e-16,v5p-8,v6e-8), with "
                                "one --batch: the cheapest layout that fits on each.")
 _TRAIN_TOKENS = flags.DEFINE_float("train_tokens", 0.0, "Tokens to train, for each row's days (0: not shown).")
+_PRICE = flags.DEFINE_float("chip_hour_price", None, "Price each row at this $ per chip-hour (your Spot, "
+                            "committed-use or region's rate) instead of the chip's on-demand list price.")
 _ALLOW_FAILURES = flags.DEFINE_bool("allow_failures", False, "Exit 0 even when a setting fails for another reason "
                                     "than not fitting in memory.")
 _OVERWRITE = define_overwrite_flag()
@@ -64,7 +66,7 @@ def main(argv):
     steps = 0 if _TOPOLOGY.value else _STEPS.value
     print(f"{len(all_settings)} settings on {len(devices)} x {devices[0].device_kind}", flush=True)
     rows = sweep(_CONFIG.value, all_settings, devices, steps, log=lambda line: print(line, flush=True),
-                 train_tokens=_TRAIN_TOKENS.value)
+                 train_tokens=_TRAIN_TOKENS.value, chip_hour_price=_PRICE.value)
     with output_dir(_OUT.value, "sweep", _OVERWRITE.value) as out:
         (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (out / "results.md").write_text(markdown(rows) + "\n")
@@ -83,7 +85,7 @@ def _compare():
         sys.exit(f"shard_sweep: --compare needs one global batch size, --batch=N (got {_BATCH.value!r}).")
     try:
         summaries = compare(_CONFIG.value, _COMPARE.value.split(","), int(_BATCH.value), _TRAIN_TOKENS.value,
-                            log=lambda line: print(line, flush=True))
+                            log=lambda line: print(line, flush=True), chip_hour_price=_PRICE.value)
     except ValueError as e:
         sys.exit(f"shard_sweep: {e}")
     print("\nThe cheapest layout that fits, by slice (best first):\n" + compare_lines(summaries))

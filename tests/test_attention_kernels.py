@@ -17,8 +17,10 @@ from tests.runs import run_config
 def test_auto_picks_per_backend_and_dtype():
     cfg, capped = tiny_config(), tiny_config(attention_logit_softcapping=50.0)
     assert resolve_attention("auto", cfg, "float32", "cpu") == ("einsum", "auto: CPU")
-    assert resolve_attention("auto", cfg, "bfloat16", "tpu") == ("xla", "auto on tpu")
-    assert resolve_attention("auto", capped, "bfloat16", "tpu") == ("einsum", "auto: score soft-capping")
+    assert resolve_attention("auto", cfg, "bfloat16", "tpu") == ("splash", "auto on tpu")
+    assert resolve_attention("auto", cfg, "bfloat16", "tpu", seq_len=100) == ("xla", "auto on tpu")  # not by 128
+    assert resolve_attention("auto", capped, "bfloat16", "tpu")[0] == "splash"  # it soft-caps
+    assert resolve_attention("auto", capped, "bfloat16", "gpu") == ("einsum", "auto: score soft-capping")
     assert resolve_attention("auto", cfg, "float32", "gpu")[0] == "xla"  # cuDNN takes bfloat16 or float16
     assert resolve_attention("xla", cfg, "float32", "cpu") == ("xla", "as configured")
 

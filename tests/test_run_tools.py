@@ -108,7 +108,7 @@ def test_convert_hf_import_generate_export(tmp_path):
 
     out = run_script("convert_hf.py", "export", f"--export_dir={lj_dir}", f"--out={back_dir}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("as HF qwen3 (float32) to " f"{back_dir}; tokenizer.json copied.")
+    assert out.stdout.strip().endswith("as HF qwen3 (float32) to " f"{back_dir}; tokenizer.json written.")
     original, back = read_hf_state_dict(hf_dir), read_hf_state_dict(back_dir)
     assert sorted(back) == sorted(original)
     assert all(np.array_equal(back[k], original[k]) and back[k].dtype == original[k].dtype for k in original)

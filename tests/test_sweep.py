@@ -112,3 +112,18 @@ def test_compare_prints_the_cheapest_layout_that_fits_on_each_slice():
     assert costs == sorted(costs) and all(s["fits"] for s in summaries)
     lines = compare_lines(summaries).splitlines()
     assert len(lines) == 2 and all("per 1M tokens" in line and "days" in line for line in lines)
+
+
+def test_a_given_chip_hour_price_replaces_the_list_price():
+    from lightjax.perf.costs import PRACTICE
+    from lightjax.perf.estimate import prices
+
+    v5e = PRACTICE["TPU v5e"]
+    listed = prices(8192, 4, (1.0, 2.0), v5e)
+    given = prices(8192, 4, (1.0, 2.0), v5e, chip_hour_price=0.6)
+    assert listed["tokens_per_s_per_chip"] == given["tokens_per_s_per_chip"] == (2048.0, 1024.0)
+    assert listed["usd_per_million_tokens"] == pytest.approx((1.20 / 3600 / 2048 * 1e6, 1.20 / 3600 / 1024 * 1e6))
+    assert given["usd_per_million_tokens"] == pytest.approx(tuple(x / 2 for x in listed["usd_per_million_tokens"]))
+    assert "on-demand" in listed["price"] and given["price"] == "$0.60/chip-hour (given with --chip_hour_price)"
+    assert "usd_per_million_tokens" not in prices(8192, 4, (1.0, 2.0), PRACTICE["H200"])  # no price recorded
+    assert prices(8192, 4, (1.0, 2.0), None, chip_hour_price=1.0)["usd_per_million_tokens"][0] > 0

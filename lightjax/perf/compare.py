@@ -3,8 +3,8 @@ and for each slice the layout that fits and costs least per token, best slice fi
 
 The layouts tried on a slice of n chips: FSDP over all (1, n, 1), FSDP with tensor parallelism 2 and 4
 where the model's heads allow, and data parallelism 2 over FSDP (2, n/2, 1). Cost per token is the slow
-end of the estimate's range (perf/estimate.py) at the chip's on-demand price; a slice without a price is
-ranked by tokens/s per chip.
+end of the estimate's range (perf/estimate.py) at the chip's on-demand price (or the one rate given); a
+slice without a price is ranked by tokens/s per chip.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _cost(row: dict[str, Any]) -> float:
 
 
 def compare(config: Any, topologies: list[str], batch: int, train_tokens: float = 0.0,
-            log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+            log: Callable[[str], None] | None = None, chip_hour_price: float | None = None) -> list[dict[str, Any]]:
     """One summary per slice, cheapest first: its best layout's row (or why none fits) with `topology`."""
     cfg = resolve_model_config(config)
     summaries = []
@@ -41,7 +41,7 @@ def compare(config: Any, topologies: list[str], batch: int, train_tokens: float 
         topology = tpu_topology(name)
         layouts = candidate_layouts(topology.chips, cfg.n_head, cfg.n_query_groups)
         rows = sweep(config, [Setting(m, "", "", batch) for m in layouts], topology.devices(), log=log,
-                     train_tokens=train_tokens)
+                     train_tokens=train_tokens, chip_hour_price=chip_hour_price)
         fitting = [r for r in rows if "error" not in r]
         best = min(fitting, key=_cost) if fitting else {"error": "no layout fits: " + "; ".join(
             f"{r['setting']}: {r['error'][:80]}" for r in rows)}

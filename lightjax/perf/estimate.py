@@ -63,17 +63,20 @@ def step_range(work: float, model: float, peak: float, practice: Practice | None
 
 
 def prices(tokens_per_step: int, chips: int, step_s: tuple[float, float], practice: Practice | None,
-           spot: bool = False, train_tokens: float = 0.0) -> dict[str, Any]:
+           train_tokens: float = 0.0, chip_hour_price: float | None = None) -> dict[str, Any]:
     """Tokens/s per chip, $ per million tokens and days to train `train_tokens`, each as a (best, worst)
-    range over the step range; no price where the chip has none (or no Spot price with `spot`)."""
+    range over the step range. Priced at `chip_hour_price` when given (a Spot, committed-use or other
+    region's rate), else at the chip's on-demand list price; no price where the chip has none."""
     per_chip = tuple(tokens_per_step / s / chips for s in step_s)
     out: dict[str, Any] = {"tokens_per_s_per_chip": per_chip}
     if train_tokens:
         out["days"] = tuple(train_tokens / (t * chips) / 86400 for t in per_chip)
-    rate = None if practice is None else (practice.spot if spot else practice.on_demand)
-    if rate is not None:
-        out["usd_per_million_tokens"] = tuple(rate / 3600 / t * 1e6 for t in per_chip)
-        out["price"] = f"${rate:.2f}/chip-hour {'Spot' if spot else 'on-demand'} ({practice.price_source})"
-    elif practice is not None and spot and practice.on_demand is not None:
-        out["price"] = "no Spot price recorded for this chip"
+    if chip_hour_price is not None:
+        rate, basis = chip_hour_price, "given with --chip_hour_price"
+    elif practice is not None and practice.on_demand is not None:
+        rate, basis = practice.on_demand, f"on-demand, {practice.price_source}"
+    else:
+        return out
+    out["usd_per_million_tokens"] = tuple(rate / 3600 / t * 1e6 for t in per_chip)
+    out["price"] = f"${rate:.2f}/chip-hour ({basis})"
     return out

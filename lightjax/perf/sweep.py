@@ -109,7 +109,7 @@ def _first_line(e: Exception) -> str:
 
 
 def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps: int = 0,
-                train_tokens: float = 0.0) -> dict[str, Any]:
+                train_tokens: float = 0.0, chip_hour_price: float | None = None) -> dict[str, Any]:
     """One row of a sweep (see the module docstring)."""
     c = _configure(config, setting)
     seq = c.data.seq_len
@@ -147,13 +147,14 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     row.update(flop_counts(run.model.config, seq, batch * seq / len(devices), c.train.remat, run.model.attention,
                            compiled_flops(compiled), setting.mesh[2] > 1))
     row["collectives"] = sent
-    row.update(_estimate(row, c, device, chip, train_tokens))
+    row.update(_estimate(row, c, device, chip, train_tokens, chip_hour_price))
     if measure_steps:  # real devices only: compile-only ones cannot run
         row.update(_measure(run, compiled, c, measure_steps, row["model_flops_per_device"], row["peak_flops"]))
     return row
 
 
-def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any, train_tokens: float) -> dict[str, Any]:
+def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any, train_tokens: float,
+              chip_hour_price: float | None) -> dict[str, Any]:
     """The step-time range, its MFU range and its prices (perf/estimate.py)."""
     peak, source = peak_flops_per_device(config.train.peak_flops, device=device)
     practice = practice_for(chip.name if chip else None, device.platform)
@@ -164,7 +165,7 @@ def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any, train_to
     est = step_range(row["work_flops_per_device"], row["model_flops_per_device"], peak, practice, ici_bytes, link,
                      dcn_bytes)
     tokens = row["global_batch_size"] * config.data.seq_len
-    costs = prices(tokens, row["devices"], est["step_s"], practice, train_tokens=train_tokens)
+    costs = prices(tokens, row["devices"], est["step_s"], practice, train_tokens, chip_hour_price)
     return {"peak_flops": peak, "peak_source": source, "interconnect": link, "dcn_bytes": dcn_bytes,
             **{f"estimated_{k}": v for k, v in est.items()}, **costs}
 
@@ -185,10 +186,10 @@ def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: floa
 
 
 def sweep(config: Any, all_settings: list[Setting], devices: list[Any], measure_steps: int = 0,
-          log: Any = None, train_tokens: float = 0.0) -> list[dict[str, Any]]:
+          log: Any = None, train_tokens: float = 0.0, chip_hour_price: float | None = None) -> list[dict[str, Any]]:
     rows = []
     for s in all_settings:
-        rows.append(run_setting(config, s, devices, measure_steps, train_tokens))
+        rows.append(run_setting(config, s, devices, measure_steps, train_tokens, chip_hour_price))
         if log:
             log(format_row(rows[-1]))
     return rows
