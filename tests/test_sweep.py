@@ -31,6 +31,7 @@ def test_sweep_on_local_devices_measures_beside_the_estimate(tmp_path):
         assert r["total_bytes"] > 0 and 0 < fast <= slow and r["measured_step_s"] > 0
         assert r["xla_flops_per_device"] > 0 and 0 < r["estimated_mfu"][0] <= r["estimated_mfu"][1] <= 0.75
     assert good[0]["collectives"]["all-reduce"]["bytes"] > 0 and good[1]["collectives"]["all-gather"]["bytes"] > 0
+    assert f"(MFU {100 * good[0]['measured_mfu']:.1f}%)" in format_row(good[0])  # the calibration point
     assert "has 3 positions but jax.device_count() is 8" in bad["error"]
     table = markdown(rows)
     assert table.count("\n") == 5 and "failed: config.mesh" in table
@@ -51,7 +52,7 @@ def test_a_layout_over_the_chips_memory_does_not_fit_and_the_sweep_goes_on():
     c.model.vocab_size = 32000  # logits of 65,536 sequences: far over a v5e chip's 16 GB
     rows = sweep(c, settings("1,4,1", batches="65536,8"), tpu_topology("v5e:2x2").devices())
     assert rows[0]["fits"] is False and "RESOURCE_EXHAUSTED" in rows[0]["error"] and "exceeds" in rows[0]["error"]
-    assert rows[1]["fits"] is True and rows[1]["hbm_bytes"] == 16e9 and "measured_step_s" not in rows[1]
+    assert rows[1]["fits"] is True and rows[1]["hbm_bytes"] == 15.75 * 2**30 and "measured_step_s" not in rows[1]
 
 
 def test_shard_sweep_script(tmp_path):

@@ -4,14 +4,17 @@ A setting is a mesh shape (data, fsdp, tensor), a rule set, a remat policy and a
 each, the real train step is compiled with abstract inputs for the given devices (local ones, or a
 TPU slice's compile-only devices from `hardware.tpu_topology`), and one row records:
 
-- memory per device from the compiled program (arguments, outputs, temporaries) against the chip's
-  HBM; a setting the compiler refuses for lack of memory is a row that does not fit, with its message;
-- model FLOPs and XLA's FLOPs per device (loop-corrected, hlo.compiled_flops);
-- collectives per step by kind, count and bytes (hlo.collectives, from the partitioned program);
-- an estimated step time from a stated roofline: XLA's FLOPs (at least the model's) at the chip's bf16
-  peak, plus each collective's bytes over the chip's interconnect (all-reduce twice: reduce-scatter
-  then all-gather), no overlap; and the MFU that time predicts;
-- on local devices, the measured step time and MFU beside the estimate.
+- memory per device from the compiled program (arguments, outputs beyond the donated arguments,
+  temporaries) beside the HBM the TPU compiler allows a program (usable_hbm). Whether it fits is the
+  compiler's verdict alone: a setting it refuses for lack of memory is a row that does not fit, with its
+  message, and one it compiles fits;
+- FLOPs per device three ways (model, the compiled step's analytic work, XLA's count), flagged where
+  XLA's count is off the work (perf/estimate.py);
+- collectives per step by kind, count and bytes (hlo.collectives, from the partitioned program), those
+  whose device groups span slices counted apart as data-center-network bytes;
+- the estimated step time as a range, its MFU range, tokens/s per chip and the price per million tokens
+  (perf/estimate.py, perf/costs.py);
+- on local devices, the measured step time and its MFU beside the estimate: a calibration point.
 
 A setting that fails validation or compilation is a row with its reason; the sweep goes on.
 """
@@ -22,11 +25,13 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
 import statistics
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lightjax.model.gpt import REMAT_POLICIES
@@ -100,6 +105,28 @@ def _configure(config: Any, setting: Setting) -> Any:
     return c
 
 
+_USABLE_HBM = re.compile(r"available HBM \(([\d.]+)G\)")
+_usable: dict[str, float | None] = {}
+
+
+def usable_hbm(device: Any) -> float | None:
+    """The HBM (bytes) the TPU compiler lets one program use on this device's chip, as the compiler itself
+    states it when it refuses a program larger than any chip (15.75 GiB of a v5e's 16 GiB); None off TPUs."""
+    if device.platform != "tpu":
+        return None
+    if device.device_kind not in _usable:
+        too_big = jax.ShapeDtypeStruct((2**38,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+        try:
+            jax.jit(lambda x: x + 1).lower(too_big).compile()
+            found = None
+        except Exception as e:  # noqa: BLE001 (the refusal is the answer)
+            match = _USABLE_HBM.search(str(e))
+            found = float(match.group(1)) * 2**30 if match else None
+        chip = chip_for(device.device_kind)
+        _usable[device.device_kind] = found or (chip.hbm_bytes if chip else None)
+    return _usable[device.device_kind]
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     for line in text.splitlines():
@@ -120,8 +147,7 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
         "remat": remat, "global_batch_size": batch}
     device = devices[0]
     chip = chip_for(device.device_kind)
-    row.update(device_kind=device.device_kind, devices=len(devices),
-               hbm_bytes=chip.hbm_bytes if chip and device.platform == "tpu" else None)
+    row.update(device_kind=device.device_kind, devices=len(devices), hbm_bytes=usable_hbm(device))
     try:
         run = build_run(c, devices)
         state = run.abstract_state
@@ -231,7 +257,8 @@ def format_row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['setting']}: {'does not fit' if r.get('fits') is False else 'failed'}: {r['error']}"
     sent = sum(v["bytes"] for v in r["collectives"].values())
-    measured = f", measured {_ms(r['measured_step_s'])} ms" if "measured_step_s" in r else ""
+    measured = (f", measured {_ms(r['measured_step_s'])} ms (MFU {100 * r['measured_mfu']:.1f}%)"
+                if "measured_step_s" in r else "")
     cost = f", {cost_text(r)} per 1M tokens" if cost_text(r) else ""
     flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
     step_ms, mfu = span([1e3 * x for x in r["estimated_step_s"]]), span([100 * x for x in r["estimated_mfu"]])
@@ -245,8 +272,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """A table of the rows: memory per device (the compiler's verdict on fitting), FLOPs three ways,
     collectives, the estimated step-time and MFU ranges (and the measured step), tokens/s per chip and
     the price per million tokens."""
-    head = ("| setting | attention | per device (args + out + temp) | HBM | fits | TFLOPs/device: model / work / XLA "
-            "| all-gather / reduce-scatter / all-reduce GB | est. step ms | est. MFU | measured ms | tok/s/chip "
+    head = ("| setting | attention | per device (args + out + temp) | HBM allowed | fits | TFLOPs/device: model / work / XLA "
+            "| all-gather / reduce-scatter / all-reduce GB | est. step ms | est. MFU | measured ms (MFU) | tok/s/chip "
             "| $ per 1M tokens |\n" + "|---" * 12 + "|")
     lines = [head]
     for r in rows:
@@ -258,7 +285,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         col = r["collectives"]
         gb = " / ".join(f"{col[k]['bytes'] / 1e9:.3f}" for k in ("all-gather", "reduce-scatter", "all-reduce"))
         fit = "" if r["fits"] is None else ("yes" if r["fits"] else "no")
-        measured = _ms(r["measured_step_s"]) if "measured_step_s" in r else ""
+        measured = (f"{_ms(r['measured_step_s'])} ({100 * r['measured_mfu']:.1f}%)" if "measured_step_s" in r
+                    else "")
         parts = " + ".join(gib(r[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes"))
         lines.append(f"| {r['setting']} | {r['attention']} | {gib(r['total_bytes'])} ({parts}) | "
                      f"{gib(r['hbm_bytes'])} | {fit} | {_flops(r)} | {gb} | "
@@ -284,13 +312,15 @@ def plot(rows: list[dict[str, Any]], out: Any) -> list[Any]:
     files = []
     fig, ax = plt.subplots(figsize=(max(6, len(done) * 1.2), 4), dpi=110)
     bottom = np.zeros(len(done))
-    for key, name in (("argument_bytes", "arguments"), ("output_bytes", "outputs"), ("temp_bytes", "temporaries")):
-        values = np.array([r[key] / 2**30 for r in done])
+    parts = {"arguments": lambda r: r["argument_bytes"], "temporaries": lambda r: r["temp_bytes"],
+             "outputs (beyond donated arguments)": lambda r: r["total_bytes"] - r["argument_bytes"] - r["temp_bytes"]}
+    for name, part in parts.items():
+        values = np.array([part(r) / 2**30 for r in done])
         ax.bar(x, values, bottom=bottom, label=name)
         bottom += values
     hbm = [r["hbm_bytes"] for r in done if r["hbm_bytes"]]
     if hbm:
-        ax.axhline(hbm[0] / 2**30, color="red", linestyle="--", label="HBM per chip")
+        ax.axhline(hbm[0] / 2**30, color="red", linestyle="--", label="HBM the compiler allows")
     ax.set_ylabel("GiB per device")
     files.append(_save(fig, ax, x, labels, out / "memory.png"))
     fig, ax = plt.subplots(figsize=(max(6, len(done) * 1.2), 4), dpi=110)
