@@ -55,6 +55,8 @@ def main(argv):
     from lightjax.perf.sweep import failed, markdown, plot, settings, sweep
     from lightjax.runtime.files import check_output_dir, output_dir
 
+    if _PRICE.value is not None and _PRICE.value <= 0:
+        sys.exit(f"shard_sweep: --chip_hour_price={_PRICE.value} must be a positive $ per chip-hour, e.g. 0.48.")
     if _COMPARE.value:
         return _compare()
     try:

@@ -155,6 +155,7 @@ SWEEP = {
     "a layout that does not use the devices": (["--layouts=4,4,1"], "4,4,1 does not use the 8 devices"),
     "a negative batch": (["--layouts=8,1,1", "--batch=-8"], "must be positive (got -8)"),
     "an unknown remat policy": (["--layouts=8,1,1", "--remat=fulll"], "'fulll' is not one of"),
+    "a price that is not one": (["--layouts=8,1,1", "--chip_hour_price=-1"], "=-1.0 must be a positive"),
 }
 
 

@@ -272,8 +272,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """A table of the rows: memory per device (the compiler's verdict on fitting), FLOPs three ways,
     collectives, the estimated step-time and MFU ranges (and the measured step), tokens/s per chip and
     the price per million tokens."""
-    head = ("| setting | attention | per device (args + out + temp) | HBM allowed | fits | TFLOPs/device: model / work / XLA "
-            "| all-gather / reduce-scatter / all-reduce GB | est. step ms | est. MFU | measured ms (MFU) | tok/s/chip "
+    head = ("| setting | attention | per device (args + out + temp) | HBM allowed | fits "
+            "| TFLOPs/device: model / work / XLA | all-gather / reduce-scatter / all-reduce GB | est. step ms "
+            "| est. MFU | measured ms (MFU) | tok/s/chip "
             "| $ per 1M tokens |\n" + "|---" * 12 + "|")
     lines = [head]
     for r in rows:
