@@ -87,6 +87,27 @@ def test_loop_matmuls_are_counted_per_iteration():
     assert loop_corrected_flops(no_loop, 1000.0) == 1000.0  # unknown trip count: left as XLA counted it
 
 
+def test_a_custom_call_whose_attributes_span_lines_does_not_end_its_computation():
+    # A Pallas kernel's custom call writes its backend attributes over several lines, one starting "}}";
+    # the loop body's matmul after it is still the body's.
+    spanning = TPU_LOOP.replace("  %convolution.1 =", '  %kernel = f32[4] custom-call(%a), custom_call_target="k", '
+                                'frontend_attributes={kernel_metadata={"a":\n"b"\n}}, metadata={op_name="k"}\n'
+                                "  %convolution.1 =")
+    assert loop_corrected_flops(spanning, 1000.0) == loop_corrected_flops(TPU_LOOP, 1000.0)
+
+
+def test_attention_as_a_convolution_over_a_dilated_input_is_counted():
+    # How a TPU program writes q k^T for 2 rows and 8 heads of 256 tokens and head size 8: rows and heads
+    # as spatial dimensions of an input dilated so that each output reads one row and one head.
+    conv = TPU_LOOP.replace(
+        "%convolution.1 = f32[4,16]{1,0:T(8,128)} convolution(%a, %b), dim_labels=bf_io->bf",
+        "%q = bf16[2,256,8,8]{1,3,2,0:T(8,128)(2,1)} parameter(1)\n"
+        "  %k = bf16[2,256,8,8]{1,3,2,0:T(8,128)(2,1)} parameter(2)\n"
+        "  %convolution.1 = f32[2,8,256,256]{2,3,1,0:T(8,128)} convolution(%q, %k), window={size=2x8 stride=1x7 "
+        "lhs_dilate=2x8}, dim_labels=0b1f_0o1i->01bf")
+    assert loop_corrected_flops(conv, 0.0) == 4 * 2 * 2 * 8 * 256 * 256 * 8  # 4 iterations beyond XLA's one
+
+
 def _flops_ratios(scan_layers):
     c = tiny_run_config(scan_layers=scan_layers)
     c.model.n_layer = 6

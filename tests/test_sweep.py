@@ -73,14 +73,23 @@ def test_shard_sweep_script(tmp_path):
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("shard_sweep: --layouts='8,1'")
 
 
+@pytest.mark.parametrize("where", ["cpu", "v5e:2x2"])
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_the_analytic_work_and_xla_agree_on_a_scanned_stack(remat):
+def test_the_analytic_work_and_xla_agree_on_a_scanned_stack(remat, where):
     """A scanned stack of 6 layers of known matmuls, rematerialised or not: the row's analytic count of the
     compiled work and XLA's agree within 10% (with remat full the work is 1.2x the model's: ignoring the
-    recompute would miss by that much)."""
+    recompute would miss by that much), on this CPU and compiled for a TPU slice with tensor parallelism
+    (whose program writes attention's matmuls as convolutions over dilated inputs)."""
     c = tiny_run_config(scan_layers=True, remat=remat)
     c.model.n_layer = 6
-    (row,) = sweep(c, settings("1,1,1"), jax.devices()[:1])
+    if where == "cpu":
+        (row,) = sweep(c, settings("1,1,1"), jax.devices()[:1])
+    else:
+        from lightjax.runtime.hardware import tpu_topology
+
+        _require_libtpu()
+        c.data.seq_len, c.model.block_size, c.train.attention = 256, 256, "xla"  # attention: 40% of the work
+        (row,) = sweep(c, settings("1,2,2", batches="8"), tpu_topology(where).devices())
     assert abs(row["xla_flops_per_device"] / row["work_flops_per_device"] - 1) < 0.10, row
     assert not row["flops_flag"]
     if remat == "full":

@@ -171,7 +171,7 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     slices = [getattr(d, "slice_index", 0) for d in run.mesh.devices.flat]  # partition ids follow the mesh
     sent = collectives(text, slices if len(set(slices)) > 1 else None)
     row.update(flop_counts(run.model.config, seq, batch * seq / len(devices), c.train.remat, run.model.attention,
-                           compiled_flops(compiled), setting.mesh[2] > 1))
+                           compiled_flops(compiled)))
     row["collectives"] = sent
     row.update(_estimate(row, c, device, chip, train_tokens, chip_hour_price))
     if measure_steps:  # real devices only: compile-only ones cannot run

@@ -39,7 +39,7 @@ def computations(text: str) -> tuple[dict[str, list[str]], str]:
             comps[current] = []
             if line.startswith("ENTRY"):
                 entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # not "}}, metadata=...": a custom call's attributes can span lines
             current = None
         elif current is not None:
             comps[current].append(line)
@@ -57,9 +57,11 @@ def _dot_flops(result: list[int], lhs: list[int], rest: str) -> float:
     return 2.0 * math.prod(result) * k
 
 
-def _valid_taps(size: int, window: int, pad_low: int, stride: int, out: int) -> int:
-    """(output position, kernel position) pairs of one spatial dimension that read real input, not padding."""
-    return sum(1 for o in range(out) for j in range(window) if 0 <= o * stride + j - pad_low < size)
+def _valid_taps(size: int, window: int, pad_low: int, stride: int, out: int, dilate: int = 1) -> int:
+    """(output position, kernel position) pairs of one spatial dimension that read real input, not padding
+    nor the holes of an input dilated by `dilate`."""
+    return sum(1 for o in range(out) for j in range(window)
+               if 0 <= (x := o * stride + j - pad_low) <= (size - 1) * dilate and x % dilate == 0)
 
 
 def _conv_flops(result: list[int], lhs: list[int], rhs: list[int], rest: str) -> float:
@@ -75,13 +77,15 @@ def _conv_flops(result: list[int], lhs: list[int], rhs: list[int], rest: str) ->
     sizes = [int(x) for x in fields["size"].split("x")] if "size" in fields else []
     pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * len(sizes)
     strides = [int(x) for x in fields["stride"].split("x")] if "stride" in fields else [1] * len(sizes)
-    if "lhs_dilate" in fields or "rhs_dilate" in fields:
-        return 0.0  # not produced for matmuls; left uncorrected rather than guessed
+    # TPU programs write attention's batched matmuls as convolutions over a dilated input ("base dilated")
+    dilations = [int(x) for x in fields["lhs_dilate"].split("x")] if "lhs_dilate" in fields else [1] * len(sizes)
+    if "rhs_dilate" in fields:
+        return 0.0  # not seen in a train step; left uncorrected rather than guessed
     macs = result[out_l.index("b")] * result[out_l.index("f")]
     macs *= rhs[rhs_l.index("i")]
-    for d, (k, pad, stride) in enumerate(zip(sizes, pads, strides, strict=True)):
+    for d, (k, pad, stride, dilate) in enumerate(zip(sizes, pads, strides, dilations, strict=True)):
         label = str(d)
-        macs *= _valid_taps(lhs[lhs_l.index(label)], k, pad, stride, result[out_l.index(label)])
+        macs *= _valid_taps(lhs[lhs_l.index(label)], k, pad, stride, result[out_l.index(label)], dilate)
     groups = re.search(r"feature_group_count=(\d+)", rest)
     return 2.0 * macs / (int(groups.group(1)) if groups else 1)
 
