@@ -64,7 +64,8 @@ def test_sharding_notebook_runs(tmp_path):
     assert text.count("| 8x1x1 default") == 1 and text.count("| 1x4x2 default") == 1  # the table
     assert len(images) == 2  # memory and step time
     for layout in ("4x1x1", "1x4x1", "1x2x2"):  # compiled for the TPU slice
-        assert re.search(layout + r" default remat=none batch=16 attention=\w+: [\d.]+ (MiB|GiB)/device fits", text)
+        assert re.search(layout + r" default remat=none batch=16 attention=\w+: [\d.]+ (MiB|GiB)/device peak fits",
+                         text)
     for chip in ("v5e:2x2", "v6e:2x2"):  # the comparison: the cheapest layout that fits, priced
         assert re.search(chip + r" \(4 chips\): .*, [\d.]+ MiB/chip, .* ms/step, MFU .* per 1M tokens, .* days", text)
     # Two v5e:2x2 slices: the gradient all-reduce crosses the data-center network.

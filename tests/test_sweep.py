@@ -53,6 +53,7 @@ def test_a_layout_over_the_chips_memory_does_not_fit_and_the_sweep_goes_on():
     rows = sweep(c, settings("1,4,1", batches="65536,8"), tpu_topology("v5e:2x2").devices())
     assert rows[0]["fits"] is False and "RESOURCE_EXHAUSTED" in rows[0]["error"] and "exceeds" in rows[0]["error"]
     assert rows[1]["fits"] is True and rows[1]["hbm_bytes"] == 15.75 * 2**30 and "measured_step_s" not in rows[1]
+    assert rows[1]["total_bytes"] > rows[1]["argument_bytes"] > 0  # the compiled program's peak
 
 
 def test_shard_sweep_script(tmp_path):

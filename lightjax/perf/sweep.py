@@ -4,8 +4,8 @@ A setting is a mesh shape (data, fsdp, tensor), a rule set, a remat policy and a
 each, the real train step is compiled with abstract inputs for the given devices (local ones, or a
 TPU slice's compile-only devices from `hardware.tpu_topology`), and one row records:
 
-- memory per device from the compiled program (arguments, outputs beyond the donated arguments,
-  temporaries) beside the HBM the TPU compiler allows a program (usable_hbm). Whether it fits is the
+- memory per device from the compiled program: its peak, and its arguments, outputs and temporaries
+  (not all live at once), beside the HBM the TPU compiler allows a program (usable_hbm). Whether it fits is the
   compiler's verdict alone: a setting it refuses for lack of memory is a row that does not fit, with its
   message, and one it compiles fits;
 - FLOPs per device three ways (model, the compiled step's analytic work, XLA's count), flagged where
@@ -162,11 +162,14 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
         row.update(fits=False if "RESOURCE_EXHAUSTED" in str(e) else None, error=_first_line(e))
         return row
     memory = compiled.memory_analysis()
-    used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
+    buffers = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes
+    # The peak is what the TPU compiler holds against its HBM: not every temporary is live at once, so it can be
+    # well below the buffers' sum (a program whose buffers add up to 126 GiB peaks under a v5p's 95.74).
+    peak = getattr(memory, "peak_memory_in_bytes", 0) or buffers
     # Fits: the compiler's verdict for a TPU (it refuses a program over its usable HBM); unknown elsewhere.
     row.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-               temp_bytes=memory.temp_size_in_bytes, total_bytes=used,
+               temp_bytes=memory.temp_size_in_bytes, buffer_bytes=buffers, total_bytes=peak,
                fits=True if device.platform == "tpu" else None, attention=run.model.attention)
     slices = [getattr(d, "slice_index", 0) for d in run.mesh.devices.flat]  # partition ids follow the mesh
     sent = collectives(text, slices if len(set(slices)) > 1 else None)
@@ -262,7 +265,7 @@ def format_row(r: dict[str, Any]) -> str:
     cost = f", {cost_text(r)} per 1M tokens" if cost_text(r) else ""
     flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
     step_ms, mfu = span([1e3 * x for x in r["estimated_step_s"]]), span([100 * x for x in r["estimated_mfu"]])
-    return (f"{r['setting']} attention={r['attention']}: {gib(r['total_bytes'])}/device"
+    return (f"{r['setting']} attention={r['attention']}: {gib(r['total_bytes'])}/device peak"
             f"{' fits (compiled)' if r['fits'] else ''}, TFLOPs/device model / work / XLA {_flops(r)}{flag}, "
             f"collectives {sent / 1e9:.3f} GB/step{_dcn(r)}, estimated {step_ms} ms{measured}, MFU {mfu}%, "
             f"{span(r['tokens_per_s_per_chip'], '{:,.0f}')} tok/s/chip{cost}, compile {r['compile_s']:.1f} s")
@@ -272,7 +275,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """A table of the rows: memory per device (the compiler's verdict on fitting), FLOPs three ways,
     collectives, the estimated step-time and MFU ranges (and the measured step), tokens/s per chip and
     the price per million tokens."""
-    head = ("| setting | attention | per device (args + out + temp) | HBM allowed | fits "
+    head = ("| setting | attention | peak per device (args + out + temp) | HBM allowed | fits "
             "| TFLOPs/device: model / work / XLA | all-gather / reduce-scatter / all-reduce GB | est. step ms "
             "| est. MFU | measured ms (MFU) | tok/s/chip "
             "| $ per 1M tokens |\n" + "|---" * 12 + "|")
@@ -314,11 +317,14 @@ def plot(rows: list[dict[str, Any]], out: Any) -> list[Any]:
     fig, ax = plt.subplots(figsize=(max(6, len(done) * 1.2), 4), dpi=110)
     bottom = np.zeros(len(done))
     parts = {"arguments": lambda r: r["argument_bytes"], "temporaries": lambda r: r["temp_bytes"],
-             "outputs (beyond donated arguments)": lambda r: r["total_bytes"] - r["argument_bytes"] - r["temp_bytes"]}
+             "outputs (beyond donated arguments)": lambda r: r.get("buffer_bytes", r["total_bytes"])
+             - r["argument_bytes"] - r["temp_bytes"]}
     for name, part in parts.items():
         values = np.array([part(r) / 2**30 for r in done])
         ax.bar(x, values, bottom=bottom, label=name)
         bottom += values
+    ax.scatter(x, [r["total_bytes"] / 2**30 for r in done], marker="_", s=600, color="black", zorder=3,
+               label="peak (what must fit)")
     hbm = [r["hbm_bytes"] for r in done if r["hbm_bytes"]]
     if hbm:
         ax.axhline(hbm[0] / 2**30, color="red", linestyle="--", label="HBM the compiler allows")
