@@ -247,3 +247,14 @@ def test_placed_batches_come_in_order_and_pass_errors_on():
     next(endless)
     endless.close()
     assert not endless._thread.is_alive()
+
+
+def test_a_multi_slice_mesh_may_split_a_slice_s_physical_axes():
+    """fsdp=8 inside each 4x4 v5e slice of 2 x v5e-16 (data=4: two rows per slice) spans parts of two rings."""
+    from lightjax.runtime.hardware import tpu_topology
+    from tests.test_hardware import _require_libtpu
+
+    _require_libtpu()
+    mesh = make_mesh({"data": 4, "fsdp": 8, "tensor": 1}, tpu_topology("2xv5e-16").devices())
+    slices = [{d.slice_index for d in row.flat} for row in mesh.devices]
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 8, "tensor": 1} and slices == [{0}, {0}, {1}, {1}]

@@ -120,7 +120,7 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     `jax.make_mesh` orders the devices for the physical topology (TPU ICI rings, NVLink islands). It
     refuses a mesh axis that is not a product of whole physical axes (8 on a 4x4 v6e slice) except on
     v5e; such a layout is still valid, with one axis spanning parts of two rings, so it is built with
-    the physical axes split rather than refused.
+    the physical axes split rather than refused (inside each slice of a multi-slice mesh too).
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_cfg, len(devices))
@@ -131,7 +131,8 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
         if shape[0] % slices:
             raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {slices} slices the devices "
                              "come in: the data axis is the one that spans them (over the data-center network).")
-        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
