@@ -37,6 +37,9 @@ def _resumes_from_6(saved_run, tmp_path, capsys, uninterrupted):
     return out
 
 
+# When the corrupted array's read raises, Orbax leaves its other reads' coroutines un-awaited; Python
+# reports each as it is collected, how many depending on timing: Orbax's, and expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_flipped_bits_in_array_data_fall_back(saved_run, tmp_path, capsys, uninterrupted):
     state = saved_run / "checkpoints" / "12" / "state"
     biggest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
