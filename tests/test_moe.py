@@ -2,6 +2,8 @@
 the dense one (every expert over every token): the same logits and gradients, on one device and on a
 mesh."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +15,10 @@ from lightjax.runtime.sharding import RULE_SETS, logical_to_sharding, make_mesh,
 from tests.helpers import tiny_preset
 
 
-def _mixtral(**overrides):
-    cfg = tiny_preset("Mixtral-8x7B-v0.1", **overrides)
-    params = nn.unbox(GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+@functools.cache
+def _mixtral():
+    cfg = tiny_preset("Mixtral-8x7B-v0.1")
+    params = nn.unbox(jax.jit(GPT(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     return cfg, params
 
 
@@ -31,9 +34,10 @@ def test_grouped_experts_equal_dense(shape):
     assert cfg.moe_dispatch == "grouped"
     dense = cfg.replace(moe_dispatch="dense")
     tokens = jax.random.randint(jax.random.PRNGKey(sum(shape)), shape, 0, cfg.vocab_size)
-    got, want = (GPT(c).apply({"params": params}, tokens) for c in (cfg, dense))
+    # jitted: run op by op, the grouped dispatch's scan takes several times longer than compiling it
+    got, want = (jax.jit(lambda p, t, c=c: GPT(c).apply({"params": p}, t))(params, tokens) for c in (cfg, dense))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    got_grads, want_grads = (jax.grad(_loss, argnums=1)(c, params, tokens) for c in (cfg, dense))
+    got_grads, want_grads = (jax.jit(jax.grad(lambda p, t, c=c: _loss(c, p, t)))(params, tokens) for c in (cfg, dense))
     for path, g, w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(got_grads),
                           jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), err_msg=str(path[0]))
@@ -59,7 +63,7 @@ def test_grouped_experts_on_a_mesh_equal_one_device():
     boxed = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     sharded = jax.device_put(params, logical_to_sharding(boxed, mesh, rules))
     tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 16), 0, cfg.vocab_size)
-    want_loss, want_grads = jax.value_and_grad(_loss, argnums=1)(cfg, params, tokens)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(cfg, params, tokens)
     with with_mesh(mesh, rules):
         got_loss, got_grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(cfg, sharded, tokens)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
