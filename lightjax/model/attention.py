@@ -91,7 +91,7 @@ def resolve_attention(kernel: str, cfg: ModelConfig, dtype: Any, backend: str | 
     if kernel != "auto":
         return kernel, "as configured" + (f"; blocks of {block_size(seq_len)} tokens" if kernel == "splash" and
                                           seq_len else "")
-    if backend == "tpu" and not _splash_problem(backend, seq_len) and dtype != jnp.float64:
+    if not _splash_problem(backend, seq_len) and dtype != jnp.float64:
         return "splash", "auto on tpu" + (f"; blocks of {block_size(seq_len)} tokens" if seq_len else "")
     if backend == "cpu" or softcap or dtype == jnp.float64:
         reason = "CPU" if backend == "cpu" else ("score soft-capping" if softcap else "float64")

@@ -7,9 +7,8 @@ FLOPs per device and step:
   policy recomputes (model/flops.py work_flops_per_token);
 - XLA: the compiler's own count, loop-corrected (runtime/hlo.py). It is shown, not used: it cannot see
   inside a custom call (the splash kernel's attention), and a count read from a program's text misses
-  whatever form that text takes next (TPU programs write attention's batched matmuls as convolutions over
-  a dilated input, which it once left out of every layer but the first). A row whose XLA count differs
-  from the work by more than 15% is flagged.
+  any matmul form the reader does not know. A row whose XLA count differs from the work by more than 15%
+  is flagged.
 
 The step time is a range, not a point: the work at the chip's published MFU range (perf/costs.py: the
 best published runs, which absorb their own recompute, so the range is conservative), and the

@@ -165,17 +165,16 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     buffers = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes
     # The peak is what the TPU compiler holds against its HBM: not every temporary is live at once, so it can be
-    # well below the buffers' sum (a program whose buffers add up to 126 GiB peaks under a v5p's 95.74).
+    # well below the buffers' sum.
     peak = getattr(memory, "peak_memory_in_bytes", 0) or buffers
     # Fits: the compiler's verdict for a TPU (it refuses a program over its usable HBM); unknown elsewhere.
     row.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                temp_bytes=memory.temp_size_in_bytes, buffer_bytes=buffers, total_bytes=peak,
                fits=True if device.platform == "tpu" else None, attention=run.model.attention)
     slices = [getattr(d, "slice_index", 0) for d in run.mesh.devices.flat]  # partition ids follow the mesh
-    sent = collectives(text, slices if len(set(slices)) > 1 else None)
     row.update(flop_counts(run.model.config, seq, batch * seq / len(devices), c.train.remat, run.model.attention,
-                           compiled_flops(compiled)))
-    row["collectives"] = sent
+                           compiled_flops(compiled)),
+               collectives=collectives(text, slices if len(set(slices)) > 1 else None))
     row.update(_estimate(row, c, device, chip, train_tokens, chip_hour_price))
     if measure_steps:  # real devices only: compile-only ones cannot run
         row.update(_measure(run, compiled, c, measure_steps, row["model_flops_per_device"], row["peak_flops"]))
@@ -262,7 +261,7 @@ def format_row(r: dict[str, Any]) -> str:
     sent = sum(v["bytes"] for v in r["collectives"].values())
     measured = (f", measured {_ms(r['measured_step_s'])} ms (MFU {100 * r['measured_mfu']:.1f}%)"
                 if "measured_step_s" in r else "")
-    cost = f", {cost_text(r)} per 1M tokens" if cost_text(r) else ""
+    cost = f", {cost_text(r)} per 1M tokens" if "usd_per_million_tokens" in r else ""
     flag = f" ({r['flops_flag']})" if r["flops_flag"] else ""
     step_ms, mfu = span([1e3 * x for x in r["estimated_step_s"]]), span([100 * x for x in r["estimated_mfu"]])
     return (f"{r['setting']} attention={r['attention']}: {gib(r['total_bytes'])}/device peak"
