@@ -5,11 +5,17 @@
     python scripts/benchmark.py --config configs/baseline.py --config.train.dtype=bfloat16 --json
 
     python scripts/benchmark.py --config configs/baseline.py --data --config.data.local_path=input.txt
+    python scripts/benchmark.py --make_corpus=/tmp/corpus --corpus_mb=92 --corpus_files=100 \
+        --config.data.local_path=input.txt                   # a corpus and a byte-level BPE tokenizer, then:
+    python scripts/benchmark.py --prepare --config.data.source='text:/tmp/corpus/*.txt' \
+        --config.data.tokenizer=hf:/tmp/corpus/bpe            # tokenizing it ahead of training, four ways
     python scripts/benchmark.py --config configs/baseline.py --generate=1,8
     python scripts/benchmark.py --config configs/baseline.py --vs_torch   # the same step in PyTorch beside it
 
 Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
-data pipeline's tokens/s with 0 and 2 worker processes instead; --generate=1,8 decoding tokens/s;
+data pipeline's tokens/s with 0 and 2 worker processes instead; --prepare the tokens/s of preparing
+the data (scripts/prepare_data.py) on one core, on every core, and as one process per core, beside a
+plain one-core loop of the tokenizer (lightjax/perf/prepare_bench.py); --generate=1,8 decoding tokens/s;
 --profile prints where the step's time goes;
 --vs_torch alternates this benchmark with the same architecture and batch trained in PyTorch
 (`transformers`' implementation, torch's AdamW and clipping), each in its own process, and prints both
@@ -17,6 +23,7 @@ medians and the ratio.
 """
 
 import json
+import os
 import sys
 
 from absl import flags
@@ -31,6 +38,16 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per setting inst
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "CPU devices (sets XLA_FLAGS); 0: one per core where the "
                                      "run can train data-parallel over them (lightjax.runtime.cli.host_devices).")
 _DATA = flags.DEFINE_bool("data", False, "Benchmark the data pipeline instead (0 and 2 workers).")
+_PREPARE = flags.DEFINE_bool("prepare", False, "Benchmark preparing the data (tokenizing the training split) "
+                             "instead: a plain loop, and scripts/prepare_data.py on 1 core, all cores, "
+                             "1 process per core.")
+_PREPARE_WAYS = flags.DEFINE_list("prepare_ways", ["loop", "one", "workers", "processes"],
+                                  "--prepare: which ways to run.")
+_MAKE_CORPUS = flags.DEFINE_string("make_corpus", "", "Write a corpus of .txt files drawn from the config's "
+                                   "training text, and a byte-level BPE tokenizer for it (DIR/bpe), into this folder.")
+_CORPUS_MB = flags.DEFINE_float("corpus_mb", 92, "--make_corpus: its size in MB.")
+_CORPUS_FILES = flags.DEFINE_integer("corpus_files", 100, "--make_corpus: how many files.")
+_BPE_VOCAB = flags.DEFINE_integer("bpe_vocab", 8192, "--make_corpus: the BPE tokenizer's vocabulary.")
 _CHECKPOINT = flags.DEFINE_bool("checkpoint", False, "Measure how long saves block the loop, and step time "
                                  "with and without saving every 10 steps.")
 _GENERATE = flags.DEFINE_string("generate", "", "Benchmark decoding instead: batch sizes separated by ',' "
@@ -57,6 +74,9 @@ def main(argv):
         batches = _generate_batches() if _GENERATE.value else []
         for r in [profile_decode(config, b) for b in batches] or [profile_train_step(config, steps=_STEPS.value)]:
             print(json.dumps(r) if _JSON.value else format_profile(r), flush=True)
+        return
+    if _MAKE_CORPUS.value or _PREPARE.value:
+        _prepare(config)
         return
     if _VS_TORCH.value or _TORCH.value:
         _vs_torch(config)
@@ -104,6 +124,40 @@ def main(argv):
             continue
         print(json.dumps(result) if _JSON.value else format_result(result), flush=True)
     sys.exit(1 if failed else 0)
+
+
+def _prepare(config) -> None:
+    from lightjax.perf import prepare_bench
+
+    if _MAKE_CORPUS.value:
+        from lightjax.data.sources import load_split
+
+        train = load_split(config.data, "train")
+        text = "".join(str(train[i]) for i in range(len(train)))
+        files = prepare_bench.make_corpus(_MAKE_CORPUS.value, text, _CORPUS_MB.value, _CORPUS_FILES.value)
+        bpe = prepare_bench.train_bpe(f"{_MAKE_CORPUS.value}/bpe", files[:4], _BPE_VOCAB.value)
+        print(f"Wrote {len(files)} files ({sum(f.stat().st_size for f in files) / 1e6:,.1f} MB) and {bpe}; prepare "
+              f"them with --config.data.source='text:{_MAKE_CORPUS.value}/*.txt' --config.data.tokenizer=hf:{bpe}")
+        return
+    argv = [a for a in sys.argv[1:] if a.startswith("--config")]
+    ways = {"loop": lambda: prepare_bench.plain_loop(config),
+            "one": lambda: prepare_bench.timed_prepare(argv, 1, 1, "prepare_data.py, 1 process, 1 core"),
+            "workers": lambda: prepare_bench.timed_prepare(argv, 1, cores, f"prepare_data.py, 1 process, {cores} "
+                                                           "worker processes"),
+            "processes": lambda: prepare_bench.timed_prepare(argv, cores, 1, f"prepare_data.py, {cores} processes, "
+                                                             "1 core each")}
+    cores = len(os.sched_getaffinity(0))
+    unknown = [w for w in _PREPARE_WAYS.value if w not in ways]
+    if unknown:
+        sys.exit(f"benchmark: --prepare_ways={','.join(unknown)} is not any of {', '.join(ways)}.")
+    loop = None
+    for way in _PREPARE_WAYS.value:
+        r = ways[way]()
+        r["tokens_per_s"], r["mb_per_s"] = r["tokens"] / r["seconds"], r["bytes"] / r["seconds"] / 1e6
+        loop = loop or (r["tokens_per_s"] if way == "loop" else None)
+        line = prepare_bench.format_prepare_result(r)
+        print(json.dumps(r) if _JSON.value else line + (f" | {r['tokens_per_s'] / loop:.2f}x the plain loop"
+                                                         if loop else ""), flush=True)
 
 
 def _generate_batches() -> list[int]:

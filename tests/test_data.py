@@ -256,12 +256,17 @@ def test_prepare_data_script(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = script_env(root)
     args = [sys.executable, "scripts/prepare_data.py", "--config", "configs/baseline.py",
-            f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path}"]
+            f"--config.data.tokens_dir={tmp_path}/tokens", f"--config.data.local_path={SHAKESPEARE}",
+            f"--config.data.data_dir={tmp_path}"]
     out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert read_meta(tmp_path / "tokens" / "train.tokens")["tokens"] == 1_003_854
     assert re.search(r"train\s+1 documents\s+1,003,854 characters\s+1,003,854 tokens", out.stdout)
     assert re.search(r"validation\s+1 documents\s+55,770 characters\s+55,770 tokens", out.stdout)
     bad = subprocess.run(args[:-2] + ["--config.data.local_path=/missing.txt", f"--config.data.data_dir={tmp_path}/x"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("prepare_data: config.data.local_path='/missing.txt' does")
+    nowhere = subprocess.run(args[:4], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert nowhere.stderr.strip() == ("prepare_data: set --config.data.tokens_dir=DIR, where the token files go (a "
+                                      "local folder, a shared one or gs://); a run with the same setting reads them.")

@@ -40,7 +40,9 @@ def train_dataset(rows: Rows, global_batch: int, seed: int, shard: tuple[int, in
     if global_batch % count:
         raise ValueError(f"config.train.global_batch_size={global_batch} must be divisible by the number of "
                          f"processes ({count}).")
-    ds = grain.MapDataset.source(rows).seed(seed).shuffle().repeat(None)
+    ds = grain.MapDataset.source(rows)
+    if not getattr(rows, "in_training_order", False):  # a mixture's stream is (mixture.py)
+        ds = ds.seed(seed).shuffle().repeat(None)
     # Blocks of B/P rows; global batch s is blocks s*P .. s*P + P-1, and block s*P + p is process p's.
     ds = ds.batch(global_batch // count, drop_remainder=True)
     return ds[start_step * count + index: sys.maxsize: count].to_iter_dataset()

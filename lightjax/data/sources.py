@@ -4,7 +4,11 @@ a `.txt` file a `TextFile`, read a piece at a time (`pieces(doc)` gives any docu
 - `tiny_shakespeare`: our own TFDS builder (ArrayRecord, no TensorFlow) with TFDS's URL, checksum and
   90/5/5 character split; it downloads once, or reads `config.data.local_path` (offline machines).
 - `tfds:NAME`: any TFDS dataset prepared in ArrayRecord format, read with `tfds.data_source`.
-- `text:GLOB`: local `.txt` files (one document each) or `.jsonl` files (a `text` field per line).
+- `text:GLOB`: local `.txt` files (one document each) or `.jsonl` files, plain, `.jsonl.gz` or `.jsonl.zst`
+  (a `text` field per line).
+- `parquet:GLOB`: Parquet files, a `text` column (corpora.py).
+- `hf:PATH`, `hf:NAME[:CONFIG]`: a Hugging Face dataset saved with `save_to_disk`, or from the Hub (or its
+  cache), a `text` column (corpora.py).
 - `json:PATH`, `jsonl:PATH`: instruction records for fine-tuning (records.py, prompts.py); as documents,
   each record's prompt and response as one text.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import io
 import json
 from collections.abc import Iterator, Sequence
@@ -25,17 +30,20 @@ from absl import logging as absl_logging
 from etils import epath
 
 from lightjax.data import tiny_shakespeare
+from lightjax.data.corpora import DocumentRange, HFCorpus, ParquetCorpus, hf_split, load_hf_dataset, parquet_files
 from lightjax.data.prompts import PromptStyle
 from lightjax.data.records import is_instruction_source, load_records
 from lightjax.data.text import TextFile
 
-SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB", "json:PATH", "jsonl:PATH")
+SOURCES = ("tiny_shakespeare", "tfds:NAME", "text:GLOB", "parquet:GLOB", "hf:PATH", "hf:NAME", "json:PATH",
+           "jsonl:PATH")
 SPLITS = ("train", "validation", "test")  # text: sources have no test split
 
 
 def is_known_source(spec: str) -> bool:
     """Whether `config.data.source` names a kind of source lightjax reads (SOURCES)."""
-    return spec == "tiny_shakespeare" or spec.startswith(("tfds:", "text:", "json:", "jsonl:"))
+    return spec == "tiny_shakespeare" or spec.startswith(("tfds:", "text:", "parquet:", "hf:", "json:",
+                                                                         "jsonl:"))
 
 
 class TextField(Sequence):
@@ -48,7 +56,9 @@ class TextField(Sequence):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(index, slice):
+            return DocumentRange(self, 0, len(self))[index]
         record = self.source[index]
         if self.field not in record:
             raise KeyError(f"{self.name}: record {index} has no field {self.field!r} (fields: {sorted(record)}); "
@@ -95,21 +105,25 @@ class TextCorpus(Sequence):
     def __init__(self, files: list[Path], text_field: str, _index: np.ndarray | None = None):
         self.files, self.text_field = files, text_field
         self._index = self._locate(files) if _index is None else _index  # rows: file, offset, length, line
+        self._open: list[Any] | None = None  # [file index, open file, position]: the .jsonl file read last
 
     @staticmethod
     def _locate(files: list[Path]) -> np.ndarray:
         rows = []
         for i, f in enumerate(files):
-            if f.suffix != ".jsonl":
+            if not is_jsonl(f):
                 rows.append((i, 0, -1, 0))
                 continue
             offset = 0
-            with f.open("rb") as lines:
+            with open_jsonl(f) as lines:
                 for line_no, line in enumerate(lines, 1):
                     if line.strip():
                         rows.append((i, offset, len(line), line_no))
                     offset += len(line)
         return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": None}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -121,9 +135,7 @@ class TextCorpus(Sequence):
         path = self.files[file_index]
         if length < 0:
             return TextFile(path)
-        with path.open("rb") as f:
-            f.seek(offset)
-            raw = f.read(length)
+        raw = self._read(file_index, offset, length)
         try:
             record = json.loads(raw)
         except ValueError:
@@ -134,6 +146,42 @@ class TextCorpus(Sequence):
         if not isinstance(text, str):
             raise ValueError(f"{path}:{line_no}: field {self.text_field!r} is a {type(text).__name__}, not text.")
         return text
+
+
+    def _read(self, file_index: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a .jsonl file, decompressed. The file stays open between
+        reads: a compressed stream only goes forward (by decompressing), and is reopened to go back."""
+        if self._open is None or self._open[0] != file_index or self._open[2] > offset:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = [file_index, open_jsonl(self.files[file_index]), 0]
+        f, position = self._open[1], self._open[2]
+        if f.seekable():
+            f.seek(offset)
+        else:
+            while position < offset and (skipped := len(f.read(min(offset - position, 1 << 20)))):
+                position += skipped
+        data = f.read(length)
+        self._open[2] = offset + len(data)
+        return data
+
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.name.endswith(JSONL_SUFFIXES)
+
+
+def open_jsonl(path: Path) -> Any:
+    """A .jsonl file's bytes, decompressed from .jsonl.gz (gzip) or .jsonl.zst (zstandard, streamed)."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))  # lines: the bare stream has no readline
+    return path.open("rb")
 
 
 def _text_documents(pattern: str, text_field: str) -> TextCorpus:
@@ -214,6 +262,10 @@ def source_files(data: Any) -> list[epath.Path]:
         path = epath.Path(source.split(":", 1)[1])
         kind = source.split(":", 1)[0]
         return [path / f"{split}.{kind}" for split in ("train", "validation")] if path.is_dir() else [path]
+    if source.startswith("parquet:"):
+        return [epath.Path(f) for f in parquet_files(source[len("parquet:"):])]
+    if source.startswith("hf:"):
+        return [epath.Path(f) for f in _hf_corpus(data, "train").files()]
     if source.startswith("tfds:"):
         name = source[len("tfds:"):].split(":")[0]
         root = epath.Path(data.data_dir or tfds.core.constants.DATA_DIR) / name.split("/")[0]
@@ -221,10 +273,24 @@ def source_files(data: Any) -> list[epath.Path]:
     return []
 
 
+def _hf_corpus(data: Any, split: str) -> Sequence[str]:
+    """A split of an `hf:` dataset: its own where it has a validation split, else train's documents split by
+    val_fraction."""
+    dataset = load_hf_dataset(data.source)
+    if split == "test" or hf_split(dataset, "validation", data.val_split, data.source) is not None:
+        own = hf_split(dataset, split, data.val_split, data.source)
+        if own is None:
+            raise ValueError(f"config.data.source={data.source!r} has no {split!r} split (its splits: "
+                             f"{', '.join(dataset) if hasattr(dataset, 'keys') else 'train'}).")
+        return HFCorpus(own, data.text_field, f"{data.source}[{split}]")
+    train = HFCorpus(hf_split(dataset, "train", data.val_split, data.source), data.text_field, f"{data.source}[train]")
+    return split_documents(train, data.val_fraction)[split]
+
+
 def source_splits(data: Any) -> tuple[str, ...]:
     """The splits `config.data.source` has: Tiny Shakespeare and TFDS datasets a test split too, text and
     instruction sources only what they are cut into (train and validation)."""
-    return SPLITS if data.source == "tiny_shakespeare" or data.source.startswith("tfds:") else SPLITS[:2]
+    return SPLITS if data.source == "tiny_shakespeare" or data.source.startswith(("tfds:", "hf:")) else SPLITS[:2]
 
 
 def load_split(data: Any, split: str) -> Sequence[str]:
@@ -243,6 +309,11 @@ def load_split(data: Any, split: str) -> Sequence[str]:
         return TextField(src, data.text_field, f"tfds:{name}[{tfds_split}]")
     if source.startswith("text:"):
         return split_documents(_text_documents(source[len("text:"):], data.text_field), data.val_fraction)[split]
+    if source.startswith("parquet:"):
+        corpus = ParquetCorpus(parquet_files(source[len("parquet:"):]), data.text_field)
+        return split_documents(corpus, data.val_fraction)[split]
+    if source.startswith("hf:"):
+        return _hf_corpus(data, split)
     if is_instruction_source(source):
         style = PromptStyle(data.prompt_style, data.tokenizer)
         return ["".join(style(record)) for record in load_records(source, split, data.val_fraction)]

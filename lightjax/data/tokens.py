@@ -5,6 +5,9 @@
       int64: where attention stops when rows are document-masked) + SPLIT.tokens.json (its length, dtype,
       the documents, characters and bytes it covers, and its provenance), the metadata written last
 
+A split of a large corpus is written in chunks by every process instead (chunks.py): its token stream is
+then SPLIT.tokens.d/NNNNN.tokens, joined by the metadata's list of their token counts, and read as one.
+
 A file without its metadata is incomplete. Local files are memory-mapped when read; files on an object
 store (gs://) are read by range. Instruction examples (examples.py) are kept the same way, with the
 same metadata file beside them.
@@ -79,6 +82,11 @@ def open_document_starts(path: str | epath.PathLike) -> np.ndarray:
     return np.memmap(str(starts_path(path)), dtype=np.int64, mode="r")
 
 
+def chunk_path(path: epath.Path, chunk: int) -> epath.Path:
+    """Where chunk `chunk` of the split file `path` is (chunks.py): `path`.d/NNNNN.tokens."""
+    return path.parent / (path.name + ".d") / f"{chunk:05d}.tokens"
+
+
 def meta_path(path: epath.Path) -> epath.Path:
     """Where the metadata of the split file `path` is: `path`.json."""
     return path.parent / (path.name + ".json")
@@ -129,16 +137,55 @@ class _RemoteTokens:
                 self._file = None
 
 
-def open_tokens(path: str | epath.PathLike) -> Any:
-    """The token stream of a `write_token_file` file, as something sliceable: memory-mapped when local,
-    read by range when remote."""
+class _ChunkedTokens:
+    """The token stream of a split written in chunks: ranges read across its chunk files, each opened
+    (memory-mapped, or read by range when remote) when first read."""
+
+    def __init__(self, path: epath.Path, counts: list[int]):
+        self.path, self.offsets = path, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._chunks: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _chunk(self, c: int) -> Any:
+        if c not in self._chunks:
+            self._chunks[c] = _open_stream(chunk_path(self.path, c))
+        return self._chunks[c]
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        start, stop = s.start, min(s.stop, len(self))
+        c, parts = int(np.searchsorted(self.offsets, start, side="right")) - 1, []
+        while start < stop:
+            low, high = start - self.offsets[c], min(stop, self.offsets[c + 1]) - self.offsets[c]
+            if high > low:
+                parts.append(np.asarray(self._chunk(c)[int(low):int(high)]))
+            start, c = self.offsets[c] + high, c + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def close(self) -> None:
+        for chunk in self._chunks.values():
+            if hasattr(chunk, "close"):
+                chunk.close()
+        self._chunks = {}
+
+
+def _open_stream(path: epath.Path) -> Any:
     meta = read_meta(path)
     if meta is None:
         raise FileNotFoundError(f"{path} is not a complete token file (no {path}.json).")
+    if "chunks" in meta:
+        return _ChunkedTokens(path, meta["chunks"])
     dtype = np.dtype(meta["dtype"])
     if "://" in str(path):
         return _RemoteTokens(str(path), meta["tokens"], dtype)
     return np.memmap(str(path), dtype=dtype, mode="r", shape=(meta["tokens"],))
+
+
+def open_tokens(path: str | epath.PathLike) -> Any:
+    """The token stream of a token file (`write_token_file`, or chunks joined by `chunks.join_chunks`), as
+    something sliceable: memory-mapped when local, read by range when remote."""
+    return _open_stream(epath.Path(path))
 
 
 def count_tokens(docs: Sequence[str], tokenizer: Tokenizer) -> dict[str, Any]:

@@ -134,6 +134,21 @@ def run_once(name: str, fn: Callable[[], T]) -> T | None:
     return result
 
 
+def run_everywhere(name: str, fn: Callable[[], T]) -> T:
+    """`fn()` on every process; where it fails, its exception is raised there and the other processes raise
+    a DistributedError naming `name`, so that none waits for the failed one."""
+    result, failure = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the others have been told)
+        failure = e
+    if any_process(failure is not None):
+        if failure is not None:
+            raise failure
+        raise DistributedError(f"{name} failed on another process; its output says why.")
+    return result  # type: ignore[return-value]
+
+
 def print_once(text: str) -> None:
     """Print from process 0 only (every process runs the same code; one log is enough)."""
     if is_leader():

@@ -117,6 +117,13 @@ def _data_defaults() -> ml_collections.ConfigDict:
     d.tokenizer = "char"
     d.seq_len = 256
     d.num_workers = 0
+    # Worker processes per process that tokenize a text source's chunks (0: every core of the machine for a
+    # source over 64 MB, else 1); every process of a job tokenizes its share of the chunks.
+    d.prepare_workers = 0
+    # A weighted mixture of sources (data/mixture.py), set in a config file: {name: {"source": ..., "weight": w,
+    # and any other data key for that source}}; and weights that change at given steps: "STEP:name=w,...;...".
+    d.mixture = ml_collections.ConfigDict()
+    d.mixture_schedule = ""
     d.val_fraction = 0.05
     # Instruction sources (json:/jsonl:): the prompt template ('alpaca', or 'chat': the hf:DIR
     # tokenizer's chat template), and whether examples are packed into rows or padded one per row.

@@ -17,7 +17,6 @@ from etils import epath
 from lightjax.data.pipeline import eval_batches
 from lightjax.data.prepare import split_suffix, write_split
 from lightjax.data.rows import Rows, open_rows
-from lightjax.data.tokenizers import load_tokenizer
 from lightjax.data.tokens import text_units
 from lightjax.runtime.sharding import shard_batch
 from lightjax.train.checkpoint import restore_params
@@ -40,6 +39,22 @@ def evaluate(run: Run, params: Any, rows: Rows, config: Any, tokens_per_char: fl
             "val_tokens": count}
 
 
+def evaluate_sources(run: Run, params: Any, rows: dict[str, Rows], config: Any, tokens_per_char: dict[str, float],
+                     weights: tuple[float, ...]) -> dict[str, float]:
+    """A mixture's evaluation: each source's validation loss and bits per character (val_loss/NAME,
+    val_bpc/NAME), and as val_loss, val_bpc their means under the mixture's starting weights (fixed, so
+    that evaluations of one run compare, whatever its schedule)."""
+    per_source = {name: evaluate(run, params, r, config, tokens_per_char[name]) for name, r in rows.items()}
+    out: dict[str, float] = {}
+    for key in ("val_loss", "val_bpc"):
+        out[key] = sum(w * ev[key] for w, ev in zip(weights, per_source.values(), strict=True))
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    out["val_tokens"] = sum(ev["val_tokens"] for ev in per_source.values())
+    for name, ev in per_source.items():
+        out[f"val_loss/{name}"], out[f"val_bpc/{name}"] = ev["val_loss"], ev["val_bpc"]
+    return out
+
+
 def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step: int | str | None = None,
                  max_batches: int = 0, local_path: str | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate a run's checkpoint (default: the latest) over a split with the run's own tokenizer,
@@ -55,7 +70,7 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
     params = jax.device_put(params, run.shardings.params)
     with tempfile.TemporaryDirectory() as tmp:  # the split tokenized as training prepared its files
         path = f"{tmp}/{split}{split_suffix(config.data)}"
-        units = text_units(write_split(config.data, split, load_tokenizer(workdir / "tokenizer"), path))
+        units = text_units(write_split(config.data, split, workdir / "tokenizer", path))
         rows = open_rows(path, config.data.seq_len, training=False, pack=config.data.pack,
                          document_mask=config.data.get("document_mask", False))  # runs from before it had none
         try:

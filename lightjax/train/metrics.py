@@ -129,7 +129,8 @@ def read_metrics(workdir: str | epath.PathLike, warn: bool = False) -> list[dict
 
 
 def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
-    """WORKDIR/loss.png: training loss per step and validation loss at each evaluation."""
+    """WORKDIR/loss.png: training loss per step and validation loss at each evaluation (a mixture's: each
+    source's too)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -144,6 +145,9 @@ def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
     ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation", markersize=4)
+    for key in sorted({k for r in rows for k in r if k.startswith("val_loss/")}):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points, strict=True), ".--", label=f"validation, {key.split('/', 1)[1]}", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(epath.Path(workdir).name)

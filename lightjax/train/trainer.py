@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,8 +33,9 @@ from tqdm import tqdm
 from lightjax.convert.export import load_weights
 from lightjax.convert.hf_folder import keep_base_files
 from lightjax.convert.peft import is_peft_dir, read_adapters
+from lightjax.data.mixture import parse_mixture
 from lightjax.data.pipeline import train_iterator
-from lightjax.data.prepare import prepare_splits, prepare_tokenizer
+from lightjax.data.prepare import prepare_mixture, prepare_splits, prepare_tokenizer, tokens_directory
 from lightjax.data.rows import Rows
 from lightjax.data.tokenizers import check_vocab
 from lightjax.model.flops import causal_keys, flops_per_token
@@ -41,7 +44,7 @@ from lightjax.runtime.files import WorkdirLock, absolute, write_atomic
 from lightjax.runtime.hardware import mfu, peak_flops_per_device
 from lightjax.runtime.sharding import PlacedBatches
 from lightjax.train.checkpoint import Checkpointer, CheckpointError, check_same_architecture, config_changes
-from lightjax.train.evaluate import evaluate
+from lightjax.train.evaluate import evaluate, evaluate_sources
 from lightjax.train.metrics import MetricWriters, plot_losses, write_metrics_csv
 from lightjax.train.run import Run, build_run
 
@@ -202,18 +205,32 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare(config: Any, workdir: epath.Path) -> tuple[Run, Rows, Rows, float]:
-    """What the loop needs before the first step: the built steps, the training and validation rows, and
-    the validation split's tokens per character (each split prepared once, by process 0)."""
+def _prepare(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> tuple[Run, Rows, Callable]:
+    """What the loop needs before the first step: the built steps, the training rows (of one source, or a
+    mixture's stream), and the evaluation of a model's params over the validation split(s)."""
     run = build_run(config)
     print_once(f"Attention kernel: {run.model.attention} ({run.attention_why}).")
     tokenizer = prepare_tokenizer(config, workdir)
     check_vocab(tokenizer, run.model.config.vocab_size)
-    splits = prepare_splits(config, workdir, tokenizer)
-    train_rows, val_rows = splits.rows("train", training=True), splits.rows("validation", training=False)
+    mixture = parse_mixture(config.data)
+    if mixture is None:
+        splits = prepare_splits(config, tokens_directory(config, workdir), workdir / "tokenizer")
+        train_rows, val_rows = splits.rows("train", training=True), splits.rows("validation", training=False)
+        closing.callback(val_rows.close)
+        tokens_per_char = splits.tokens_per_char("validation")
+        evaluate_params = functools.partial(evaluate, run, rows=val_rows, config=config,
+                                            tokens_per_char=tokens_per_char)
+    else:
+        mixed = prepare_mixture(config, workdir, workdir / "tokenizer", mixture)
+        train_rows, val_rows = mixed.train_rows(config.train.seed, config.train.global_batch_size), mixed.val_rows()
+        for rows in val_rows.values():
+            closing.callback(rows.close)
+        evaluate_params = functools.partial(evaluate_sources, run, rows=val_rows, config=config,
+                                            tokens_per_char=mixed.tokens_per_char(), weights=mixture.weights_at(0))
+    closing.callback(train_rows.close)
     if train_rows.note:
         print_once(f"Training data: {train_rows.note}")
-    return run, train_rows, val_rows, splits.tokens_per_char("validation")
+    return run, train_rows, evaluate_params
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
@@ -242,9 +259,7 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     held = _HeldInterrupt()
     closing.callback(held.restore)
-    run, rows, val_rows, tokens_per_char = _prepare(config, workdir)
-    closing.callback(rows.close)
-    closing.callback(val_rows.close)
+    run, rows, evaluate_params = _prepare(config, workdir, closing)
     config_dict = json.loads(config.to_json_best_effort())
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, ck.keep, ck.async_save, ck.keep_best)
@@ -267,7 +282,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     stop = _StopSignal()
     closing.callback(stop.restore)
     loop = _Loop(config, config_dict, run, checkpointer, writers, progress, stop, start)
-    loop.train(state, batches, lambda params: evaluate(run, params, val_rows, config, tokens_per_char))
+    loop.train(state, batches, evaluate_params)
     return loop.summary(workdir)
 
 

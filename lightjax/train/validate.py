@@ -11,7 +11,9 @@ from typing import Any
 
 import ml_collections
 
+from lightjax.data.mixture import parse_mixture
 from lightjax.data.prompts import PROMPT_STYLES
+from lightjax.data.records import is_instruction_source
 from lightjax.data.sources import SOURCES, is_known_source
 from lightjax.data.tokenizers import TOKENIZERS, is_known_tokenizer
 from lightjax.model.attention import ATTENTION_KERNELS
@@ -35,6 +37,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     _check_optim(config.optim, config.train.max_steps, check)
     _check_train(config.train, check)
     _check_data(config.data, check)
+    _check_mixture(config.data, check, problems)
     _check_checkpoint(config.checkpoint, check)
     _check_model_and_mesh(config, device_count, check, problems)
     if problems:
@@ -84,6 +87,23 @@ def _check_data(d: Any, check: Check) -> None:
     check("://" not in d.data_dir, "data.data_dir", d.data_dir,
           "must be a local folder: ArrayRecord files are read with local file I/O (only process 0 reads the data "
           "source; the workdir may be on gs://)")
+
+
+def _check_mixture(d: Any, check: Check, problems: list[str]) -> None:
+    """A mixture's sources: text sources that a shared, fixed tokenizer reads."""
+    try:
+        mixture = parse_mixture(d)
+    except ValueError as e:
+        problems.append(str(e).rstrip("."))
+        return
+    if mixture is None:
+        return
+    check(d.tokenizer != "char", "data.tokenizer", d.tokenizer, "cannot serve a mixture: a 'char' tokenizer is "
+          "built from one source's text; use 'byte', 'spm:PATH' or 'hf:DIR'")
+    for name, data in zip(mixture.names, mixture.data, strict=True):
+        check(is_known_source(data.source) and not is_instruction_source(data.source),
+              f"data.mixture.{name}.source", data.source, "is not a text source of a mixture (" + ", ".join(
+                  s for s in SOURCES if not s.startswith("json")) + ")")
 
 
 def _check_checkpoint(ck: Any, check: Check) -> None:

@@ -1,0 +1,133 @@
+"""A split's token file written in chunks, by every process and every core, and joined by one index.
+
+    documents 0..N-1 --cut into at most TARGET_CHUNKS ranges of consecutive documents (by N alone)-->
+      chunk c --tokenized by process c mod P (in it, by one of its worker processes)-->
+        SPLIT.tokens.d/NNNNN.tokens (+ .starts, + .json written last: the chunk is complete)
+      --process 0, once every chunk is complete-->
+        SPLIT.tokens.starts (every document's first token) + SPLIT.tokens.json (the chunks' token counts)
+
+The chunks are cut by the document count alone and tokenized document by document as one writer would,
+so the joined stream is the same token for token whatever the number of processes and workers that
+wrote it: the rows, and so the global batches, are those of a single writer. A chunk whose metadata
+exists was finished (from the same data and tokenizer, its provenance says), so a preparation that was
+stopped resumes from its finished chunks. A worker holds one document piece's tokens at a time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from lightjax.data.tokenizers import Tokenizer, load_tokenizer
+from lightjax.data.tokens import chunk_path, read_meta, starts_path, write_meta, write_token_file
+from lightjax.runtime.files import atomic_path
+
+# Enough chunks to keep 2 x 128 cores busy; few enough that each is a sizeable sequential write.
+TARGET_CHUNKS = 256
+
+
+def chunk_ranges(num_documents: int) -> list[tuple[int, int]]:
+    """Document ranges [start, stop) of the chunks of a split of `num_documents` documents."""
+    size = max(1, -(-num_documents // TARGET_CHUNKS))
+    return [(a, min(a + size, num_documents)) for a in range(0, num_documents, size)]
+
+
+def _chunk_done(path: epath.Path, documents: tuple[int, int], provenance: dict[str, Any]) -> bool:
+    meta = read_meta(path)
+    return meta is not None and meta.get("first_document") == documents[0] and \
+        meta.get("documents") == documents[1] - documents[0] and all(meta.get(k) == v for k, v in provenance.items())
+
+
+_WORKER_TOKENIZERS: dict[str, Tokenizer] = {}  # in a worker process: the tokenizer, loaded once
+
+
+def _write_chunk(docs: Sequence[Any], tokenizer_dir: str, path: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """One chunk (a worker's task): its documents tokenized into the token file `path`."""
+    if tokenizer_dir not in _WORKER_TOKENIZERS:
+        _WORKER_TOKENIZERS[tokenizer_dir] = load_tokenizer(tokenizer_dir)
+    return write_token_file(docs, _WORKER_TOKENIZERS[tokenizer_dir], path, provenance)
+
+
+def write_chunks(docs: Sequence[Any], tokenizer_dir: str | epath.PathLike, path: str | epath.PathLike,
+                 provenance: dict[str, Any], shard: tuple[int, int] = (0, 1), workers: int = 1,
+                 on_chunk: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Tokenize this process's chunks of `docs` (chunk c is process c mod P's, `shard` = (p, P)) that are
+    not finished yet, `workers` at a time (1: here; more: worker processes), with the tokenizer saved in
+    `tokenizer_dir`. `on_chunk(meta)` is called as each is finished. Returns the new chunks' metadata."""
+    path, index, count = epath.Path(path), *shard
+    ranges = chunk_ranges(len(docs))
+    todo = [c for c in range(index, len(ranges), count)
+            if not _chunk_done(chunk_path(path, c), ranges[c], {**provenance, "chunk": c})]
+    tasks = [(docs[ranges[c][0]:ranges[c][1]], str(tokenizer_dir), str(chunk_path(path, c)),
+              {**provenance, "chunk": c, "first_document": ranges[c][0]}) for c in todo]
+    done = []
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            done.append(_write_chunk(*task))
+            if on_chunk:
+                on_chunk(done[-1])
+        return done
+    # Fresh interpreters: a forked copy of a process that has started JAX's or the tokenizer's threads can hang.
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+        for future in futures.as_completed([pool.submit(_write_chunk, *task) for task in tasks]):
+            done.append(future.result())
+            if on_chunk:
+                on_chunk(done[-1])
+    return done
+
+
+def join_chunks(path: str | epath.PathLike, num_documents: int, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Once every chunk of the split file `path` is finished: its documents' starts and its metadata (the
+    chunks' token counts: the index that joins them), written last. Returns the metadata."""
+    path = epath.Path(path)
+    metas = [read_meta(chunk_path(path, c)) for c in range(len(chunk_ranges(num_documents)))]
+    missing = [c for c, m in enumerate(metas) if m is None]
+    if missing:
+        raise RuntimeError(f"{path}: chunks {missing[:5]} are not finished; every process must prepare its share.")
+    counts = np.array([m["tokens"] for m in metas], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    with atomic_path(starts_path(path)) as partial, partial.open("wb") as f:
+        for c, offset in enumerate(offsets):
+            starts = np.frombuffer(starts_path(chunk_path(path, c)).read_bytes(), np.int64)
+            f.write((starts + offset).tobytes())
+    meta = {"tokens": int(counts.sum()), "dtype": metas[0]["dtype"] if metas else "uint16",
+            **{k: sum(m[k] for m in metas) for k in ("documents", "characters", "bytes")},
+            **provenance, "chunks": counts.tolist()}
+    write_meta(path, meta)
+    for leftover in chunk_path(path, 0).parent.glob(".*.partial-*"):  # of writers that were killed
+        leftover.unlink(missing_ok=True)
+    return meta
+
+
+class Progress:
+    """What a preparation has done, as a tqdm bar: documents, MB/s of text, tokens/s and the time left."""
+
+    def __init__(self, total_documents: int, name: str, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_documents, unit="doc", desc=name, disable=not enabled, smoothing=0.1)
+        self.start, self.bytes, self.tokens = time.perf_counter(), 0, 0
+
+    def __call__(self, meta: dict[str, Any]) -> None:
+        self.bytes, self.tokens = self.bytes + meta["bytes"], self.tokens + meta["tokens"]
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.2f} MB/s, {self.tokens / elapsed:,.0f} tok/s",
+                                 refresh=False)
+        self.bar.update(meta["documents"])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def split_done(path: str | epath.PathLike, provenance: dict[str, Any]) -> bool:
+    """Whether the split file `path` is complete and made from `provenance`."""
+    meta = read_meta(path)
+    return meta is not None and all(meta.get(k) == v for k, v in provenance.items())
+
