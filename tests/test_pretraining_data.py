@@ -59,8 +59,9 @@ def test_parquet_datasets_and_compressed_jsonl_read_the_same_documents(tmp_path)
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(lines))
     (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(tmp_path / "one")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:450]}),
-                          "validation": datasets.Dataset.from_dict({"text": docs[450:]})}).save_to_disk(tmp_path / "two")
+    two = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:450]}),
+                                "validation": datasets.Dataset.from_dict({"text": docs[450:]})})
+    two.save_to_disk(tmp_path / "two")
     for source in (f"parquet:{tmp_path}/*.parquet", f"text:{tmp_path}/c.jsonl.gz", f"text:{tmp_path}/d.jsonl.zst",
                    f"hf:{tmp_path}/one"):
         data = data_config(source)
@@ -106,7 +107,8 @@ def test_chunks_written_by_any_number_of_processes_and_workers_equal_one_writer(
             write_chunks(docs, tmp_path / "tok", path, {"source": "test"}, (index, count), workers)
         meta = join_chunks(path, len(docs), {"source": "test"})
         assert (meta["tokens"], meta["documents"], meta["bytes"]) == (one["tokens"], one["documents"], one["bytes"])
-        assert np.array_equal(open_tokens(path)[0:meta["tokens"]], open_tokens(tmp_path / "one.tokens")[0:one["tokens"]])
+        want = open_tokens(tmp_path / "one.tokens")[0:one["tokens"]]
+        assert np.array_equal(open_tokens(path)[0:meta["tokens"]], want)
         assert np.array_equal(open_document_starts(path), open_document_starts(tmp_path / "one.tokens")), way
         a = TokenRows(path, 16, document_mask=True)
         b = TokenRows(tmp_path / "one.tokens", 16, document_mask=True)
@@ -209,7 +211,8 @@ def test_interleave_is_exact_and_its_counts_only_grow():
 
 def test_a_mixtures_batches_follow_its_weights_and_its_schedule():
     mixture = _mixture({"a": 0.7, "b": 0.3}, "100:a=0.2,b=0.8")
-    assert mixture.names == ("a", "b") and mixture.weights_at(99) == (0.7, 0.3) and mixture.weights_at(100) == (0.2, 0.8)
+    assert mixture.names == ("a", "b")
+    assert mixture.weights_at(99) == (0.7, 0.3) and mixture.weights_at(100) == (0.2, 0.8)
     rows = MixedRows([ArrayRows(0, 50), ArrayRows(1, 37)], mixture, seed=0, global_batch=16)
     batches = [b["tokens"] for b in itertools.islice(train_dataset(rows, 16, seed=0, shard=(0, 1)), 200)]
     per_step = np.array([np.bincount(b[:, 0], minlength=2) for b in batches])
