@@ -74,7 +74,7 @@ def main(argv):
         directory = epath.Path(data.tokens_dir)
         tokenizer = prepare_tokenizer(config, directory)
         print_once(f"source {data.source}, tokenizer {spec} ({tokenizer.vocab_size} tokens), seq_len {data.seq_len}")
-        splits = prepare_splits(config, directory, directory / "tokenizer", progress=sys.stderr.isatty())
+        splits = prepare_splits(config, directory, directory / "tokenizer", progress=config.logging.progress)
     except (OSError, ValueError, KeyError, DistributedError) as e:
         exit_with_error(f"prepare_data: {e}")
     for split, path in splits.paths.items():

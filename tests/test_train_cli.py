@@ -158,23 +158,31 @@ def test_every_config_loads_and_validates(path):
             validate(config, device_count=1)
         config.train.init_from = ""
     validate(config, device_count=1)  # as on this CPU
-    if path.stem in ("pythia_160m", "llama_1b"):
+    if path.stem in ("pythia_160m", "llama_1b", "pretrain_fineweb"):
         validate(config, device_count=8)  # and on the 8-device machines they are for
 
 
-@pytest.mark.parametrize("name", ["pythia_160m", "llama_1b"])
+@pytest.mark.parametrize("name", ["pythia_160m", "llama_1b", "pretrain_fineweb"])
 def test_hardware_configs_run_one_step_at_reduced_size(tmp_path, name):
     config = _load(ROOT / "configs" / f"{name}.py")
     (tmp_path / "corpus").mkdir()
     for i in range(4):
         (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i} " * 200)
     config.data.source, config.data.num_workers = f"text:{tmp_path}/corpus/*.txt", 0
+    if name == "pretrain_fineweb":  # its own kind of source and tokenizer: Parquet files, a tokenizer.json
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": [f"document {i} " * 200 for i in range(4)]}), tmp_path / "corpus.parquet",
+                       row_group_size=2)
+        config.data.source, config.data.val_fraction = f"parquet:{tmp_path}/*.parquet", 0.25
+        config.data.tokenizer = f"hf:{ROOT / 'tests' / 'data' / 'tiny-llama-hf'}"
     config.data.seq_len, config.train.global_batch_size = 32, 8
     config.model.n_layer, config.model.n_embd, config.model.intermediate_size = 2, 64, None
     config.model.n_head = 4
     if name == "llama_1b":
         config.model.n_query_groups, config.model.intermediate_size = 2, 128
-    config.model.vocab_size, config.model.padded_vocab_size = 257, 320
+    config.model.vocab_size, config.model.padded_vocab_size = (320 if name == "pretrain_fineweb" else 257), 320
     config.train.max_steps, config.optim.warmup_steps, config.train.eval_batches = 1, 0, 1
     config.logging.progress = False
     summary = train(config, tmp_path / "run")

@@ -107,7 +107,7 @@ def timed_prepare(flags: list[str], processes: int, workers: int, way: str) -> d
     memory."""
     with tempfile.TemporaryDirectory() as tmp:
         prepare = ["scripts/prepare_data.py", *flags, f"--config.data.tokens_dir={tmp}/tokens",
-                   f"--config.data.prepare_workers={workers}"]
+                   f"--config.data.prepare_workers={workers}", "--config.logging.progress=False"]
         cmd = [sys.executable, *prepare] if processes == 1 else \
             [sys.executable, "scripts/launch.py", f"--processes={processes}", "--devices_per_process=1", "--", *prepare]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
