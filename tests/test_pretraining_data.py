@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lightjax.data.chunks import join_chunks, write_chunks
+from lightjax.data.chunks import join_chunks, split_chunks, write_chunks
 from lightjax.data.mixture import MixedRows, interleave, interleave_counts, parse_mixture
 from lightjax.data.pipeline import train_dataset
+from lightjax.data.prepare import write_split
 from lightjax.data.rows import TokenRows
 from lightjax.data.sources import load_split
 from lightjax.data.tokenizers import ByteTokenizer
@@ -105,7 +106,7 @@ def test_chunks_written_by_any_number_of_processes_and_workers_equal_one_writer(
         path = tmp_path / way / "train.tokens"
         for index, count, workers in shards:
             write_chunks(docs, tmp_path / "tok", path, {"source": "test"}, (index, count), workers)
-        meta = join_chunks(path, len(docs), {"source": "test"})
+        meta = join_chunks(path, len(split_chunks(docs)), {"source": "test"})
         assert (meta["tokens"], meta["documents"], meta["bytes"]) == (one["tokens"], one["documents"], one["bytes"])
         want = open_tokens(tmp_path / "one.tokens")[0:one["tokens"]]
         assert np.array_equal(open_tokens(path)[0:meta["tokens"]], want)
@@ -118,6 +119,33 @@ def test_chunks_written_by_any_number_of_processes_and_workers_equal_one_writer(
         first = [next(iter(ds))["tokens"] for ds in batches]
         want = next(iter(train_dataset(b, 8, seed=3, shard=(0, 1))))["tokens"]
         assert np.array_equal(np.concatenate(first), want)
+
+
+def test_a_streamed_dataset_is_tokenized_file_by_file_with_its_last_files_held_out(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = documents(90, seed=4)
+    (tmp_path / "pq").mkdir()
+    for f in range(3):  # a dataset of data files, as a Hub repository's download is
+        pq.write_table(pa.table({"text": docs[f * 30:(f + 1) * 30]}), tmp_path / "pq" / f"part-{f}.parquet",
+                       row_group_size=7)
+    tokenizer = ByteTokenizer()
+    tokenizer.save(tmp_path / "tok")
+    data = data_config(f"hf:{tmp_path / 'pq'}", hf_streaming=True)
+    for split, want in (("train", docs[:60]), ("validation", docs[60:])):
+        meta = write_split(data, split, tmp_path / "tok", tmp_path / f"{split}.tokens", workers=2)
+        one = write_token_file(want, tokenizer, tmp_path / f"{split}-one.tokens")
+        assert meta["chunks"] == [write_token_file(want[i:i + 30], tokenizer, tmp_path / "c.tokens")["tokens"]
+                                  for i in range(0, len(want), 30)]
+        assert np.array_equal(open_tokens(tmp_path / f"{split}.tokens")[0:meta["tokens"]],
+                              open_tokens(tmp_path / f"{split}-one.tokens")[0:one["tokens"]])
+        assert np.array_equal(open_document_starts(tmp_path / f"{split}.tokens"),
+                              open_document_starts(tmp_path / f"{split}-one.tokens"))
+    (tmp_path / "pq" / "part-1.parquet").unlink()
+    (tmp_path / "pq" / "part-2.parquet").unlink()
+    with pytest.raises(ValueError, match=r"streams one file and has no 'validation' split: nothing to hold out"):
+        load_split(data, "train")
 
 
 def _corpus(tmp_path, files=12, size=120_000):

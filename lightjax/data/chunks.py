@@ -38,10 +38,19 @@ def chunk_ranges(num_documents: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, num_documents)) for a in range(0, num_documents, size)]
 
 
-def _chunk_done(path: epath.Path, documents: tuple[int, int], provenance: dict[str, Any]) -> bool:
+def split_chunks(docs: Any) -> list[tuple[Any, int | None]]:
+    """A split's chunks: (their documents, the first one's index). A random-access split is cut by
+    `chunk_ranges`; a streamed one (`stream_chunks()`: its files, in order) gives its own, of unknown
+    length until read (index None)."""
+    if hasattr(docs, "stream_chunks"):
+        return [(chunk, None) for chunk in docs.stream_chunks()]
+    return [(docs[a:b], a) for a, b in chunk_ranges(len(docs))]
+
+
+def _chunk_done(path: epath.Path, documents: Any, first: int | None, provenance: dict[str, Any]) -> bool:
     meta = read_meta(path)
-    return meta is not None and meta.get("first_document") == documents[0] and \
-        meta.get("documents") == documents[1] - documents[0] and all(meta.get(k) == v for k, v in provenance.items())
+    return meta is not None and meta.get("first_document") == first and all(
+        meta.get(k) == v for k, v in provenance.items()) and (first is None or meta.get("documents") == len(documents))
 
 
 _WORKER_TOKENIZERS: dict[str, Tokenizer] = {}  # in a worker process: the tokenizer, loaded once
@@ -61,11 +70,11 @@ def write_chunks(docs: Sequence[Any], tokenizer_dir: str | epath.PathLike, path:
     not finished yet, `workers` at a time (1: here; more: worker processes), with the tokenizer saved in
     `tokenizer_dir`. `on_chunk(meta)` is called as each is finished. Returns the new chunks' metadata."""
     path, index, count = epath.Path(path), *shard
-    ranges = chunk_ranges(len(docs))
-    todo = [c for c in range(index, len(ranges), count)
-            if not _chunk_done(chunk_path(path, c), ranges[c], {**provenance, "chunk": c})]
-    tasks = [(docs[ranges[c][0]:ranges[c][1]], str(tokenizer_dir), str(chunk_path(path, c)),
-              {**provenance, "chunk": c, "first_document": ranges[c][0]}) for c in todo]
+    chunks = split_chunks(docs)
+    todo = [c for c in range(index, len(chunks), count)
+            if not _chunk_done(chunk_path(path, c), *chunks[c], {**provenance, "chunk": c})]
+    tasks = [(chunks[c][0], str(tokenizer_dir), str(chunk_path(path, c)),
+              {**provenance, "chunk": c, "first_document": chunks[c][1]}) for c in todo]
     done = []
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
@@ -83,11 +92,11 @@ def write_chunks(docs: Sequence[Any], tokenizer_dir: str | epath.PathLike, path:
     return done
 
 
-def join_chunks(path: str | epath.PathLike, num_documents: int, provenance: dict[str, Any]) -> dict[str, Any]:
+def join_chunks(path: str | epath.PathLike, num_chunks: int, provenance: dict[str, Any]) -> dict[str, Any]:
     """Once every chunk of the split file `path` is finished: its documents' starts and its metadata (the
     chunks' token counts: the index that joins them), written last. Returns the metadata."""
     path = epath.Path(path)
-    metas = [read_meta(chunk_path(path, c)) for c in range(len(chunk_ranges(num_documents)))]
+    metas = [read_meta(chunk_path(path, c)) for c in range(num_chunks)]
     missing = [c for c, m in enumerate(metas) if m is None]
     if missing:
         raise RuntimeError(f"{path}: chunks {missing[:5]} are not finished; every process must prepare its share.")
@@ -109,7 +118,7 @@ def join_chunks(path: str | epath.PathLike, num_documents: int, provenance: dict
 class Progress:
     """What a preparation has done, as a tqdm bar: documents, MB/s of text, tokens/s and the time left."""
 
-    def __init__(self, total_documents: int, name: str, enabled: bool = True):
+    def __init__(self, total_documents: int | None, name: str, enabled: bool = True):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_documents, unit="doc", desc=name, disable=not enabled, smoothing=0.1)

@@ -129,17 +129,72 @@ class HFCorpus(Sequence):
         return [f["filename"] for f in self.dataset.cache_files]
 
 
-def load_hf_dataset(spec: str) -> Any:
-    """`hf:PATH` (a folder written by `save_to_disk`) or `hf:NAME` / `hf:NAME:CONFIG` (from the Hub, or its
-    local cache when offline): a `datasets.Dataset` or `DatasetDict`."""
+class StreamedCorpus:
+    """The `field` of each row of a streamed Hugging Face dataset (`datasets.IterableDataset`: read as it
+    arrives, never downloaded whole), cut by its files: `stream_chunks()` gives one iterable of documents
+    per file, in order, each read by whichever process or worker tokenizes it."""
+
+    def __init__(self, dataset: Any, field: str, name: str, files: range):
+        self.dataset, self.field, self.name, self.files = dataset, field, name, files
+
+    def stream_chunks(self) -> list[_StreamedFile]:
+        return [_StreamedFile(self, i) for i in self.files]
+
+
+class _StreamedFile:
+    """The documents of file `index` of a streamed dataset (picklable: a worker process reads it)."""
+
+    def __init__(self, corpus: StreamedCorpus, index: int):
+        self.corpus, self.index = corpus, index
+
+    def __iter__(self) -> Any:
+        c = self.corpus
+        for row, record in enumerate(c.dataset.shard(num_shards=c.dataset.num_shards, index=self.index)):
+            value = record.get(c.field)
+            if not isinstance(value, str):
+                where = f"{c.name} file {self.index} row {row}"
+                if c.field not in record:
+                    raise ValueError(f"{where} has no column {c.field!r} (columns: {', '.join(record)}); set "
+                                     "config.data.text_field.")
+                _text(value, where, c.field)
+            yield value
+
+
+def streamed_splits(dataset: Any, field: str, spec: str, val_split: str, val_fraction: float) -> dict[str, Any]:
+    """A streamed dataset's train and validation corpora: its own validation split, else its last files
+    (as many as val_fraction of them, at least one)."""
+    val = dataset.get(val_split) if hasattr(dataset, "keys") else None
+    train = dataset.get("train") if hasattr(dataset, "keys") else dataset
+    if train is None:
+        raise ValueError(f"config.data.source={spec!r} has no 'train' split (its splits: {', '.join(dataset)}).")
+    if val is not None:
+        return {"train": StreamedCorpus(train, field, f"{spec}[train]", range(train.num_shards)),
+                "validation": StreamedCorpus(val, field, f"{spec}[{val_split}]", range(val.num_shards))}
+    files = train.num_shards
+    if files < 2:
+        raise ValueError(f"config.data.source={spec!r} streams one file and has no {val_split!r} split: nothing to "
+                         "hold out for validation (data.val_fraction holds out whole files of a stream).")
+    held = min(max(1, round(files * val_fraction)), files - 1)
+    return {"train": StreamedCorpus(train, field, f"{spec}[train]", range(files - held)),
+            "validation": StreamedCorpus(train, field, f"{spec}[train]", range(files - held, files))}
+
+
+def load_hf_dataset(spec: str, streaming: bool = False) -> Any:
+    """`hf:PATH` (a folder written by `save_to_disk`, or of data files such as a Hub repository's download)
+    or `hf:NAME` / `hf:NAME:CONFIG` (from the Hub, or its local cache when offline): a `datasets.Dataset`
+    or `DatasetDict`; with `streaming`, read as it arrives (`IterableDataset`), not downloaded first."""
     import datasets
 
     name = spec[len("hf:"):]
-    if Path(name).is_dir():
+    folder = Path(name)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        if streaming:
+            raise ValueError(f"config.data.source={spec!r} is a saved dataset (save_to_disk), read memory-mapped; "
+                             "data.hf_streaming is for datasets of data files.")
         return datasets.load_from_disk(name)
-    repo, _, subset = name.partition(":")
+    repo, _, subset = (name, "", "") if folder.is_dir() else name.partition(":")
     try:
-        return datasets.load_dataset(repo, subset or None)
+        return datasets.load_dataset(repo, subset or None, streaming=streaming)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config.data.source={spec!r}: no such folder, and the Hub has no such dataset "
                                 f"({e}).") from None

@@ -19,7 +19,7 @@ from typing import Any
 
 from etils import epath
 
-from lightjax.data.chunks import Progress, join_chunks, write_chunks
+from lightjax.data.chunks import Progress, join_chunks, split_chunks, write_chunks
 from lightjax.data.examples import EXAMPLES_SUFFIX, write_examples
 from lightjax.data.mixture import MixedRows, Mixture
 from lightjax.data.pipeline import process_shard
@@ -67,13 +67,14 @@ def write_split(data: Any, split: str, tokenizer_dir: str | epath.PathLike, path
         return write_examples(records, PromptStyle(data.prompt_style, data.tokenizer), tokenizer, path, provenance)
     docs = load_split(data, split)
     _tokenize_share(docs, split, tokenizer_dir, path, provenance, (0, 1), workers, progress)
-    return join_chunks(path, len(docs), provenance)
+    return join_chunks(path, len(split_chunks(docs)), provenance)
 
 
 def _tokenize_share(docs: Any, split: str, tokenizer_dir: str | epath.PathLike, path: str | epath.PathLike,
                     provenance: dict[str, Any], shard: tuple[int, int], workers: int, progress: bool) -> None:
     """This process's chunks of a text split (`shard` = (its index, the process count)), with a progress bar."""
-    bar = Progress(len(docs), split if shard[1] == 1 else f"{split}, process {shard[0]}/{shard[1]}", progress)
+    total = len(docs) if hasattr(docs, "__len__") else None  # a stream's length is known once read
+    bar = Progress(total, split if shard[1] == 1 else f"{split}, process {shard[0]}/{shard[1]}", progress)
     try:
         write_chunks(docs, tokenizer_dir, path, provenance, shard, workers, bar)
     finally:
@@ -86,7 +87,7 @@ def prepare_workers(data: Any, source_bytes: int) -> int:
     if data.prepare_workers:
         return data.prepare_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if source_bytes > 64 << 20 else 1
+    return cores if source_bytes > 64 << 20 or data.get("hf_streaming") else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,8 @@ def prepare_splits(config: Any, directory: epath.Path, tokenizer_dir: epath.Path
     suffix = split_suffix(d)
     run_once("preparing the data source", lambda: prepare_source(d))
     files = source_files(d)
-    provenance = {**{k: d[k] for k in _SPLIT_FILE_KEYS}, "format": _FORMAT,
+    provenance = {**{k: d[k] for k in _SPLIT_FILE_KEYS}, **({"hf_streaming": True} if d.get("hf_streaming") else {}),
+                  "format": _FORMAT,
                   "source_fingerprint": content_fingerprint(files),
                   "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir)}
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
@@ -202,7 +204,7 @@ def _prepare_split(d: Any, split: str, tokenizer_dir: epath.Path, path: epath.Pa
     docs = load_split(d, split)
     run_everywhere(f"tokenizing the {split} split", lambda: _tokenize_share(
         docs, split, tokenizer_dir, path, provenance, process_shard(), workers, progress and is_leader()))
-    return run_once(f"joining the {split} split", lambda: join_chunks(path, len(docs), provenance))
+    return run_once(f"joining the {split} split", lambda: join_chunks(path, len(split_chunks(docs)), provenance))
 
 
 def _made_from(meta: dict[str, Any] | None, provenance: dict[str, Any]) -> bool:

@@ -30,7 +30,15 @@ from absl import logging as absl_logging
 from etils import epath
 
 from lightjax.data import tiny_shakespeare
-from lightjax.data.corpora import DocumentRange, HFCorpus, ParquetCorpus, hf_split, load_hf_dataset, parquet_files
+from lightjax.data.corpora import (
+    DocumentRange,
+    HFCorpus,
+    ParquetCorpus,
+    hf_split,
+    load_hf_dataset,
+    parquet_files,
+    streamed_splits,
+)
 from lightjax.data.prompts import PromptStyle
 from lightjax.data.records import is_instruction_source, load_records
 from lightjax.data.text import TextFile
@@ -264,8 +272,8 @@ def source_files(data: Any) -> list[epath.Path]:
         return [path / f"{split}.{kind}" for split in ("train", "validation")] if path.is_dir() else [path]
     if source.startswith("parquet:"):
         return [epath.Path(f) for f in parquet_files(source[len("parquet:"):])]
-    if source.startswith("hf:"):
-        return [epath.Path(f) for f in _hf_corpus(data, "train").files()]
+    if source.startswith("hf:"):  # a stream has no local files: its name (in the provenance) stands for it
+        return [] if data.hf_streaming else [epath.Path(f) for f in _hf_corpus(data, "train").files()]
     if source.startswith("tfds:"):
         name = source[len("tfds:"):].split(":")[0]
         root = epath.Path(data.data_dir or tfds.core.constants.DATA_DIR) / name.split("/")[0]
@@ -276,7 +284,11 @@ def source_files(data: Any) -> list[epath.Path]:
 def _hf_corpus(data: Any, split: str) -> Sequence[str]:
     """A split of an `hf:` dataset: its own where it has a validation split, else train's documents split by
     val_fraction."""
-    dataset = load_hf_dataset(data.source)
+    dataset = load_hf_dataset(data.source, data.hf_streaming)
+    if data.hf_streaming:
+        if split == "test":
+            raise ValueError(f"config.data.source={data.source!r}: a stream is read for training and validation only.")
+        return streamed_splits(dataset, data.text_field, data.source, data.val_split, data.val_fraction)[split]
     if split == "test" or hf_split(dataset, "validation", data.val_split, data.source) is not None:
         own = hf_split(dataset, split, data.val_split, data.source)
         if own is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,24 +46,25 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def write_token_file(docs: Sequence[str], tokenizer: Tokenizer, path: str | epath.PathLike,
+def write_token_file(docs: Iterable[str | TextFile], tokenizer: Tokenizer, path: str | epath.PathLike,
                      provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Tokenize `docs` one at a time into the flat file `path` and its metadata (`write_meta`, last).
-    Returns the metadata."""
+    """Tokenize `docs` (a sequence, or a stream read once) one at a time into the flat file `path` and its
+    metadata (`write_meta`, last). Returns the metadata."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
     dtype, count, chars, nbytes = _token_dtype(tokenizer.vocab_size), 0, 0, 0
-    starts = np.zeros(len(docs), np.int64)
+    starts = []
+    ordered = (docs[i] for i in range(len(docs))) if isinstance(docs, Sequence) else docs
     with atomic_path(path) as partial, partial.open("wb") as f:
-        for i in range(len(docs)):
-            starts[i] = count
-            for ids, text in encode_document(docs[i], tokenizer):
+        for doc in ordered:
+            starts.append(count)
+            for ids, text in encode_document(doc, tokenizer):
                 f.write(ids.astype(dtype).tobytes())
                 count, chars, nbytes = count + len(ids), chars + len(text), nbytes + len(text.encode("utf-8"))
     with atomic_path(starts_path(path)) as partial, partial.open("wb") as f:
-        f.write(starts.tobytes())
-    meta = {"tokens": count, "dtype": dtype.name, "documents": len(docs), "characters": chars, "bytes": nbytes,
+        f.write(np.asarray(starts, np.int64).tobytes())
+    meta = {"tokens": count, "dtype": dtype.name, "documents": len(starts), "characters": chars, "bytes": nbytes,
             **(provenance or {})}
     write_meta(path, meta)
     return meta

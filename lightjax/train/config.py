@@ -110,7 +110,10 @@ def _data_defaults() -> ml_collections.ConfigDict:
     d.download_url = tiny_shakespeare.URL  # tiny_shakespeare: where it is downloaded from (a mirror works)
     d.data_dir = ""  # where TFDS datasets are prepared and read ("" = TFDS's default); local, process 0's
     d.text_field = "text"  # tfds:NAME and .jsonl: the field holding the text
-    d.val_split = "validation"  # tfds:NAME: the split used for validation
+    d.val_split = "validation"  # tfds:NAME and hf:: the split used for validation
+    # hf:NAME: read the dataset as a stream (its files, in order) instead of downloading it into the Hub's
+    # cache first; without a validation split, the last val_fraction of its files are held out.
+    d.hf_streaming = False
     # Where the tokenized splits are kept ("" = WORKDIR/data). A shared folder (gs:// works) lets runs on
     # the same data and tokenizer reuse them instead of tokenizing a large corpus again.
     d.tokens_dir = ""
