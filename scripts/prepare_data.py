@@ -1,7 +1,7 @@
 """Prepare a run's data ahead of training: the tokenizer and the tokenized splits, in data.tokens_dir.
 
-    python scripts/prepare_data.py --config configs/pretrain.py --config.data.tokens_dir=tokens/fineweb
-    python scripts/launch.py --processes=4 -- scripts/prepare_data.py --config configs/pretrain.py \\
+    python scripts/prepare_data.py --config configs/pretrain_fineweb.py --config.data.tokens_dir=tokens/fineweb
+    python scripts/launch.py --processes=4 -- scripts/prepare_data.py --config configs/pretrain_fineweb.py \\
         --config.data.tokens_dir=/shared/tokens/fineweb          # every process tokenizes its share
     python scripts/prepare_data.py --config configs/baseline.py --config.data.tokens_dir=tokens/shakespeare \\
         --config.data.tokenizer=spm:tokenizers/spm16k/tokenizer.model --spm_vocab_size=16000
