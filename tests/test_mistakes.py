@@ -144,10 +144,11 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(runs, tmp_
 
 
 def test_prepare_data_on_text_and_instruction_sources(runs):
-    for source in (f"text:{runs / 'records.jsonl'}", f"jsonl:{runs / 'records.jsonl'}"):
+    for kind, source in (("text", f"text:{runs / 'records.jsonl'}"), ("jsonl", f"jsonl:{runs / 'records.jsonl'}")):
         out = run_script("prepare_data.py", "--config", "configs/smoke.py", f"--config.data.source={source}",
-                         "--config.data.tokenizer=byte", "--config.data.text_field=output")
-        splits = [line.split()[0] for line in out.stdout.splitlines()[1:]]
+                         "--config.data.tokenizer=byte", "--config.data.text_field=output",
+                         f"--config.data.tokens_dir={runs / 'prepared' / kind}", "--config.logging.progress=False")
+        splits = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")]
         assert out.returncode == 0 and splits == ["train", "validation"], out.stderr[-1500:]
 
 
