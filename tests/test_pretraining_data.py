@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lightjax.data.chunks import join_chunks, split_chunks, write_chunks
+from lightjax.data.chunks import join_chunks, split_chunks, worker_pool, write_chunks
 from lightjax.data.mixture import MixedRows, interleave, interleave_counts, parse_mixture
 from lightjax.data.pipeline import train_dataset
 from lightjax.data.prepare import write_split
@@ -105,7 +105,8 @@ def test_chunks_written_by_any_number_of_processes_and_workers_equal_one_writer(
     for way, shards in ways.items():
         path = tmp_path / way / "train.tokens"
         for index, count, workers in shards:
-            write_chunks(docs, tmp_path / "tok", path, {"source": "test"}, (index, count), workers)
+            with worker_pool(workers) as pool:
+                write_chunks(docs, tmp_path / "tok", path, {"source": "test"}, (index, count), pool)
         meta = join_chunks(path, len(split_chunks(docs)), {"source": "test"})
         assert (meta["tokens"], meta["documents"], meta["bytes"]) == (one["tokens"], one["documents"], one["bytes"])
         want = open_tokens(tmp_path / "one.tokens")[0:one["tokens"]]

@@ -15,9 +15,10 @@ stopped resumes from its finished chunks. A worker holds one document piece's to
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -63,11 +64,33 @@ def _write_chunk(docs: Sequence[Any], tokenizer_dir: str, path: str, provenance:
     return write_token_file(docs, _WORKER_TOKENIZERS[tokenizer_dir], path, provenance)
 
 
+def _warm_up() -> None:
+    """A worker's first task: the modules that its chunks' documents unpickle into, imported while the
+    parent process is still reading the source."""
+    import lightjax.data.corpora  # noqa: F401
+    import lightjax.data.sources  # noqa: F401
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[futures.ProcessPoolExecutor | None]:
+    """`workers` worker processes for `write_chunks`, started at once (None for one: chunks are then
+    tokenized in this process). One pool serves every split, so that they start once."""
+    if workers <= 1:
+        yield None
+        return
+    # Fresh interpreters: a forked copy of a process that has started JAX's or the tokenizer's threads can hang.
+    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in range(workers):
+            pool.submit(_warm_up)
+        yield pool
+
+
 def write_chunks(docs: Sequence[Any], tokenizer_dir: str | epath.PathLike, path: str | epath.PathLike,
-                 provenance: dict[str, Any], shard: tuple[int, int] = (0, 1), workers: int = 1,
+                 provenance: dict[str, Any], shard: tuple[int, int] = (0, 1),
+                 pool: futures.ProcessPoolExecutor | None = None,
                  on_chunk: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Tokenize this process's chunks of `docs` (chunk c is process c mod P's, `shard` = (p, P)) that are
-    not finished yet, `workers` at a time (1: here; more: worker processes), with the tokenizer saved in
+    not finished yet, in `pool`'s worker processes (`worker_pool`; None: here), with the tokenizer saved in
     `tokenizer_dir`. `on_chunk(meta)` is called as each is finished. Returns the new chunks' metadata."""
     path, index, count = epath.Path(path), *shard
     chunks = split_chunks(docs)
@@ -75,20 +98,13 @@ def write_chunks(docs: Sequence[Any], tokenizer_dir: str | epath.PathLike, path:
             if not _chunk_done(chunk_path(path, c), *chunks[c], {**provenance, "chunk": c})]
     tasks = [(chunks[c][0], str(tokenizer_dir), str(chunk_path(path, c)),
               {**provenance, "chunk": c, "first_document": chunks[c][1]}) for c in todo]
+    results = (futures.as_completed([pool.submit(_write_chunk, *task) for task in tasks]) if pool is not None
+               else (_write_chunk(*task) for task in tasks))
     done = []
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            done.append(_write_chunk(*task))
-            if on_chunk:
-                on_chunk(done[-1])
-        return done
-    # Fresh interpreters: a forked copy of a process that has started JAX's or the tokenizer's threads can hang.
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
-        for future in futures.as_completed([pool.submit(_write_chunk, *task) for task in tasks]):
-            done.append(future.result())
-            if on_chunk:
-                on_chunk(done[-1])
+    for result in results:
+        done.append(result if pool is None else result.result())
+        if on_chunk:
+            on_chunk(done[-1])
     return done
 
 

@@ -9,6 +9,7 @@ instruction records (small, and rendered with a prompt style) by process 0 into 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -19,7 +20,7 @@ from typing import Any
 
 from etils import epath
 
-from lightjax.data.chunks import Progress, join_chunks, split_chunks, write_chunks
+from lightjax.data.chunks import Progress, join_chunks, split_chunks, worker_pool, write_chunks
 from lightjax.data.examples import EXAMPLES_SUFFIX, write_examples
 from lightjax.data.mixture import MixedRows, Mixture
 from lightjax.data.pipeline import process_shard
@@ -66,17 +67,19 @@ def write_split(data: Any, split: str, tokenizer_dir: str | epath.PathLike, path
         tokenizer = load_tokenizer(tokenizer_dir)
         return write_examples(records, PromptStyle(data.prompt_style, data.tokenizer), tokenizer, path, provenance)
     docs = load_split(data, split)
-    _tokenize_share(docs, split, tokenizer_dir, path, provenance, (0, 1), workers, progress)
+    with worker_pool(workers) as pool:
+        _tokenize_share(docs, split, tokenizer_dir, path, provenance, (0, 1), pool, progress)
     return join_chunks(path, len(split_chunks(docs)), provenance)
 
 
 def _tokenize_share(docs: Any, split: str, tokenizer_dir: str | epath.PathLike, path: str | epath.PathLike,
-                    provenance: dict[str, Any], shard: tuple[int, int], workers: int, progress: bool) -> None:
-    """This process's chunks of a text split (`shard` = (its index, the process count)), with a progress bar."""
+                    provenance: dict[str, Any], shard: tuple[int, int], pool: Any, progress: bool) -> None:
+    """This process's chunks of a text split (`shard` = (its index, the process count)) in `pool`'s workers
+    (`chunks.worker_pool`), with a progress bar."""
     total = len(docs) if hasattr(docs, "__len__") else None  # a stream's length is known once read
     bar = Progress(total, split if shard[1] == 1 else f"{split}, process {shard[0]}/{shard[1]}", progress)
     try:
-        write_chunks(docs, tokenizer_dir, path, provenance, shard, workers, bar)
+        write_chunks(docs, tokenizer_dir, path, provenance, shard, pool, bar)
     finally:
         bar.close()
 
@@ -139,15 +142,15 @@ def prepare_splits(config: Any, directory: epath.Path, tokenizer_dir: epath.Path
                       lambda: 0 if _split_folder(directory, suffix, provenance, key) == directory else int(key, 16))
     folder = directory if int(leader_value(chosen or 0)) == 0 else directory / key
     workers = prepare_workers(d, sum(f.stat().length for f in files))
-    for split in _SPLITS:
-        path = folder / f"{split}{suffix}"
-        if _made_from(read_meta(path), provenance):
-            continue
-        start = time.perf_counter()
-        meta = _prepare_split(d, split, tokenizer_dir, path, provenance, workers, progress)
-        if meta is not None:
-            print(_prepared_line(meta, split, path, time.perf_counter() - start), flush=True)
-        barrier(f"prepared the {split} split")
+    todo = [split for split in _SPLITS if not _made_from(read_meta(folder / f"{split}{suffix}"), provenance)]
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(worker_pool(workers)) if todo and _every_process_tokenizes(d) else None
+        for split in todo:
+            path, start = folder / f"{split}{suffix}", time.perf_counter()
+            meta = _prepare_split(d, split, tokenizer_dir, path, provenance, workers, pool, progress)
+            if meta is not None:
+                print(_prepared_line(meta, split, path, time.perf_counter() - start), flush=True)
+            barrier(f"prepared the {split} split")
     return PreparedSplits({split: folder / f"{split}{suffix}" for split in _SPLITS}, d.seq_len, d.pack,
                           d.document_mask)
 
@@ -193,17 +196,23 @@ def _prepared_line(meta: dict[str, Any], split: str, path: epath.Path, seconds: 
             f"({meta['bytes'] / seconds / 1e6:.1f} MB/s, {meta['tokens'] / seconds:,.0f} tokens/s).")
 
 
+def _every_process_tokenizes(d: Any) -> bool:
+    """Whether every process tokenizes its share of the source: text sources; instruction records and TFDS
+    datasets (prepared in process 0's data_dir) are process 0's alone."""
+    return not (is_instruction_source(d.source) or d.source == "tiny_shakespeare" or d.source.startswith("tfds:"))
+
+
 def _prepare_split(d: Any, split: str, tokenizer_dir: epath.Path, path: epath.Path, provenance: dict[str, Any],
-                   workers: int, progress: bool) -> dict[str, Any] | None:
-    """One split file, in a job of any number of processes: a text source's chunks by every process, then
-    joined by process 0; instruction records, and TFDS datasets (prepared in process 0's data_dir), by
-    process 0. Its metadata on process 0, None elsewhere."""
-    if is_instruction_source(d.source) or d.source == "tiny_shakespeare" or d.source.startswith("tfds:"):
+                   workers: int, pool: Any, progress: bool) -> dict[str, Any] | None:
+    """One split file, in a job of any number of processes: a text source's chunks by every process (in
+    `pool`'s workers), then joined by process 0; the other sources by process 0. Its metadata on process 0,
+    None elsewhere."""
+    if not _every_process_tokenizes(d):
         return run_once(f"preparing the {split} split", lambda: write_split(d, split, tokenizer_dir, path, provenance,
                                                                             workers, progress))
     docs = load_split(d, split)
     run_everywhere(f"tokenizing the {split} split", lambda: _tokenize_share(
-        docs, split, tokenizer_dir, path, provenance, process_shard(), workers, progress and is_leader()))
+        docs, split, tokenizer_dir, path, provenance, process_shard(), pool, progress and is_leader()))
     return run_once(f"joining the {split} split", lambda: join_chunks(path, len(split_chunks(docs)), provenance))
 
 
