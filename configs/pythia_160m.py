@@ -4,7 +4,9 @@ over all devices, sequences of 2048 from a TFDS text corpus prepared in ArrayRec
     python scripts/train.py --config configs/pythia_160m.py --config.data.data_dir=/data/tfds --workdir gs://BUCKET/run
 
 Byte-level tokens by default (no download needed); point data.tokenizer at a SentencePiece model
-for subwords. Sized for one GPU or a TPU v5e-8: 256 x 2048 = 524k tokens per step.
+for subwords. 256 x 2048 = 524k tokens per step, in 2 micro-batches with full remat: what fits a TPU
+v5e-8's 16 GB chips (10.4 GiB peak, compiled with scripts/shard_sweep.py --topology v5e-8); on one GPU, raise
+train.grad_accum_steps.
 """
 
 from lightjax.train.config import default_config
@@ -22,7 +24,8 @@ def get_config():
     c.train.global_batch_size = 256  # 0.5M tokens per step
     c.train.max_steps = 20000
     c.train.dtype = "bfloat16"  # compute in bf16, keep float32 master weights
-    c.train.remat = "dots_with_no_batch_dims_saveable"  # keep the weight matmuls, recompute the rest
+    c.train.grad_accum_steps = 2
+    c.train.remat = "full"  # lighter remat needs 16-25 GB a chip at this batch
     c.train.scan_layers = True  # one compiled layer: faster compiles
     c.train.eval_every, c.train.eval_batches, c.train.log_every = 1000, 50, 50
     c.checkpoint.save_every = 1000

@@ -177,7 +177,7 @@ def test_hardware_configs_run_one_step_at_reduced_size(tmp_path, name):
                        row_group_size=2)
         config.data.source, config.data.val_fraction = f"parquet:{tmp_path}/*.parquet", 0.25
         config.data.tokenizer = f"hf:{ROOT / 'tests' / 'data' / 'tiny-llama-hf'}"
-    config.data.seq_len, config.train.global_batch_size = 32, 8
+    config.data.seq_len, config.train.global_batch_size = 32, 8 * config.train.grad_accum_steps
     config.model.n_layer, config.model.n_embd, config.model.intermediate_size = 2, 64, None
     config.model.n_head = 4
     if name == "llama_1b":

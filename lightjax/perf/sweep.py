@@ -252,7 +252,9 @@ def _dcn(r: dict[str, Any]) -> str:
 
 def cost_text(r: dict[str, Any]) -> str:
     usd = r.get("usd_per_million_tokens")
-    return "" if usd is None else "$" + span(usd, "{:.2f}")
+    if usd is None:
+        return ""
+    return "$" + span(usd, "{:.2f}" if max(usd) >= 0.1 else "{:.4f}")  # a small model's cents: still figures
 
 
 def format_row(r: dict[str, Any]) -> str:
