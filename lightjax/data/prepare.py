@@ -18,6 +18,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from lightjax.data.chunks import Progress, join_chunks, split_chunks, worker_pool, write_chunks
@@ -138,11 +139,18 @@ def prepare_splits(config: Any, directory: epath.Path, tokenizer_dir: epath.Path
                   "source_fingerprint": content_fingerprint(files),
                   "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir)}
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
-    chosen = run_once("choosing the data folder",
-                      lambda: 0 if _split_folder(directory, suffix, provenance, key) == directory else int(key, 16))
-    folder = directory if int(leader_value(chosen or 0)) == 0 else directory / key
+
+    def decide() -> list[int]:  # [the folder's key (0: `directory` itself), the splits to prepare as bits]
+        folder = _split_folder(directory, suffix, provenance, key)
+        return [0 if folder == directory else int(key, 16),
+                sum(1 << i for i, split in enumerate(_SPLITS)
+                    if not _made_from(read_meta(folder / f"{split}{suffix}"), provenance))]
+
+    # Process 0's view decides for every process: a TFDS source (its fingerprint) is in its data_dir alone.
+    chosen, mask = (int(x) for x in leader_value(np.asarray(run_once("choosing the data folder", decide) or [0, 0])))
+    folder = directory if chosen == 0 else directory / f"{chosen:012x}"
     workers = prepare_workers(d, sum(f.stat().length for f in files))
-    todo = [split for split in _SPLITS if not _made_from(read_meta(folder / f"{split}{suffix}"), provenance)]
+    todo = [split for i, split in enumerate(_SPLITS) if mask >> i & 1]
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(worker_pool(workers)) if todo and _every_process_tokenizes(d) else None
         for split in todo:
