@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 # Keys whose change would make a resumed run a different experiment. Anything else (logging, eval and
 # checkpoint cadence, max_steps, data paths, workers) may change between a run and its resumption.
 FROZEN_KEYS = ("model.", "data.source", "data.tokenizer", "data.seq_len", "data.text_field", "data.val_split",
-               "data.val_fraction", "data.document_mask", "data.mixture", "data.hf_streaming", "train.seed", "train.global_batch_size", "train.param_dtype",
+               "data.val_fraction", "data.document_mask", "data.mixture", "data.hf_streaming",
+               "train.seed", "train.global_batch_size", "train.param_dtype",
                "train.z_loss", "optim.", "lora.")
 
 
