@@ -74,7 +74,7 @@ def test_changed_model_is_refused(tmp_path):
 # The keys whose change makes a resumed run another experiment (model, data, optimizer, seed, batch,
 # parameter dtype, loss); written out here so that a new config key is a decision, not a default.
 FROZEN = {"data.source", "data.tokenizer", "data.seq_len", "data.text_field", "data.val_split", "data.val_fraction",
-          "data.document_mask",
+          "data.document_mask", "data.hf_streaming", "data.mixture_schedule",
           "train.seed", "train.global_batch_size", "train.param_dtype", "train.z_loss"}
 
 
