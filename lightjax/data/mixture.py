@@ -137,6 +137,7 @@ class MixedRows:
     def __init__(self, sources: list[Rows], mixture: Mixture, seed: int, global_batch: int):
         self.sources, self.mixture, self.global_batch = sources, mixture, global_batch
         self.seq_len, self.note = sources[0].seq_len, "; ".join(r.note for r in sources if r.note)
+        self._document_mask = any(getattr(r, "document_mask", False) for r in sources)
         self._orders = [grain.MapDataset.range(len(r)).shuffle(seed=seed * 7919 + i).repeat(None)
                         for i, r in enumerate(sources)]
         starts, position = [], [0] * len(sources)  # each segment's first row, and each source's position there
@@ -160,7 +161,7 @@ class MixedRows:
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
         source, index = self.locate(g)
         row = self.sources[source][index]
-        if any(getattr(r, "document_mask", False) for r in self.sources) and "segment_ids" not in row:
+        if self._document_mask and "segment_ids" not in row:
             n = int(row["mask"].sum())  # a row of one document: segment 1, positions from 0
             row["segment_ids"] = (np.arange(self.seq_len) < n).astype(np.int32)
             row["positions"] = np.where(row["segment_ids"] > 0, np.arange(self.seq_len), 0).astype(np.int32)
