@@ -35,31 +35,6 @@ _INSTRUCTION = flags.DEFINE_bool("instruction", False, "--workdir of a fine-tuni
                                  "instruction, rendered with the run's data.prompt_style as in training.")
 
 
-def load(workdir, step, hf_dir, export_dir):
-    """(model, params, tokenizer, description, the run's config or None)."""
-    from lightjax.data.tokenizers import load_tokenizer
-    from lightjax.model.gpt import GPT
-
-    if export_dir:
-        from lightjax.convert.export import load_exported
-
-        cfg, params = load_exported(export_dir)
-        return GPT(cfg), params, load_tokenizer(f"{export_dir}/tokenizer"), f"{export_dir} ({cfg.name})", None
-    if hf_dir:
-        from lightjax.convert.hf import load_hf_checkpoint
-        from lightjax.data.tokenizers import load_hf_tokenizer
-
-        cfg, params = load_hf_checkpoint(hf_dir)
-        return GPT(cfg), params, load_hf_tokenizer(hf_dir), f"{hf_dir} ({cfg.name})", None
-    from lightjax.train.checkpoint import restore_params
-    from lightjax.train.config import resolve_model_config
-    from lightjax.train.run import build_model
-
-    config, params, step = restore_params(workdir, step)
-    model = build_model(resolve_model_config(config), config.train)  # with its LoRA adapters, if any
-    return model, params, load_tokenizer(f"{workdir}/tokenizer"), f"{workdir} step {step}", config
-
-
 def prompt_token_ids(prompts, tokenizer, config):
     """Each prompt's ids; with --instruction rendered and encoded as the run's training prompts were."""
     if not _INSTRUCTION.value:
@@ -80,13 +55,14 @@ def prompt_token_ids(prompts, tokenizer, config):
 
 def main(argv):
     del argv
-    if sum(map(bool, (_WORKDIR.value, _HF_DIR.value, _EXPORT_DIR.value))) != 1:
-        sys.exit("generate: give exactly one of --workdir, --hf_dir and --export_dir.")
     from lightjax.model.generate import cut_at_stop, generate
     from lightjax.train.checkpoint import CheckpointError
+    from lightjax.train.load import load_model
 
     try:
-        model, params, tokenizer, source, config = load(_WORKDIR.value, _STEP.value, _HF_DIR.value, _EXPORT_DIR.value)
+        loaded = load_model(_WORKDIR.value, _STEP.value, _HF_DIR.value, _EXPORT_DIR.value)
+        model, params, tokenizer, source, config = (loaded.model, loaded.params, loaded.tokenizer, loaded.description,
+                                                    loaded.config)
         prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
         prompts, ids = prompt_token_ids(prompts, tokenizer, config)
         max_new = _MAX_NEW.value or model.config.block_size - max(len(i) for i in ids)

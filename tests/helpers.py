@@ -106,13 +106,13 @@ def require_hf():
 VOCAB = 100  # of the random Hugging Face models
 
 
-def random_hf_model(hf, config_cls_name, model_cls_name, **config):
+def random_hf_model(hf, config_cls_name, model_cls_name, vocab=VOCAB, **config):
     """An HF model with every tensor random, norms and biases included, so that no weight can be
     dropped or transposed by the conversion without changing the logits."""
     torch, transformers = hf
     torch.manual_seed(0)
     hf_config = getattr(transformers, config_cls_name)(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, **config)
     model = getattr(transformers, model_cls_name)(hf_config).eval()
     with torch.no_grad():

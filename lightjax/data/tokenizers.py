@@ -5,6 +5,10 @@ Every tokenizer has `encode(text) -> int32 array`, `decode(ids) -> str`, `vocab_
 `eos_id`, `pad_id` (None when it has no such token), and `save(dir)`; `load_tokenizer(dir)` reads any
 of them back. A run saves its tokenizer into `WORKDIR/tokenizer/` so that generation and evaluation
 decode exactly what training encoded.
+
+`encode` gives a text's own tokens (what training data is made of); `encode_with_special_tokens` adds
+what a Hugging Face tokenizer adds by default (a Llama's BOS), which is how the model's Hugging Face
+users, and the lm-evaluation-harness, feed it text.
 """
 
 from __future__ import annotations
@@ -41,8 +45,13 @@ class Tokenizer:
     def encode(self, text: str) -> np.ndarray:
         raise NotImplementedError
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         raise NotImplementedError
+
+    def encode_with_special_tokens(self, text: str) -> np.ndarray:
+        """`text`'s ids as the model's Hugging Face tokenizer gives them by default (add_special_tokens=True);
+        the plain ids for a tokenizer that adds nothing (lightjax's own, which train without a BOS)."""
+        return self.encode(text)
 
     def save(self, directory: str | epath.PathLike) -> epath.Path:
         directory = epath.Path(directory)
@@ -87,7 +96,7 @@ class CharTokenizer(Tokenizer):
                              f"vocabulary of {self.vocab_size} (built from the training split).")
         return ids.astype(np.int32)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
         return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
 
@@ -105,7 +114,7 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
@@ -127,6 +136,7 @@ class SentencePieceTokenizer(Tokenizer):
         # SentencePiece says -1 for a special token the model does not have.
         self.bos_id, self.eos_id, self.pad_id = (None if i < 0 else int(i) for i in
                                                  (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()))
+        self._added = self._added_ids()
 
     def __getstate__(self) -> dict[str, Any]:  # Grain workers get a pickled copy: reload the model there
         return {"model_path": self.model_path, "companions": self.companions}
@@ -137,8 +147,23 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._sp.decode([int(i) for i in ids])  # drops BOS/EOS/PAD (control pieces) either way
+
+    def encode_with_special_tokens(self, text: str) -> np.ndarray:
+        """With BOS (and EOS) where the Hugging Face folder's tokenizer_config.json says so (add_bos_token,
+        add_eos_token; a Llama or Gemma folder adds BOS by default); plain for a tokenizer lightjax trained."""
+        head, tail = self._added
+        return np.concatenate([np.asarray(head, np.int32), self.encode(text), np.asarray(tail, np.int32)])
+
+    def _added_ids(self) -> tuple[list[int], list[int]]:
+        settings = self.companions / "tokenizer_config.json" if self.companions else None
+        if settings is None or not settings.is_file():
+            return [], []
+        flags = json.loads(settings.read_text())
+        head = [self.bos_id] if flags.get("add_bos_token", True) and self.bos_id is not None else []
+        tail = [self.eos_id] if flags.get("add_eos_token", False) and self.eos_id is not None else []
+        return head, tail
 
     def _state(self, directory: epath.Path) -> dict[str, Any]:
         _copy_unless_same(self.model_path, directory / self.MODEL_FILE)
@@ -169,8 +194,12 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def encode_with_special_tokens(self, text: str) -> np.ndarray:
+        """With what the file's post-processor adds (transformers' tokenizers follow it too)."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=True).ids, dtype=np.int32)
 
     def _state(self, directory: epath.Path) -> dict[str, Any]:
         _copy_unless_same(self.path, directory / self.SAVED_FILE)

@@ -98,6 +98,12 @@ def _train_defaults() -> ml_collections.ConfigDict:
     t.log_every = 10
     t.eval_every = 250
     t.eval_batches = 20
+    # lm-evaluation-harness tasks scored at every evaluation (the `eval` extra), e.g. 'hellaswag,arc_easy':
+    # at most eval_tasks_limit documents of each, their metrics logged as task/NAME/METRIC. eval_tasks_path:
+    # a folder of task YAML files of your own (local data).
+    t.eval_tasks = ""
+    t.eval_tasks_limit = 100
+    t.eval_tasks_path = ""
     t.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (CPU: measured)
     return t
 

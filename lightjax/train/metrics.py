@@ -130,7 +130,7 @@ def read_metrics(workdir: str | epath.PathLike, warn: bool = False) -> list[dict
 
 def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
     """WORKDIR/loss.png: training loss per step and validation loss at each evaluation (a mixture's: each
-    source's too)."""
+    source's too); beside it, the harness tasks' scores in [0, 1] (accuracies) when the run scored any."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -141,7 +141,9 @@ def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    scores = _task_scores(rows)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4), dpi=120, squeeze=False)
+    ax = axes[0, 0]
     ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation", markersize=4)
@@ -151,14 +153,27 @@ def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(epath.Path(workdir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for key, points in scores.items():
+        axes[0, 1].plot(*zip(*points, strict=True), "o-", label=key.removeprefix("task/"), markersize=4)
+    if scores:
+        axes[0, 1].set(xlabel="step", ylabel="score", title="lm-evaluation-harness tasks")
+    for a in axes[0]:
+        a.grid(alpha=0.3)
+        a.legend()
     out = epath.Path(workdir) / "loss.png"
     fig.tight_layout()
     with out.open("wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
     return out
+
+
+def _task_scores(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """{task/NAME/METRIC: [(step, value)]} of the task metrics whose every value is in [0, 1] (accuracies,
+    exact match; perplexities are left to TensorBoard)."""
+    keys = sorted({k for r in rows for k in r if k.startswith("task/")})
+    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+    return {k: points for k, points in series.items() if all(0.0 <= v <= 1.0 for _, v in points)}
 
 
 CSV_COLUMNS = ("step", "train_loss", "val_loss", "tokens_per_sec", "elapsed_s")

@@ -227,6 +227,10 @@ def _prepare(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) ->
             closing.callback(rows.close)
         evaluate_params = functools.partial(evaluate_sources, run, rows=val_rows, config=config,
                                             tokens_per_char=mixed.tokens_per_char(), weights=mixture.weights_at(0))
+    if config.train.get("eval_tasks"):  # the harness (the `eval` extra) is imported only when asked for
+        from lightjax.train.tasks import with_tasks
+
+        evaluate_params = with_tasks(evaluate_params, run, tokenizer, config)
     closing.callback(train_rows.close)
     if train_rows.note:
         print_once(f"Training data: {train_rows.note}")
@@ -430,8 +434,9 @@ class _Loop:
         self.best_val = min(self.best_val, self.val_loss)
         self.writers.write({"step": self.step, **ev, "tokens_seen": self.tokens_seen(self.step),
                             "elapsed_s": self.clock.elapsed()})
+        tasks = "".join(f" | {k.removeprefix('task/')} {v:.4f}" for k, v in ev.items() if k.startswith("task/"))
         self.progress.message(f"step {self.step:6d} | val_loss {self.val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
-                              f"val_bpc {ev['val_bpc']:.4f}")
+                              f"val_bpc {ev['val_bpc']:.4f}{tasks}")
         return new_best
 
     def _save(self, state: Any) -> None:

@@ -70,6 +70,12 @@ def _check_train(t: Any, check: Check) -> None:
     check(t.attention in ATTENTION_KERNELS, "train.attention", t.attention, _one_of(ATTENTION_KERNELS))
     check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: no evaluation)")
+    check(not t.eval_tasks or t.eval_every > 0, "train.eval_tasks", t.eval_tasks,
+          "runs at evaluation steps, but train.eval_every=0")
+    check(t.eval_tasks_limit > 0, "train.eval_tasks_limit", t.eval_tasks_limit,
+          "must be a positive number of documents")
+    check(not t.eval_tasks_path or Path(t.eval_tasks_path).is_dir(), "train.eval_tasks_path", t.eval_tasks_path,
+          "is not a folder (of task YAML files)")
     check(not t.init_from or _is_weights_dir(t.init_from), "train.init_from", t.init_from,
           "is not an export directory (model_config.json), a Hugging Face one (config.json) or a PEFT adapter "
           "folder (adapter_config.json)")
