@@ -11,12 +11,14 @@
         --config.data.tokenizer=hf:/tmp/corpus/bpe            # tokenizing it ahead of training, four ways
     python scripts/benchmark.py --config configs/baseline.py --generate=1,8
     python scripts/benchmark.py --config configs/baseline.py --vs_torch   # the same step in PyTorch beside it
+    python scripts/benchmark.py --harness --harness_model=pythia-70m --config.data.local_path=input.txt
 
 Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
 data pipeline's tokens/s with 0 and 2 worker processes instead; --prepare the tokens/s of preparing
 the data (scripts/prepare_data.py) on one core, on every core, and as one process per core, beside a
 plain one-core loop of the tokenizer (lightjax/perf/prepare_bench.py); --generate=1,8 decoding tokens/s;
---profile prints where the step's time goes;
+--profile prints where the step's time goes; --harness the requests/s of lm-evaluation-harness tasks
+answered by lightjax and by the harness's hf backend on one random model (lightjax/perf/harness_bench.py);
 --vs_torch alternates this benchmark with the same architecture and batch trained in PyTorch
 (`transformers`' implementation, torch's AdamW and clipping), each in its own process, and prints both
 medians and the ratio.
@@ -57,6 +59,13 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "--vs_torch: rounds of (lightjax, Py
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace --steps steps with JAX's profiler and print where the "
                               "step's time goes, by part of the model (lightjax/perf/profile.py).")
 _TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch step alone (what --vs_torch runs).")
+_HARNESS = flags.DEFINE_bool("harness", False, "Benchmark lm-evaluation-harness requests/s against its hf backend.")
+_HARNESS_MODEL = flags.DEFINE_string("harness_model", "pythia-70m", "--harness: the preset (random weights).")
+_HARNESS_DOCS = flags.DEFINE_integer("harness_docs", 64, "--harness: documents of the choice task (a quarter as many "
+                                     "rolling, half as many generation).")
+_HARNESS_FEWSHOT = flags.DEFINE_integer("harness_fewshot", 0, "--harness: solved examples before each choice "
+                                        "question (leaderboards use 5 to 25).")
+_HARNESS_BATCH = flags.DEFINE_integer("harness_batch", 16, "--harness: rows per forward pass, both backends.")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
 
@@ -77,6 +86,9 @@ def main(argv):
         return
     if _MAKE_CORPUS.value or _PREPARE.value:
         _prepare(config)
+        return
+    if _HARNESS.value:
+        _harness(config)
         return
     if _VS_TORCH.value or _TORCH.value:
         _vs_torch(config)
@@ -158,6 +170,26 @@ def _prepare(config) -> None:
         line = prepare_bench.format_prepare_result(r)
         print(json.dumps(r) if _JSON.value else line + (f" | {r['tokens_per_s'] / loop:.2f}x the plain loop"
                                                          if loop else ""), flush=True)
+
+
+def _harness(config) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from lightjax.data.sources import load_split
+    from lightjax.perf import harness_bench
+
+    train = load_split(config.data, "train")
+    text = "".join(str(train[i]) for i in range(len(train)))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "text.txt").write_text(text)
+        model = harness_bench.write_model(Path(tmp) / "model", Path(tmp) / "text.txt", _HARNESS_MODEL.value)
+        tasks = harness_bench.write_tasks(Path(tmp) / "tasks", text, _HARNESS_DOCS.value, _HARNESS_FEWSHOT.value)
+        results = harness_bench.compare(model, tasks, _HARNESS_BATCH.value)
+    baseline = results[1]["requests_per_s"]
+    for r in results:
+        print(json.dumps(r) if _JSON.value else harness_bench.format_result(r, None if r is results[1] else baseline),
+              flush=True)
 
 
 def _generate_batches() -> list[int]:

@@ -75,7 +75,7 @@ def evaluate_tasks():
     results = run_tasks(lm, _TASKS.value, limit=limit, num_fewshot=_NUM_FEWSHOT.value, manager=manager)
     seconds = time.perf_counter() - start
     print(f"# {loaded.description}: {', '.join(_TASKS.value)} in {seconds:.1f} s "
-          f"({lm.rows_scored:,} rows scored)\n{results_table(results)}")
+          f"({lm.scorer.contexts_computed:,} contexts through the model)\n{results_table(results)}")
     if jax.process_index() != 0:
         return
     if out:

@@ -5,6 +5,7 @@ LoRA run (against their Hugging Face exports), and at a run's evaluation steps."
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,22 +75,31 @@ def test_every_request_is_answered_as_the_hf_backend_answers_it(tmp_path, tasks,
 
 
 def test_scores_of_a_batch_do_not_depend_on_its_other_rows(tasks):
-    """Padding rows, widths and shared rows change nothing: the same requests one at a time and batched
-    score the same; one-token continuations of one context share one row."""
+    """Padding, widths and shared contexts change nothing: requests scored one at a time (batches of one
+    continuation) and in one batch score what a full forward pass over (context + continuation) does; each
+    context goes through the model once per batch, however many continuations it has."""
     folder, _ = tasks
     require_hf()
     loaded = load_model(hf_dir=str(write_hf_model(folder.parent / "single", "gpt_neox")))
-    alone = HarnessModel(loaded.model, loaded.params, loaded.tokenizer, batch_size=1)
-    batched = HarnessModel(loaded.model, loaded.params, loaded.tokenizer, batch_size=16)
+    model, params = loaded.model, loaded.params
+    alone = HarnessModel(model, params, loaded.tokenizer, batch_size=1)
+    batched = HarnessModel(model, params, loaded.tokenizer, batch_size=16)
     question = list(range(10, 30))
-    requests = [(None, question, [c]) for c in (40, 41, 42)]  # one row, three final tokens
-    requests += [(None, question, [40, 43, 44]), (None, [2], list(range(50, 90))), (None, question[:5], [7])]
+    requests = [(None, question, [c]) for c in (40, 41, 42)]  # one context, one-token answers
+    requests += [(None, question, [40, 43, 44]), (None, [2], list(range(50, 90))), (None, question[:5], [7, 8])]
+    requests += [(None, list(range(100, 160)), list(range(160, 170)))]  # cut from the left to 64 positions
     a, b = alone._loglikelihood_tokens(requests, True), batched._loglikelihood_tokens(requests, True)
-    np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], atol=1e-5)
-    assert [x[1] for x in a] == [x[1] for x in b]
-    assert alone.rows_scored == batched.rows_scored == 4
-    one_at_a_time = [alone._loglikelihood_tokens([r], True)[0] for r in requests]
-    np.testing.assert_allclose([x[0] for x in one_at_a_time], [x[0] for x in a], atol=1e-5)
+    logits = np.asarray(model.apply({"params": params}, np.array([list(range(96, 169))[-64:]])))[0]
+    for ctx, cont in [(r[1], r[2]) for r in requests[:6]]:
+        row = np.array([ctx + cont[:-1]])
+        logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, row)[0]))
+        expected = sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont))
+        assert a[requests.index((None, ctx, cont))][0] == pytest.approx(expected, abs=1e-4)
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    assert a[-1][0] == pytest.approx(sum(logp[54 + k, t] for k, t in enumerate(range(160, 170))), abs=1e-4)
+    np.testing.assert_allclose([x[0] for x in b], [x[0] for x in a], atol=1e-5)
+    assert [x[1] for x in b] == [x[1] for x in a]
+    assert batched.scorer.contexts_computed == 4  # the shared question once, the other three contexts once each
 
 
 def _run(tmp_path, base, tasks_dir, lora: bool):

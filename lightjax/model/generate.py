@@ -35,6 +35,15 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def width_bucket(n: int, minimum: int = 16) -> int:
+    """`n` rounded up to one of at most four widths per power of two (16, 20, 24, 28, 32, 40, ...): few
+    compiled programs, at most a quarter of a row of padding."""
+    if n <= minimum:
+        return minimum
+    step = max(1, 1 << ((n - 1).bit_length() - 3))
+    return -(-n // step) * step
+
+
 def top_k_filter(logits: jax.Array, k: jax.Array) -> jax.Array:
     """Keep the k largest logits of each row (k <= 0: all), the rest -inf. Ties with the k-th are kept."""
     vocab = logits.shape[-1]
@@ -56,20 +65,26 @@ def top_p_filter(logits: jax.Array, p: jax.Array) -> jax.Array:
 def sample(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """Next tokens [B] from logits [B, V] (float32): top-k, temperature, top-p, then a draw; greedy
-    (argmax) when temperature is 0."""
-    logits = top_k_filter(logits.astype(jnp.float32), top_k)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-    scaled = jnp.where(top_p < 1.0, top_p_filter(scaled, top_p), scaled)
-    drawn = jax.random.categorical(rng, scaled, axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    (argmax) when temperature is 0. Greedy decoding skips the filters' sorts, which cost a CPU decode
+    step more than the model does at small sizes."""
+
+    def draw(logits: jax.Array) -> jax.Array:
+        logits = top_k_filter(logits, top_k)
+        scaled = logits / temperature
+        scaled = jax.lax.cond(top_p < 1.0, lambda x: top_p_filter(x, top_p), lambda x: x, scaled)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    logits = logits.astype(jnp.float32)
+    return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
 
 
 def _decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, rng: jax.Array, max_new: jax.Array,
               temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, vocab_limit: jax.Array, eos_id: jax.Array,
-              cache_len: int) -> tuple[jax.Array, jax.Array]:
+              stops: jax.Array, cache_len: int) -> tuple[jax.Array, jax.Array]:
     """(new tokens [B, cache_len - P], how many were produced) for left-padded prompts [B, P]. Only ids
-    below `vocab_limit` are sampled: never the padding rows, nor ids a smaller tokenizer cannot decode."""
+    below `vocab_limit` are sampled: never the padding rows, nor ids a smaller tokenizer cannot decode.
+    A row is done after a token of `stops` (a mask over the vocabulary; EOS among them) and then repeats
+    `eos_id`; the loop ends when every row is done."""
     cfg = model.config
     B, P = prompt.shape
     vocab_mask = jnp.arange(cfg.padded_vocab_size) < vocab_limit
@@ -83,7 +98,7 @@ def _decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, r
     logits, cache = model.apply({"params": params}, prompt, cache.replace(length=lengths[0]), method="decode")
     token = next_token(logits, 0)
     out = jnp.zeros((B, cache_len - P), jnp.int32).at[:, 0].set(token)
-    done = token == eos_id
+    done = stops[token]
 
     def running(carry: tuple) -> jax.Array:
         i, _, _, _, done = carry
@@ -94,7 +109,7 @@ def _decode_loop(model: GPT, params: Any, prompt: jax.Array, start: jax.Array, r
         logits, cache = model.apply({"params": params}, token[:, None], cache, method="decode")
         token = jnp.where(done, eos_id, next_token(logits, i))  # finished rows repeat EOS
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        return i + 1, token, cache, out, done | (token == eos_id)
+        return i + 1, token, cache, out, done | stops[token]
 
     # One loop per chunk of the cache: while the cache holds fewer than `length` tokens, the steps
     # write into the chunk that ends there and attend over the chunks up to it.
@@ -136,16 +151,17 @@ def compiled_programs() -> int:
 def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
              seed: int = 0, vocab_size: int | None = None, mesh: Any = None,
-             rules: Rules | None = None) -> list[list[int]]:
-    """New tokens for each prompt (token ids), up to `max_new_tokens` each, cut before `eos_id`, all
-    below `vocab_size` (a tokenizer smaller than the model's vocabulary; default the model's).
+             rules: Rules | None = None, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+    """New tokens for each prompt (token ids), up to `max_new_tokens` each, cut before `eos_id` or after
+    the first of `stop_ids` (tokens that end a row's text, such as those holding a newline), all below
+    `vocab_size` (a tokenizer smaller than the model's vocabulary; default the model's).
     With `mesh` (and its `rules`), runs under it: params may be sharded, the cache is laid out like
     the activations (batch over data/fsdp, kv heads over tensor)."""
     args, cache_len = decode_inputs(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, eos_id=eos_id, seed=seed, vocab_size=vocab_size)
+                                    top_p=top_p, eos_id=eos_id, seed=seed, vocab_size=vocab_size, stop_ids=stop_ids)
     with with_mesh(mesh, rules or ()) if mesh is not None else contextlib.nullcontext():
         out, n = decode_loop()(model, params, *args, cache_len=cache_len)
-    eos = int(args[-1])
+    eos = int(args[-2])
     out, n = np.asarray(out), int(n)
     results = []
     for row in out[:, :n].tolist():
@@ -155,10 +171,11 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
 
 def decode_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-                  seed: int = 0, vocab_size: int | None = None) -> tuple[tuple[Any, ...], int]:
+                  seed: int = 0, vocab_size: int | None = None,
+                  stop_ids: Sequence[int] = ()) -> tuple[tuple[Any, ...], int]:
     """The decode program's arguments after the parameters (left-padded prompts, their starts, the rng,
-    the sampling settings, the sampled vocabulary's size, the EOS id or -1) and its cache length; one
-    error naming any bad value."""
+    the sampling settings, the sampled vocabulary's size, the EOS id or -1, the mask of ids that end a
+    row) and its cache length; one error naming any bad value."""
     if not prompts:
         raise ValueError("No prompt to generate from (give at least one, and num_samples >= 1).")
     if any(len(p) == 0 for p in prompts):
@@ -178,14 +195,16 @@ def decode_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
         raise ValueError(f"top_k={top_k} is negative (0 keeps every token).")
     # Prompts pad to a bucket, the cache to a bucket of that plus the new tokens; near block_size the
     # prompt bucket shrinks so that the new tokens still fit (>= longest, checked above).
-    width = min(bucket(longest), cfg.block_size - max_new_tokens)
+    width = min(width_bucket(longest), cfg.block_size - max_new_tokens)
     cache_len = min(cfg.block_size, bucket(width + max_new_tokens))
     prompt = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
         prompt[row, width - len(p):] = p
     start = np.array([width - len(p) for p in prompts], np.int32)
+    stops = np.zeros(cfg.padded_vocab_size, bool)
+    stops[[i for i in (*stop_ids, eos_id) if i is not None and 0 <= i < cfg.padded_vocab_size]] = True
     args = (prompt, start, jax.random.PRNGKey(seed), np.int32(max_new_tokens), np.float32(temperature),
-            np.int32(top_k), np.float32(top_p), np.int32(limit), np.int32(-1 if eos_id is None else eos_id))
+            np.int32(top_k), np.float32(top_p), np.int32(limit), np.int32(-1 if eos_id is None else eos_id), stops)
     return args, cache_len
 
 

@@ -12,24 +12,18 @@ scores there: a context and continuation are encoded together and split where th
 end, special tokens (a Llama's BOS) are added where the model's Hugging Face tokenizer adds them, and an
 empty context is the BOS token (else EOS).
 
-Scoring: a request is one input row, (context + continuation)[:-1] cut from the left to the model's length;
-requests with equal rows (one-token choices after one question) share it. Rows are sorted by length,
-batched, right-padded to a power-of-two width (one compiled program per width) and split over the mesh's
-batch axes; the program returns each position's target log-probability and whether it is the argmax, and
-the final position's log-probabilities of the tokens asked for, never the logits.
+Scoring is lightjax/model/score.py's: each context once for all of its continuations. Generation is
+lightjax/model/generate.py's cached decoding, stopping a row at the first token that holds a stop sequence.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -37,26 +31,12 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from lightjax.data.tokenizers import Tokenizer
-from lightjax.model.generate import bucket, generate
+from lightjax.model.generate import generate
 from lightjax.model.gpt import GPT
-from lightjax.runtime.sharding import RULE_SETS, Rules, make_mesh, shard_batch, with_mesh
+from lightjax.model.score import Scorer, rows_bucket
+from lightjax.runtime.sharding import RULE_SETS, Rules, make_mesh
 
 Request = tuple[Any, list[int], list[int]]  # (the request's strings or None, context ids, continuation ids)
-
-
-def _score(model: GPT, params: Any, tokens: jax.Array, last: jax.Array,
-           candidates: jax.Array) -> tuple[jax.Array, ...]:
-    """For rows `tokens` [B, W] whose last real position is `last` [B]: each position's log-probability of
-    the next token in the row and whether it is the argmax ([B, W] each), and at the last position the
-    log-probabilities of `candidates` [B, K] and the argmax [B]."""
-    logits = model.apply({"params": params}, tokens).astype(jnp.float32)
-    norm = jax.nn.logsumexp(logits, axis=-1)  # [B, W]; no log-softmax of the whole [B, W, V] is kept
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - norm
-    greedy = jnp.argmax(logits, axis=-1)
-    final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
-    final_lp = jnp.take_along_axis(final, candidates, axis=-1) - jnp.take_along_axis(norm, last[:, None], axis=1)
-    return target_lp, greedy == targets, final_lp, jnp.take_along_axis(greedy, last[:, None], axis=1)[:, 0]
 
 
 class HarnessModel(TemplateLM):
@@ -81,14 +61,13 @@ class HarnessModel(TemplateLM):
             params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.model, self.params, self.tokenizer, self.name = model, params, tokenizer, name
         self.mesh, self.rules = mesh, rules or RULE_SETS["replicated"]
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_size = -(-batch_size // shards) * shards
         self._max_length, self._max_gen_toks = max_length or block, max_gen_toks
-        self._score = jax.jit(functools.partial(_score, model))
+        self.scorer = Scorer(model, self.mesh, self.rules, batch_size, self._max_length)
+        self.batch_size = self.scorer.batch_size
         bos = tokenizer.bos_id
         self._bos_text = None if bos is None else tokenizer.decode([bos])
-        self.rows_scored = 0  # forward-pass rows (requests that share a row count once), for benchmarks
         self.quiet = quiet  # no progress bars (inside a training run)
+        self._stops: dict[tuple[str, ...], list[int]] = {}  # stop sequences -> the ids that hold one
 
     @property
     def eot_token_id(self) -> int:
@@ -133,61 +112,12 @@ class HarnessModel(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
         """(log-probability, is greedy) of each request's continuation after its context."""
-        rows: dict[tuple[int, ...], list[int]] = {}  # input row -> the final tokens asked for after it
-        keys = []
-        for _, context, continuation in requests:
-            if not continuation:
-                raise ValueError(f"A request's continuation encodes to no token (context ends {context[-8:]}).")
-            if len(continuation) > self.max_length:
-                raise ValueError(f"A continuation of {len(continuation)} tokens is longer than max_length="
-                                 f"{self.max_length}.")
-            row = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            asked = rows.setdefault(row, [])
-            if continuation[-1] not in asked:
-                asked.append(continuation[-1])
-            keys.append((row, len(continuation), continuation[-1]))
-        scores = self._score_rows(rows, disable_tqdm)
-        results = []
-        for (row, n, final), (target_lp, greedy, final_lp, final_greedy) in zip(
-                keys, (scores[k[0]] for k in keys), strict=True):
-            span = slice(len(row) - n, len(row) - 1)  # positions predicting the continuation but its last token
-            k = rows[row].index(final)
-            results.append((float(target_lp[span].sum() + final_lp[k]),
-                            bool(greedy[span].all() and final_greedy == final)))
+        with tqdm(total=len(requests), disable=disable_tqdm or self.quiet, desc="Scoring") as bar:
+            results = self.scorer(self.params, [(ctx, cont) for _, ctx, cont in requests], bar.update)
         for (strings, _, _), answer in zip(requests, results, strict=True):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
         return results
-
-    def _score_rows(self, rows: dict[tuple[int, ...], list[int]], disable_tqdm: bool) -> dict[tuple[int, ...], tuple]:
-        """Each row's (target log-probs, is-argmax flags, candidates' log-probs, final argmax), on host."""
-        order = sorted(rows, key=lambda r: (-len(r), r))
-        k = bucket(max((len(c) for c in rows.values()), default=1), minimum=1)
-        out = {}
-        with tqdm(total=len(order), disable=disable_tqdm or self.quiet, desc="Scoring rows") as bar:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                width = min(bucket(len(chunk[0])), self.max_length)
-                tokens = np.zeros((self.batch_size, width), np.int32)
-                last = np.zeros(self.batch_size, np.int32)
-                candidates = np.zeros((self.batch_size, k), np.int32)
-                for i, row in enumerate(chunk):
-                    tokens[i, :len(row)], last[i] = row, len(row) - 1
-                    candidates[i, :len(rows[row])] = rows[row]
-                batch = self._place({"tokens": tokens, "last": last, "candidates": candidates})
-                with with_mesh(self.mesh, self.rules):
-                    result = [np.asarray(x) for x in self._score(self.params, **batch)]
-                for i, row in enumerate(chunk):
-                    out[row] = tuple(x[i] for x in result)
-                self.rows_scored += len(chunk)
-                bar.update(len(chunk))
-        return out
-
-    def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's share of a batch (every process holds the same requests), on the mesh."""
-        rows = self.batch_size // jax.process_count()
-        mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-        return shard_batch({key: x[mine] for key, x in batch.items()}, self.mesh)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Each text's log-likelihood: its tokens (with the special tokens the tokenizer adds) predicted in
@@ -234,11 +164,23 @@ class HarnessModel(TemplateLM):
         ids = [self.tok_encode(c, left_truncate_len=room) for c in contexts]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         texts: list[str] = [""] * len(ids)
+        stop_ids = self._stop_ids(tuple(until))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            prompts = [ids[i] for i in chunk] + [ids[chunk[-1]]] * (self.batch_size - len(chunk))  # one program
+            rows = rows_bucket(len(chunk), self.scorer.shards)  # a few batch sizes, a few programs
+            prompts = [ids[i] for i in chunk] + [ids[chunk[-1]]] * (rows - len(chunk))
             new = generate(self.model, self.params, prompts, max_new, eos_id=self.eot_token_id,
-                           vocab_size=self.tokenizer.vocab_size, mesh=self.mesh, rules=self.rules, **sampling)
+                           vocab_size=self.tokenizer.vocab_size, mesh=self.mesh, rules=self.rules, stop_ids=stop_ids,
+                           **sampling)
             for i, tokens in zip(chunk, new, strict=False):
                 texts[i] = postprocess_generated_text(self.tok_decode(tokens, skip_special_tokens=True), until, None)
         return texts
+
+    def _stop_ids(self, until: tuple[str, ...]) -> list[int]:
+        """The ids whose text holds a stop sequence: a row that produces one is done (its text is cut there
+        anyway), so that generation ends when every row is, as the hf backend's stopping criteria end it."""
+        if until not in self._stops:
+            stops = [s for s in until if s]
+            self._stops[until] = [i for i in range(self.tokenizer.vocab_size)
+                                  if any(s in self.tokenizer.decode([i]) for s in stops)]
+        return self._stops[until]
