@@ -1,0 +1,69 @@
+"""Preference tuning: the DPO objective (Rafailov et al. 2023) and IPO (Azar et al. 2023) on rows holding a
+chosen/rejected pair (data/preferences.py), with the metrics TRL's DPOTrainer logs.
+
+A pair's log-likelihoods come from one forward pass over its row (each side its own document): the summed
+log-probabilities of the chosen and of the rejected response tokens, under the policy and under the
+reference. With the log-ratios r_c = log pi(chosen) - log ref(chosen) and r_r likewise:
+
+- sigmoid (DPO): -log sigmoid(beta (r_c - r_r)); with label_smoothing e, the conservative form
+  -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d) (cDPO, as TRL's sigmoid loss had it).
+- ipo: ((r_c / n_c - r_r / n_r) - 1 / (2 beta))^2, each log-ratio averaged over its response's tokens
+  (TRL's normalisation, which the IPO authors confirmed).
+
+Rewards are beta times the log-ratios; a pair is an accurate one when the chosen reward is the larger.
+Every quantity is kept as a sum over pairs beside the pair count, so that micro-batches and devices add
+up exactly, as the next-token loss does (loss.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lightjax.model.gpt import GPT
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
+
+
+def response_logps(model: GPT, params: Any, batch: Mapping[str, jax.Array],
+                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) [B]: each row's summed log-probabilities of its chosen and rejected response
+    tokens (float32). With `rng` dropout is active (when the model has any)."""
+    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    kwargs = {"segment_ids": batch["segment_ids"]}
+    if rng is not None:
+        kwargs.update(deterministic=model.config.dropout == 0, rngs={"dropout": rng})
+    logits = model.apply({"params": params}, inputs, batch["positions"], **kwargs).astype(jnp.float32)
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    return (jnp.sum(logp * batch["chosen_mask"], axis=-1), jnp.sum(logp * batch["rejected_mask"], axis=-1))
+
+
+def pair_losses(policy: tuple[jax.Array, jax.Array], reference: tuple[jax.Array, jax.Array],
+                lengths: tuple[jax.Array, jax.Array], beta: float, loss: str = "sigmoid",
+                label_smoothing: float = 0.0) -> jax.Array:
+    """Each pair's loss [B] from the (chosen, rejected) log-likelihoods of the policy and the reference
+    and the responses' token counts."""
+    chosen_ratio, rejected_ratio = policy[0] - reference[0], policy[1] - reference[1]
+    if loss == "sigmoid":
+        d = beta * (chosen_ratio - rejected_ratio)
+        return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(d) - label_smoothing * jax.nn.log_sigmoid(-d)
+    if loss == "ipo":
+        d = chosen_ratio / jnp.maximum(lengths[0], 1.0) - rejected_ratio / jnp.maximum(lengths[1], 1.0)
+        return jnp.square(d - 1.0 / (2.0 * beta))
+    raise ValueError(f"config.preference.loss={loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}.")
+
+
+def pair_sums(policy: tuple[jax.Array, jax.Array], reference: tuple[jax.Array, jax.Array], beta: float,
+              counted: jax.Array) -> dict[str, jax.Array]:
+    """TRL's metrics as sums over the counted pairs (`counted` [B], 0 for padding rows): rewards/chosen,
+    rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected."""
+    chosen_reward = beta * (policy[0] - reference[0])
+    rejected_reward = beta * (policy[1] - reference[1])
+    per_pair = {"rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
+                "rewards/margins": chosen_reward - rejected_reward,
+                "rewards/accuracies": (chosen_reward > rejected_reward).astype(jnp.float32),
+                "logps/chosen": policy[0], "logps/rejected": policy[1]}
+    return {k: jnp.sum(jax.lax.stop_gradient(v) * counted) for k, v in per_pair.items()}

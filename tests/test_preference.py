@@ -1,0 +1,146 @@
+"""Preference tuning's pieces (data/preferences.py, train/preference.py): pairs read in TRL's three forms
+and laid out as rows, and the DPO and IPO objectives with TRL's metrics, equal to TRL's DPOTrainer on a
+tiny random model and a fixed batch of pairs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lightjax.data.preferences import PairRows, as_pair, write_pairs
+from lightjax.data.prompts import PromptStyle
+from lightjax.data.records import Record
+from lightjax.data.tokenizers import ByteTokenizer
+from lightjax.train.preference import pair_losses, pair_sums, response_logps
+from tests.helpers import random_hf_model, require_hf
+
+
+def _record(where="pairs.jsonl:1", **fields):
+    r = Record(fields)
+    r.where = where
+    return r
+
+
+MESSAGES = [{"role": "user", "content": "Name a prime."}]
+FORMS = {
+    "strings": _record(prompt="Name a prime.", chosen="7", rejected="8"),
+    "conversations": _record(chosen=MESSAGES + [{"role": "assistant", "content": "7"}],
+                             rejected=MESSAGES + [{"role": "assistant", "content": "8"}]),
+    "prompt apart": _record(prompt=MESSAGES, chosen=[{"role": "assistant", "content": "7"}],
+                            rejected=[{"role": "assistant", "content": "8"}]),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_is_one_prompt_and_two_responses(tmp_path, form):
+    style = PromptStyle("alpaca")
+    chosen, rejected = (style(side) for side in as_pair(FORMS[form]))
+    assert chosen[0] == rejected[0] and "Name a prime." in chosen[0] and (chosen[1], rejected[1]) == ("7", "8")
+    meta = write_pairs([FORMS[form]] * 3, style, ByteTokenizer(), tmp_path / "train.pairs.npz")
+    rows = PairRows.load(tmp_path / "train.pairs.npz", seq_len=511)
+    assert meta["pairs"] == len(rows) == 3 and rows.note == ""
+    row = rows[1]
+    tokens, seg = row["tokens"], row["segment_ids"]
+    # The chosen side is segment 1, the rejected side segment 2; each mask marks its response and EOS.
+    assert bytes(tokens[1:][row["chosen_mask"] == 1][:-1].astype(np.uint8)) == b"7"
+    assert bytes(tokens[1:][row["rejected_mask"] == 1][:-1].astype(np.uint8)) == b"8"
+    assert set(seg[row["chosen_mask"] == 1]) == {1} and set(seg[row["rejected_mask"] == 1]) == {2}
+    assert row["positions"][seg == 2][0] == 0  # the rejected side starts its own positions
+
+
+def test_bad_pairs_are_named_and_long_ones_counted(tmp_path):
+    with pytest.raises(ValueError, match=r"pairs.jsonl:4: 'chosen' and 'rejected' differ before their last"):
+        as_pair(_record("pairs.jsonl:4", chosen=MESSAGES + [{"role": "assistant", "content": "7"}],
+                        rejected=[{"role": "user", "content": "Other."}, {"role": "assistant", "content": "8"}]))
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: string 'chosen' and 'rejected' need a string 'prompt'"):
+        as_pair(_record("pairs.jsonl:2", chosen="7", rejected="8"))
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: a preference record needs 'chosen' and 'rejected'"):
+        as_pair(_record("pairs.jsonl:3", prompt="p", chosen="7"))
+    long = _record(prompt="p", chosen="x" * 400, rejected="y")
+    write_pairs([long, FORMS["strings"]], PromptStyle("alpaca"), ByteTokenizer(), tmp_path / "p.pairs.npz")
+    rows = PairRows.load(tmp_path / "p.pairs.npz", seq_len=511)
+    assert rows.cut == 1 and "1 of 2 pairs have a side longer than half a row (256 tokens" in rows.note
+    assert rows[0]["chosen_mask"].sum() > 0 and (rows[0]["segment_ids"] == 1).sum() == 256
+
+
+def _trl_batch_metrics(tmp_path, pairs, loss_type):
+    """TRL's DPOTrainer's loss and logged metrics on `pairs` (token ids) with the saved policy and reference."""
+    torch, transformers = require_hf()
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    policy, reference = (load(tmp_path / name, attn_implementation="eager").eval() for name in ("policy", "reference"))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")),
+                                                     pad_token="<pad>", eos_token="</s>")
+    # bf16=False: TRL's configs default to bfloat16 autocast, which its reference forward then runs under.
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], report_to=[], use_cpu=True,
+                     bf16=False, per_device_train_batch_size=len(pairs))
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4))
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(trainer.model, DataCollatorForPreference(pad_token_id=0)(pairs)))
+    return loss, {k: v[-1] for k, v in trainer._metrics["eval"].items() if k.startswith(("rewards/", "logps/"))}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trl(tmp_path, loss_type):
+    torch, _ = hf = require_hf()
+    from lightjax.convert.hf import load_hf_checkpoint
+    from lightjax.model.gpt import GPT
+
+    random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2).save_pretrained(tmp_path / "policy")
+    reference = random_hf_model(hf, "LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
+    with torch.no_grad():  # the reference a step away from the policy, as after some training
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path / "reference")
+    rng = np.random.default_rng(0)
+    pairs = [{"prompt_ids": rng.integers(3, 100, 5 + i).tolist(),
+              "chosen_ids": rng.integers(3, 100, 3 + i % 3).tolist(),
+              "rejected_ids": rng.integers(3, 100, 2 + (2 * i) % 5).tolist()} for i in range(4)]
+    trl_loss, trl_metrics = _trl_batch_metrics(tmp_path, pairs, loss_type)
+
+    ids, starts, prompt_lens = [], [0], []
+    for p in pairs:
+        for side in ("chosen_ids", "rejected_ids"):
+            ids += p["prompt_ids"] + p[side]
+            starts.append(len(ids))
+            prompt_lens.append(len(p["prompt_ids"]))
+    rows = PairRows(np.array(ids), np.array(starts), np.array(prompt_lens), seq_len=40)
+    batch = {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in rows[0]}
+    cfg, policy = load_hf_checkpoint(tmp_path / "policy")
+    _, ref = load_hf_checkpoint(tmp_path / "reference")
+    model = GPT(cfg)
+    ours, theirs = response_logps(model, policy, batch), response_logps(model, ref, batch)
+    lengths = (batch["chosen_mask"].sum(-1).astype(np.float32), batch["rejected_mask"].sum(-1).astype(np.float32))
+    loss = float(pair_losses(ours, theirs, lengths, 0.1, loss_type).mean())
+    assert loss == pytest.approx(trl_loss, abs=1e-5)
+    sums = pair_sums(ours, theirs, 0.1, np.ones(len(pairs), np.float32))
+    assert set(sums) == set(trl_metrics)
+    for key, value in trl_metrics.items():
+        assert float(sums[key]) / len(pairs) == pytest.approx(value, abs=1e-5), key
+
+
+def test_label_smoothing_is_conservative_dpo():
+    policy = (np.array([-3.0, -5.0]), np.array([-4.0, -2.0]))
+    reference = (np.array([-3.5, -4.0]), np.array([-4.0, -2.5]))
+    lengths = (np.array([2.0, 3.0]), np.array([2.0, 1.0]))
+    d = 0.5 * ((policy[0] - reference[0]) - (policy[1] - reference[1]))
+    expected = -(0.9 * np.log(1 / (1 + np.exp(-d))) + 0.1 * np.log(1 / (1 + np.exp(d))))
+    np.testing.assert_allclose(pair_losses(policy, reference, lengths, 0.5, "sigmoid", 0.1), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="config.preference.loss='hinge' is not one of sigmoid, ipo"):
+        pair_losses(policy, reference, lengths, 0.5, "hinge")
+
+
+def test_a_preference_file_round_trips(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(dict(r)) + "\n" for r in FORMS.values()))
+    from lightjax.data.records import load_records
+
+    records = load_records(f"jsonl:{path}", "train", 0.34)
+    assert [as_pair(r)[0]["messages"][-1]["content"] if "messages" in as_pair(r)[0] else as_pair(r)[0]["output"]
+            for r in records] == ["7", "7"]
