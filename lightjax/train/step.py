@@ -56,24 +56,48 @@ def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]
     return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
-def _summed_grads(grad_fn: Any, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
-                  micro_batches: int) -> tuple[Any, jax.Array, jax.Array]:
-    """(gradient sums, NLL sum, counted tokens) over the batch, in `micro_batches` sequential parts."""
+def summed_grads(grad_fn: Any, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+                 micro_batches: int) -> tuple[Any, Any]:
+    """(gradient sums, sums of the loss function's aux values) over the batch, in `micro_batches`
+    sequential parts; `grad_fn(params, batch, rng) -> ((objective, aux), grads)`, aux a tree of sums."""
     if micro_batches == 1:
-        (_, (nll_sum, count)), grads = grad_fn(params, batch, rng)
-        return grads, nll_sum, count
+        (_, aux), grads = grad_fn(params, batch, rng)
+        return grads, aux
 
     def micro_step(carry: tuple, xs: tuple) -> tuple[tuple, None]:
-        g_acc, nll_acc, n_acc = carry
+        g_acc, aux_acc = carry
         micro, i = xs
-        (_, (nll, n)), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        (_, aux), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        return (g_acc, nll_acc + nll, n_acc + n), None
+        return (g_acc, jax.tree.map(jnp.add, aux_acc, aux)), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     xs = (_split_micro(batch, micro_batches), jnp.arange(micro_batches))
-    (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), xs)
-    return grads, nll_sum, count
+    aux_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], xs[0]), rng)[0][1]
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+             jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shapes))
+    (grads, aux), _ = jax.lax.scan(micro_step, zeros, xs)
+    return grads, aux
+
+
+def apply_update(state: TrainState, tx: optax.GradientTransformation, trained: Any, frozen: Any, grads: Any,
+                 count: jax.Array, skip_nonfinite: bool = False,
+                 loss: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The state after the update of the summed `grads` divided once by `count` (the counted tokens or
+    pairs: any split into micro-batches gives the same update), and its grad_norm (and `skipped` with
+    skip_nonfinite: an update whose `loss` or gradients are not finite is not applied)."""
+    denom = jnp.maximum(count, 1.0)
+    with jax.named_scope("optimizer"):  # names the ops in profiles (lightjax/perf/profile.py)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trained)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        params = lora.combine(optax.apply_updates(trained, updates), frozen)
+        grad_norm = optax.tree.norm(grads)
+    metrics = {"grad_norm": grad_norm}
+    if skip_nonfinite:
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics["skipped"] = ~ok
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: TrainState,
@@ -89,25 +113,15 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, schedule: opta
         # Gradients of the trained parameters only (LoRA: the adapters; the frozen weights get none).
         trained, frozen = lora.trainable(model.config, state.params)
         grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(lora.combine(p, frozen), b, r), has_aux=True)
-        grads, nll_sum, count = _summed_grads(grad_fn, trained, batch, rng, grad_accum_steps)
-        # Sums over all counted tokens, divided once: any split into micro-batches gives the same update.
-        denom = jnp.maximum(count, 1.0)
-        with jax.named_scope("optimizer"):  # names the ops in profiles (lightjax/perf/profile.py)
-            grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trained)
-            updates, opt_state = tx.update(grads, state.opt_state, trained)
-            params = lora.combine(optax.apply_updates(trained, updates), frozen)
-            grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": nll_sum / denom, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count}
+        grads, (nll_sum, count) = summed_grads(grad_fn, trained, batch, rng, grad_accum_steps)
+        loss = nll_sum / jnp.maximum(count, 1.0)
+        state, update = apply_update(state, tx, trained, frozen, grads, count, skip_nonfinite, loss)
+        metrics = {"loss": loss, "lr": schedule(state.step - 1), "tokens": count, **update}
         if "positions" in batch:  # document masks: the keys each query attends to, on average (for MFU)
             counted = batch["segment_ids"] > 0
             metrics["attended_keys"] = (jnp.sum(jnp.where(counted, batch["positions"] + 1, 0))
                                         / jnp.maximum(jnp.sum(counted), 1))
-        if skip_nonfinite:
-            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                                             (params, opt_state), (state.params, state.opt_state))
-            metrics["skipped"] = ~ok
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state, metrics
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
