@@ -144,3 +144,80 @@ def test_a_preference_file_round_trips(tmp_path):
     records = load_records(f"jsonl:{path}", "train", 0.34)
     assert [as_pair(r)[0]["messages"][-1]["content"] if "messages" in as_pair(r)[0] else as_pair(r)[0]["output"]
             for r in records] == ["7", "7"]
+
+
+def _pair_batch(seed=0, pairs=4, seq_len=32, vocab=96):
+    rng = np.random.default_rng(seed)
+    ids, starts, prompt_lens = [], [0], []
+    for i in range(pairs):
+        prompt = rng.integers(3, vocab, 4 + i % 3).tolist()
+        for n in (3 + i % 4, 2 + (3 * i) % 5):
+            ids += prompt + rng.integers(3, vocab, n).tolist()
+            starts.append(len(ids))
+            prompt_lens.append(len(prompt))
+    rows = PairRows(np.array(ids), np.array(starts), np.array(prompt_lens), seq_len=seq_len)
+    return {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in rows[0]}
+
+
+def _preference_run(lora_rank):
+    import jax
+
+    from lightjax.runtime.sharding import shard_batch
+    from lightjax.train.optim import lr_schedule, make_optimizer
+    from lightjax.train.preference import make_preference_step
+    from lightjax.train.run import build_run
+    from tests.helpers import tiny_run_config
+
+    c = tiny_run_config("llama")
+    c.data.seq_len, c.train.global_batch_size, c.lora.rank, c.optim.lr = 32, 4, lora_rank, 1e-2
+    run = build_run(c, jax.devices()[:1])
+    state = run.init_state()
+    step = make_preference_step(run.model, make_optimizer(c.optim, 10), lr_schedule(c.optim, 10), run.shardings,
+                                shard_batch(_pair_batch(), run.mesh)["tokens"].sharding, SETTINGS)
+    return run, state, step, shard_batch(_pair_batch(), run.mesh)
+
+
+SETTINGS = {"beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0}
+
+
+def test_full_tuning_keeps_its_reference_frozen():
+    """Each step's rewards are the policy's log-ratios against the initial parameters: after three updates
+    they are what preference_sums computes against the initial ones (and not zero, as they would be
+    against the moving policy)."""
+    import jax
+
+    from lightjax.train.preference import preference_sums
+
+    run, state, step, batch = _preference_run(0)
+    initial = jax.tree.map(lambda x: x.copy(), state.params)
+    for _ in range(3):
+        state, metrics = step(state, batch, initial)
+    before = jax.tree.map(lambda x: x.copy(), state.params)
+    state, metrics = step(state, batch, initial)
+    _, sums = preference_sums(run.model, before, initial, batch, SETTINGS)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "loss"):
+        assert float(metrics[key]) == pytest.approx(float(sums[key]) / float(sums["pairs"]), abs=1e-6), key
+    assert abs(float(metrics["rewards/margins"])) > 1e-3 and float(metrics["rewards/accuracies"]) > 0.5
+
+
+def test_lora_reference_is_the_base_with_the_adapters_off():
+    """The reference of a LoRA run computes the base model bit for bit, and the base weights never move."""
+    import jax
+
+    from lightjax.model import lora
+    from lightjax.model.gpt import GPT
+    from lightjax.train.preference import adapters_off, response_logps
+
+    run, state, step, batch = _preference_run(4)
+    base = jax.tree.map(lambda x: np.asarray(x).copy(), lora.split(state.params)[1])
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    adapters, now = lora.split(state.params)
+    assert any(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(adapters))  # the adapters learned
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, now), base)
+    plain_cfg, _ = lora.merge(run.model.config, state.params)
+    off = response_logps(run.model, adapters_off(run.model.config, state.params), batch)
+    plain = response_logps(GPT(plain_cfg), base, batch)
+    for a, b in zip(off, plain, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(metrics["rewards/accuracies"]) > 0.5

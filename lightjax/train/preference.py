@@ -22,8 +22,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from lightjax.model import lora
 from lightjax.model.gpt import GPT
+from lightjax.train.step import TrainState, apply_update, summed_grads
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
 
@@ -67,3 +71,58 @@ def pair_sums(policy: tuple[jax.Array, jax.Array], reference: tuple[jax.Array, j
                 "rewards/accuracies": (chosen_reward > rejected_reward).astype(jnp.float32),
                 "logps/chosen": policy[0], "logps/rejected": policy[1]}
     return {k: jnp.sum(jax.lax.stop_gradient(v) * counted) for k, v in per_pair.items()}
+
+
+def _lengths(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    return (jnp.sum(batch["chosen_mask"], axis=-1).astype(jnp.float32),
+            jnp.sum(batch["rejected_mask"], axis=-1).astype(jnp.float32))
+
+
+def adapters_off(cfg: Any, params: Any) -> Any:
+    """A LoRA model's parameters with every adapter zeroed: the frozen base model, computed exactly (the
+    adapters' branch adds zeros), without a second copy of its weights."""
+    adapters, base = lora.split(params)
+    return lora.combine(jax.tree.map(jnp.zeros_like, adapters), base)
+
+
+def preference_sums(model: GPT, params: Any, reference: Any, batch: Mapping[str, jax.Array],
+                    settings: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the summed loss of the batch's pairs, {loss, pairs, and TRL's metrics} as sums) for the policy
+    `params` against the `reference` parameters (held fixed: no gradient reaches them). Dropout is off in
+    both, as TRL's DPOTrainer has it by default. A row without both responses (padding) counts for nothing."""
+    policy = response_logps(model, params, batch)
+    ref = jax.lax.stop_gradient(response_logps(model, reference, batch))
+    lengths = _lengths(batch)
+    counted = ((lengths[0] > 0) & (lengths[1] > 0)).astype(jnp.float32)
+    losses = pair_losses(policy, ref, lengths, settings["beta"], settings["loss"],
+                         settings.get("label_smoothing", 0.0)) * counted
+    return jnp.sum(losses), {"loss": jnp.sum(losses), "pairs": jnp.sum(counted),
+                             **pair_sums(policy, ref, settings["beta"], counted)}
+
+
+def make_preference_step(model: GPT, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                         shardings: Any, batch_sharding: NamedSharding, settings: Mapping[str, Any],
+                         grad_accum_steps: int = 1, skip_nonfinite: bool = False) -> Any:
+    """The jitted step of preference tuning, the state donated: step(state, batch) for a LoRA run, whose
+    reference is its own base with the adapters off; step(state, batch, reference) for full tuning, the
+    frozen reference parameters laid out as the state's. Metrics: loss (per pair), pairs, grad_norm, lr,
+    and TRL's rewards/... and logps/... (means over the pairs)."""
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array], reference: Any) -> tuple[TrainState, dict]:
+        trained, frozen = lora.trainable(model.config, state.params)
+        ref = adapters_off(model.config, state.params) if reference is None else reference
+        grad_fn = jax.value_and_grad(
+            lambda p, b, _: preference_sums(model, lora.combine(p, frozen), ref, b, settings), has_aux=True)
+        grads, sums = summed_grads(grad_fn, trained, batch, state.rng, grad_accum_steps)
+        pairs = jnp.maximum(sums["pairs"], 1.0)
+        metrics = {k: v / pairs for k, v in sums.items() if k != "pairs"}
+        state, update = apply_update(state, tx, trained, frozen, grads, sums["pairs"], skip_nonfinite,
+                                     metrics["loss"])
+        return state, {**metrics, "pairs": sums["pairs"], "lr": schedule(state.step - 1), **update}
+
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    if model.config.lora_r:
+        return jax.jit(lambda state, batch: step(state, batch, None), in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(shardings, batch_sharding, shardings.params),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
