@@ -221,3 +221,38 @@ def test_lora_reference_is_the_base_with_the_adapters_off():
     for a, b in zip(off, plain, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(metrics["rewards/accuracies"]) > 0.5
+
+
+def _parity_pairs(path, n, seed):
+    rng = np.random.default_rng(seed)
+    numbers = rng.integers(10, 100, n)
+    rows = [{"prompt": f"Is {x} even or odd?", "chosen": "even" if x % 2 == 0 else "odd",
+             "rejected": "odd" if x % 2 == 0 else "even"} for x in numbers]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_toy_run_learns_the_rule_on_held_out_pairs(tmp_path):
+    """A tiny byte-level model, DPO of every weight from its initial ones, on pairs whose chosen answer is
+    the number's parity: the held-out pairs' reward accuracy rises above 90%."""
+    from lightjax.train.config import default_config
+    from lightjax.train.metrics import read_metrics
+    from lightjax.train.trainer import train
+    from tests.helpers import TINY_FAMILIES, model_overrides
+
+    c = default_config()
+    model_overrides(c, {**TINY_FAMILIES["pythia"], "vocab_size": 257, "block_size": 512})
+    c.model.name = "pythia-14m"
+    c.data.source = f"jsonl:{_parity_pairs(tmp_path / 'p.jsonl', 600, 0)}"
+    c.data.tokenizer, c.data.seq_len = "byte", 384
+    c.data.val_fraction = 0.1
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule, c.optim.weight_decay = 3e-3, 5, "constant", 0.0
+    c.train.global_batch_size, c.train.max_steps, c.train.eval_every, c.train.eval_batches = 16, 120, 40, 0
+    c.train.log_every, c.checkpoint.save_every, c.logging.tensorboard = 10, 0, False
+    train(c, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    evals = [r for r in rows if "val_rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [40, 80, 120]
+    print("held-out reward accuracy by step:", [(r["step"], round(r["val_rewards/accuracies"], 3)) for r in evals])
+    assert evals[-1]["val_rewards/accuracies"] > 0.9, evals
+    assert "rewards/margins" in rows[-2] or any("rewards/margins" in r for r in rows)

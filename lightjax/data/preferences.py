@@ -15,6 +15,7 @@ sees the other), with `chosen_mask` and `rejected_mask` marking the targets that
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,8 +32,26 @@ from lightjax.runtime.files import atomic_path
 PAIRS_SUFFIX = ".pairs.npz"
 
 
-def is_preference_record(record: Record) -> bool:
-    return "chosen" in record and "rejected" in record
+def is_preference_record(record: Any) -> bool:
+    return isinstance(record, dict) and "chosen" in record and "rejected" in record
+
+
+def is_preference_source(source: str) -> bool:
+    """Whether a json:/jsonl: source holds preference pairs (its first record has 'chosen' and 'rejected'):
+    a run on them is preference tuning, as TRL's DPOTrainer takes such a dataset. False when the source
+    cannot be read here (its errors are said where it is read)."""
+    if not source.startswith(("json:", "jsonl:")):
+        return False
+    kind, name = source.split(":", 1)
+    path = epath.Path(name)
+    path = path / f"train.{kind}" if path.is_dir() else path
+    try:
+        text = path.read_text(encoding="utf-8")
+        first = (json.loads(text)[:1] or [None])[0] if kind == "json" else json.loads(
+            next((line for line in text.splitlines() if line.strip()), "null"))
+    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError):
+        return False
+    return is_preference_record(first)
 
 
 def as_pair(record: Record) -> tuple[Record, Record]:
@@ -73,7 +92,7 @@ def write_pairs(records: Sequence[Record], style: PromptStyle, tokenizer: Tokeni
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
-    ids, prompt_lens = [], []
+    ids, prompt_lens, chars, nbytes = [], [], 0, 0
     for record in records:
         texts = [style(side) for side in as_pair(record)]
         if texts[0][0] != texts[1][0]:
@@ -82,11 +101,13 @@ def write_pairs(records: Sequence[Record], style: PromptStyle, tokenizer: Tokeni
             example, n_prompt = encode_example(prompt, response, tokenizer)
             ids.append(example)
             prompt_lens.append(n_prompt)
+            chars, nbytes = chars + len(response), nbytes + len(response.encode("utf-8"))
     starts = np.cumsum([0] + [len(x) for x in ids])
     with atomic_path(path) as partial, partial.open("wb") as f:
         np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), starts=starts,
                  prompt_lens=np.asarray(prompt_lens, np.int64))
-    meta = {"pairs": len(records), "all_tokens": int(starts[-1]),
+    # "tokens", "characters" and "bytes" are the responses', both sides: what the objective scores.
+    meta = {"pairs": len(records), "all_tokens": int(starts[-1]), "characters": chars, "bytes": nbytes,
             "tokens": int(sum(len(x) - p for x, p in zip(ids, prompt_lens, strict=True))), **(provenance or {})}
     write_meta(path, meta)
     return meta

@@ -25,6 +25,7 @@ from lightjax.data.chunks import Progress, join_chunks, split_chunks, worker_poo
 from lightjax.data.examples import EXAMPLES_SUFFIX, write_examples
 from lightjax.data.mixture import MixedRows, Mixture
 from lightjax.data.pipeline import process_shard
+from lightjax.data.preferences import PAIRS_SUFFIX, is_preference_source, write_pairs
 from lightjax.data.prompts import PromptStyle
 from lightjax.data.records import is_instruction_source, load_records
 from lightjax.data.rows import Rows, open_rows
@@ -54,6 +55,8 @@ def prepare_tokenizer(config: Any, workdir: epath.Path) -> Tokenizer:
 
 def split_suffix(data: Any) -> str:
     """The file suffix of `config.data`'s prepared splits."""
+    if is_preference_source(data.source):
+        return PAIRS_SUFFIX
     return EXAMPLES_SUFFIX if is_instruction_source(data.source) else ".tokens"
 
 
@@ -65,8 +68,9 @@ def write_split(data: Any, split: str, tokenizer_dir: str | epath.PathLike, path
     provenance = provenance or {}
     if is_instruction_source(data.source):
         records = load_records(data.source, split, data.val_fraction)
-        tokenizer = load_tokenizer(tokenizer_dir)
-        return write_examples(records, PromptStyle(data.prompt_style, data.tokenizer), tokenizer, path, provenance)
+        tokenizer, style = load_tokenizer(tokenizer_dir), PromptStyle(data.prompt_style, data.tokenizer)
+        write = write_pairs if is_preference_source(data.source) else write_examples
+        return write(records, style, tokenizer, path, provenance)
     docs = load_split(data, split)
     with worker_pool(workers) as pool:
         _tokenize_share(docs, split, tokenizer_dir, path, provenance, (0, 1), pool, progress)
@@ -198,7 +202,7 @@ def prepare_mixture(config: Any, workdir: epath.Path, tokenizer_dir: epath.Path,
 
 def _prepared_line(meta: dict[str, Any], split: str, path: epath.Path, seconds: float) -> str:
     """'Prepared 1,003,854 train tokens into PATH in 2.1 s (0.5 MB/s, 478,026 tokens/s).'"""
-    count = (meta["examples"], "examples") if "examples" in meta else (meta["tokens"], "tokens")
+    count = next(((meta[k], k) for k in ("examples", "pairs") if k in meta), (meta["tokens"], "tokens"))
     seconds = max(seconds, 1e-9)
     return (f"Prepared {count[0]:,} {split} {count[1]} into {path} in {seconds:.1f} s "
             f"({meta['bytes'] / seconds / 1e6:.1f} MB/s, {meta['tokens'] / seconds:,.0f} tokens/s).")

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from lightjax.data.examples import EXAMPLES_SUFFIX, ExampleRows
+from lightjax.data.preferences import PAIRS_SUFFIX, PairRows
 from lightjax.data.tokens import open_document_starts, open_tokens
 
 
@@ -126,6 +127,8 @@ def open_rows(path: str | epath.PathLike, seq_len: int, training: bool, pack: bo
     `document_mask` their segment ids and positions."""
     if str(path).endswith(EXAMPLES_SUFFIX):
         return ExampleRows(path, seq_len, pack, document_mask)
+    if str(path).endswith(PAIRS_SUFFIX):  # a preference pair per row, each side its own document
+        return PairRows.load(path, seq_len)
     split = epath.Path(path).name.split(".")[0]
     name = f"the {'training' if split == 'train' else split} split"
     return TokenRows(path, seq_len, pad_last=not training, name=name, document_mask=document_mask)

@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"name": "baseline-tiny", **_model_placeholders()})
     c.data = _data_defaults()
     c.lora = _lora_defaults()
+    c.preference = _preference_defaults()
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
     c.mesh.fsdp = 1
@@ -142,6 +143,17 @@ def _data_defaults() -> ml_collections.ConfigDict:
     # at 0 for each (as MaxText, Levanter and torchtitan do); False: a row is one sequence (nanoGPT's way).
     d.document_mask = True
     return d
+
+
+def _preference_defaults() -> ml_collections.ConfigDict:
+    """config.preference, preference tuning (train/preference.py): what a run on preference pairs (records
+    with 'chosen' and 'rejected', data/preferences.py) optimises. The reference is the base with the LoRA
+    adapters off, or (full tuning) a frozen copy of the initial weights (one more copy of the parameters)."""
+    p = ml_collections.ConfigDict()
+    p.beta = 0.1  # how far from the reference the policy may move (DPO's beta; IPO's tau)
+    p.loss = "sigmoid"  # 'sigmoid': DPO; 'ipo': IPO, on the log-ratios averaged over response tokens
+    p.label_smoothing = 0.0  # sigmoid: conservative DPO, the share of pairs assumed mislabelled
+    return p
 
 
 def _lora_defaults() -> ml_collections.ConfigDict:

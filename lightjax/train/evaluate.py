@@ -39,6 +39,23 @@ def evaluate(run: Run, params: Any, rows: Rows, config: Any, tokens_per_char: fl
             "val_tokens": count}
 
 
+def evaluate_preference(run: Run, params: Any, rows: Rows, config: Any,
+                        max_batches: int | None = None) -> dict[str, float]:
+    """Preference tuning's validation over `max_batches` batches of held-out pairs (default
+    config.train.eval_batches; 0: all): val_loss (the objective per pair) and TRL's metrics as
+    val_rewards/..., val_logps/... (means over the pairs)."""
+    sums: dict[str, float] = {}
+    local_batch = config.train.global_batch_size // jax.process_count()
+    max_batches = config.train.eval_batches if max_batches is None else max_batches
+    for batch in eval_batches(rows, local_batch, max_batches=max_batches):
+        out = run.eval_step(params, shard_batch(batch, run.mesh))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    pairs = max(sums.pop("pairs", 0.0), 1.0)
+    out = {"val_loss": sums.pop("loss", 0.0) / pairs, "val_pairs": pairs}
+    return {**out, **{f"val_{k}": v / pairs for k, v in sums.items()}}
+
+
 def evaluate_sources(run: Run, params: Any, rows: dict[str, Rows], config: Any, tokens_per_char: dict[str, float],
                      weights: tuple[float, ...]) -> dict[str, float]:
     """A mixture's evaluation: each source's validation loss and bits per character (val_loss/NAME,

@@ -126,3 +126,19 @@ def make_preference_step(model: GPT, tx: optax.GradientTransformation, schedule:
                        out_shardings=(shardings, replicated), donate_argnums=(0,))
     return jax.jit(step, in_shardings=(shardings, batch_sharding, shardings.params),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def make_preference_eval_step(model: GPT, param_shardings: Any, batch_sharding: NamedSharding,
+                              settings: Mapping[str, Any]) -> Any:
+    """The jitted eval_step(params, batch[, reference]) -> preference_sums' sums (loss, pairs, TRL's
+    metrics), replicated; the reference argument as make_preference_step's."""
+
+    def step(params: Any, batch: Mapping[str, jax.Array], reference: Any) -> dict[str, jax.Array]:
+        ref = adapters_off(model.config, params) if reference is None else reference
+        return preference_sums(model, params, ref, batch, settings)[1]
+
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    if model.config.lora_r:
+        return jax.jit(lambda params, batch: step(params, batch, None), in_shardings=(param_shardings, batch_sharding),
+                       out_shardings=replicated)
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding, param_shardings), out_shardings=replicated)

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from lightjax.data.preferences import is_preference_source
 from lightjax.model import lora
 from lightjax.model.attention import resolve_attention
 from lightjax.model.config import ModelConfig
@@ -28,6 +29,7 @@ from lightjax.model.gpt import GPT, stack_layers
 from lightjax.runtime.sharding import Rules, batch_sharding, logical_to_sharding, make_mesh, resolve_rules, with_mesh
 from lightjax.train.config import ConfigError, resolve_model_config
 from lightjax.train.optim import check_no_decay, lr_schedule, make_optimizer
+from lightjax.train.preference import make_preference_eval_step, make_preference_step
 from lightjax.train.step import Step, TrainState, make_eval_step, make_train_step
 from lightjax.train.validate import validate
 
@@ -49,6 +51,17 @@ class Run:
     init_fn: Callable[[jax.Array], TrainState]  # rng -> the initial state, logically boxed
     seed: int
     attention_why: str  # why model.attention is the kernel it is ('as configured', 'auto: CPU', ...)
+    preference: bool = False  # preference tuning (train/preference.py), not next-token prediction
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the steps take the frozen reference parameters (`with_reference`): full preference tuning."""
+        return self.preference and not self.model.config.lora_r
+
+    def with_reference(self, params: Any) -> Run:
+        """This run with its steps bound to the reference parameters (placed as the state's)."""
+        return dataclasses.replace(self, train_step=dataclasses.replace(self.train_step, bound=(params,)),
+                                   eval_step=dataclasses.replace(self.eval_step, bound=(params,)))
 
     @property
     def shardings(self) -> TrainState:
@@ -129,8 +142,15 @@ def build_run(config: Any, devices: list[jax.Device] | None = None) -> Run:
         check_no_decay(config.optim.no_decay, shardings.params)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    train_step = make_train_step(model, tx, schedule, shardings, batch, t.grad_accum_steps, t.z_loss,
-                                 t.skip_nonfinite)
-    eval_step = make_eval_step(model, shardings.params, batch)
+    preference = is_preference_source(config.data.source)
+    if preference:  # pairs of chosen and rejected responses: their objective (train/preference.py)
+        settings = dict(config.preference)
+        train_step = make_preference_step(model, tx, schedule, shardings, batch, settings, t.grad_accum_steps,
+                                          t.skip_nonfinite)
+        eval_step = make_preference_eval_step(model, shardings.params, batch, settings)
+    else:
+        train_step = make_train_step(model, tx, schedule, shardings, batch, t.grad_accum_steps, t.z_loss,
+                                     t.skip_nonfinite)
+        eval_step = make_eval_step(model, shardings.params, batch)
     return Run(mesh, rules, model, abstract_state, Step(train_step, mesh, rules), Step(eval_step, mesh, rules),
-               init_fn, t.seed, attention_why)
+               init_fn, t.seed, attention_why, preference)

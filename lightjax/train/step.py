@@ -40,14 +40,15 @@ class Step:
     fn: Any  # the jax.jit-wrapped function
     mesh: Mesh
     rules: Rules
+    bound: tuple = ()  # arguments passed after the caller's (full preference tuning: the reference params)
 
     def __call__(self, *args: Any) -> Any:
         with with_mesh(self.mesh, self.rules):
-            return self.fn(*args)
+            return self.fn(*args, *self.bound)
 
     def lower(self, *args: Any) -> Any:
         with with_mesh(self.mesh, self.rules):
-            return self.fn.lower(*args)
+            return self.fn.lower(*args, *self.bound)
 
 
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from tqdm import tqdm
@@ -44,7 +45,7 @@ from lightjax.runtime.files import WorkdirLock, absolute, write_atomic
 from lightjax.runtime.hardware import mfu, peak_flops_per_device
 from lightjax.runtime.sharding import PlacedBatches
 from lightjax.train.checkpoint import Checkpointer, CheckpointError, check_same_architecture, config_changes
-from lightjax.train.evaluate import evaluate, evaluate_sources
+from lightjax.train.evaluate import evaluate, evaluate_preference, evaluate_sources
 from lightjax.train.metrics import MetricWriters, plot_losses, write_metrics_csv
 from lightjax.train.run import Run, build_run
 
@@ -207,7 +208,7 @@ class _Progress:
 
 def _prepare(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> tuple[Run, Rows, Callable]:
     """What the loop needs before the first step: the built steps, the training rows (of one source, or a
-    mixture's stream), and the evaluation of a model's params over the validation split(s)."""
+    mixture's stream), and what makes a run's evaluation of its params over the validation split(s)."""
     run = build_run(config)
     print_once(f"Attention kernel: {run.model.attention} ({run.attention_why}).")
     tokenizer = prepare_tokenizer(config, workdir)
@@ -217,24 +218,29 @@ def _prepare(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) ->
         splits = prepare_splits(config, tokens_directory(config, workdir), workdir / "tokenizer")
         train_rows, val_rows = splits.rows("train", training=True), splits.rows("validation", training=False)
         closing.callback(val_rows.close)
-        tokens_per_char = splits.tokens_per_char("validation")
-        evaluate_params = functools.partial(evaluate, run, rows=val_rows, config=config,
-                                            tokens_per_char=tokens_per_char)
+        if run.preference:
+            evaluation = lambda r: functools.partial(evaluate_preference, r, rows=val_rows, config=config)  # noqa: E731
+        else:
+            tokens_per_char = splits.tokens_per_char("validation")
+            evaluation = lambda r: functools.partial(evaluate, r, rows=val_rows, config=config,  # noqa: E731
+                                                     tokens_per_char=tokens_per_char)
     else:
         mixed = prepare_mixture(config, workdir, workdir / "tokenizer", mixture)
         train_rows, val_rows = mixed.train_rows(config.train.seed, config.train.global_batch_size), mixed.val_rows()
         for rows in val_rows.values():
             closing.callback(rows.close)
-        evaluate_params = functools.partial(evaluate_sources, run, rows=val_rows, config=config,
-                                            tokens_per_char=mixed.tokens_per_char(), weights=mixture.weights_at(0))
+        evaluation = lambda r: functools.partial(evaluate_sources, r, rows=val_rows, config=config,  # noqa: E731
+                                                 tokens_per_char=mixed.tokens_per_char(),
+                                                 weights=mixture.weights_at(0))
     if config.train.get("eval_tasks"):  # the harness (the `eval` extra) is imported only when asked for
         from lightjax.train.tasks import with_tasks
 
-        evaluate_params = with_tasks(evaluate_params, run, tokenizer, config)
+        plain = evaluation
+        evaluation = lambda r: with_tasks(plain(r), r, tokenizer, config)  # noqa: E731
     closing.callback(train_rows.close)
     if train_rows.note:
         print_once(f"Training data: {train_rows.note}")
-    return run, train_rows, evaluate_params
+    return run, train_rows, evaluation
 
 
 def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
@@ -263,13 +269,17 @@ def train(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     held = _HeldInterrupt()
     closing.callback(held.restore)
-    run, rows, evaluate_params = _prepare(config, workdir, closing)
+    run, rows, evaluation = _prepare(config, workdir, closing)
     config_dict = json.loads(config.to_json_best_effort())
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, ck.keep, ck.async_save, ck.keep_best)
     closing.callback(checkpointer.close)
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
     state, meta = _resume(config, checkpointer, run, config_dict)
+    if run.needs_reference:  # full preference tuning: the initial weights, frozen (a copy: the state is donated)
+        initial = jax.tree.map(jnp.copy, state.params) if not meta else _fresh_state(config, run, workdir).params
+        run = run.with_reference(initial)
+    evaluate_params = evaluation(run)
     if is_leader():
         write_atomic(workdir / "config.json", json.dumps(config_dict, indent=1))
     t, start = config.train, _Start.of(meta)
@@ -420,6 +430,7 @@ class _Loop:
                "elapsed_s": self.clock.elapsed()}
         if self.t.skip_nonfinite:
             row["skipped"] = bool(m["skipped"])
+        row.update({k: float(v) for k, v in m.items() if k.startswith(("rewards/", "logps/"))})  # preference tuning
         self.writers.write(row)
         self.progress.step(row)
 
@@ -435,8 +446,10 @@ class _Loop:
         self.writers.write({"step": self.step, **ev, "tokens_seen": self.tokens_seen(self.step),
                             "elapsed_s": self.clock.elapsed()})
         tasks = "".join(f" | {k.removeprefix('task/')} {v:.4f}" for k, v in ev.items() if k.startswith("task/"))
-        self.progress.message(f"step {self.step:6d} | val_loss {self.val_loss:.4f} | val_ppl {ev['val_ppl']:.2f} | "
-                              f"val_bpc {ev['val_bpc']:.4f}{tasks}")
+        shown = (f"val_ppl {ev['val_ppl']:.2f} | val_bpc {ev['val_bpc']:.4f}" if "val_ppl" in ev else
+                 f"val_rewards/accuracies {ev['val_rewards/accuracies']:.4f} | val_rewards/margins "
+                 f"{ev['val_rewards/margins']:.4f}")
+        self.progress.message(f"step {self.step:6d} | val_loss {self.val_loss:.4f} | {shown}{tasks}")
         return new_best
 
     def _save(self, state: Any) -> None:

@@ -21,6 +21,7 @@ from lightjax.model.gpt import REMAT_POLICIES
 from lightjax.runtime.sharding import mesh_shape
 from lightjax.train.config import DTYPES, ConfigError, resolve_model_config
 from lightjax.train.optim import SCHEDULES
+from lightjax.train.preference import PREFERENCE_LOSSES
 
 Check = Callable[[bool, str, Any, str], None]
 
@@ -39,6 +40,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     _check_data(config.data, check)
     _check_mixture(config.data, check, problems)
     _check_checkpoint(config.checkpoint, check)
+    if "preference" in config:  # configs saved before preference tuning have none
+        _check_preference(config.preference, check)
     _check_model_and_mesh(config, device_count, check, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
@@ -79,6 +82,12 @@ def _check_train(t: Any, check: Check) -> None:
     check(not t.init_from or _is_weights_dir(t.init_from), "train.init_from", t.init_from,
           "is not an export directory (model_config.json), a Hugging Face one (config.json) or a PEFT adapter "
           "folder (adapter_config.json)")
+
+
+def _check_preference(p: Any, check: Check) -> None:
+    check(p.beta > 0, "preference.beta", p.beta, "must be > 0")
+    check(p.loss in PREFERENCE_LOSSES, "preference.loss", p.loss, _one_of(PREFERENCE_LOSSES))
+    check(0 <= p.label_smoothing < 0.5, "preference.label_smoothing", p.label_smoothing, "must be in [0, 0.5)")
 
 
 def _check_data(d: Any, check: Check) -> None:
