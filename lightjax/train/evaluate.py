@@ -84,6 +84,9 @@ def evaluate_run(workdir: str | epath.PathLike, split: str = "validation", step:
         if local_path:
             config.data.local_path = local_path
     run = build_run(config)
+    if run.preference:
+        raise ValueError(f"{workdir} is a preference-tuning run: its validation (val_loss per pair, val_rewards/...) "
+                         "is in its metrics.jsonl at every evaluation; score it on tasks with --tasks.")
     params = jax.device_put(params, run.shardings.params)
     with tempfile.TemporaryDirectory() as tmp:  # the split tokenized as training prepared its files
         path = f"{tmp}/{split}{split_suffix(config.data)}"
