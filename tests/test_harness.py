@@ -74,37 +74,32 @@ def test_every_request_is_answered_as_the_hf_backend_answers_it(tmp_path, tasks,
     assert_same_answers(ours, theirs)
 
 
-def test_scores_of_a_batch_do_not_depend_on_its_other_rows(tasks):
-    """Padding, widths and shared contexts change nothing: requests scored one at a time (batches of one
-    continuation) and in one batch score what a full forward pass over (context + continuation) does; each
-    context goes through the model once per batch, however many continuations it has."""
+def test_scores_of_a_batch_are_those_of_a_full_forward_pass(tasks):
+    """Padding, widths and shared contexts change nothing: requests scored in one batch score what a full
+    forward pass over (context + continuation) does, a request cut from the left included; each context
+    goes through the model once per batch, however many continuations it has."""
     folder, _ = tasks
     require_hf()
     loaded = load_model(hf_dir=str(write_hf_model(folder.parent / "single", "gpt_neox")))
     model, params = loaded.model, loaded.params
-    alone = HarnessModel(model, params, loaded.tokenizer, batch_size=1)
-    batched = HarnessModel(model, params, loaded.tokenizer, batch_size=16)
+    lm = HarnessModel(model, params, loaded.tokenizer, batch_size=16)
     question = list(range(10, 30))
     requests = [(None, question, [c]) for c in (40, 41, 42)]  # one context, one-token answers
     requests += [(None, question, [40, 43, 44]), (None, [2], list(range(50, 90))), (None, question[:5], [7, 8])]
     requests += [(None, list(range(100, 160)), list(range(160, 170)))]  # cut from the left to 64 positions
-    a, b = alone._loglikelihood_tokens(requests, True), batched._loglikelihood_tokens(requests, True)
-    logits = np.asarray(model.apply({"params": params}, np.array([list(range(96, 169))[-64:]])))[0]
-    for ctx, cont in [(r[1], r[2]) for r in requests[:6]]:
-        row = np.array([ctx + cont[:-1]])
-        logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, row)[0]))
-        expected = sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont))
-        assert a[requests.index((None, ctx, cont))][0] == pytest.approx(expected, abs=1e-4)
-    logp = np.asarray(jax.nn.log_softmax(logits))
-    assert a[-1][0] == pytest.approx(sum(logp[54 + k, t] for k, t in enumerate(range(160, 170))), abs=1e-4)
-    np.testing.assert_allclose([x[0] for x in b], [x[0] for x in a], atol=1e-5)
-    assert [x[1] for x in b] == [x[1] for x in a]
-    assert batched.scorer.contexts_computed == 4  # the shared question once, the other three contexts once each
+    scores = lm._loglikelihood_tokens(requests, True)
+    for (_, ctx, cont), (score, greedy) in zip(requests, scores, strict=True):
+        row = (ctx + cont)[-65:]
+        logits = model.apply({"params": params}, np.array([row[:-1]]))[0]
+        logp = np.asarray(jax.nn.log_softmax(logits))[len(row) - 1 - len(cont):]
+        assert score == pytest.approx(sum(logp[k, t] for k, t in enumerate(cont)), abs=1e-4)
+        assert greedy == all(int(np.argmax(logp[k])) == t for k, t in enumerate(cont))
+    assert lm.scorer.contexts_computed == 4  # the shared question once, the other three contexts once each
 
 
 def _run(tmp_path, base, tasks_dir, lora: bool):
-    """A few steps of fine-tuning the random Llama on the tasks' text (LoRA adapters, or the whole
-    model), scoring toy_color at each evaluation."""
+    """Four steps of fine-tuning the random Llama on the tasks' text (LoRA adapters, or the whole model),
+    scoring toy_color at the evaluation that ends them."""
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(corpus() * 8))
     c = default_config()
@@ -113,7 +108,7 @@ def _run(tmp_path, base, tasks_dir, lora: bool):
     if lora:
         c.lora.rank, c.lora.alpha, c.lora.dropout = 4, 8.0, 0.0
     c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 3e-3, "constant", 1
-    c.train.global_batch_size, c.train.max_steps, c.train.eval_every, c.train.eval_batches = 8, 4, 2, 1
+    c.train.global_batch_size, c.train.max_steps, c.train.eval_every, c.train.eval_batches = 8, 4, 4, 1
     c.train.eval_tasks, c.train.eval_tasks_path, c.train.eval_tasks_limit = "toy_color", str(tasks_dir), 8
     c.checkpoint.save_every = 0
     c.logging.tensorboard = True
@@ -126,9 +121,9 @@ def test_evaluate_script_scores_a_run_as_the_hf_backend_scores_its_export(tmp_pa
     folder, manager = tasks
     base = write_hf_model(tmp_path / "base", "llama")
     workdir = _run(tmp_path, base, folder, lora)
-    # In training: the task's metrics at each evaluation, in metrics.jsonl, TensorBoard and loss.png.
+    # In training: the task's metrics at the evaluation, in metrics.jsonl, TensorBoard and loss.png.
     rows = [r for r in read_metrics(workdir) if "task/toy_color/acc" in r]
-    assert [r["step"] for r in rows] == [2, 4] and all("val_loss" in r for r in rows)
+    assert [r["step"] for r in rows] == [4] and all("val_loss" in r for r in rows)
     events = b"".join(p.read_bytes() for p in (workdir / "tensorboard").glob("events.*"))
     assert b"task/toy_color/acc" in events
     assert (workdir / "loss.png").is_file()

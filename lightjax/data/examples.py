@@ -12,7 +12,7 @@ its row, as in TRL's plain packing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,19 @@ def write_examples(records: Sequence[Record], style: PromptStyle, tokenizer: Tok
                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tokenize `records` into `path` (npz: `tokens`, every example's ids one after another, `starts`
     and `prompt_lens`) and its metadata `path`.json, written last. Returns the metadata."""
+    return write_sequences((style(r) for r in records), tokenizer, path, {"examples": len(records)}, provenance)
+
+
+def write_sequences(texts: Iterable[tuple[str, str]], tokenizer: Tokenizer, path: str | epath.PathLike,
+                    counts: dict[str, int], provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each (prompt, response) of `texts` encoded (`encode_example`) into `path` (npz: `tokens` one after
+    another, `starts`, `prompt_lens`) and its metadata, written last: `counts` (examples, or pairs) and the
+    responses' tokens, characters and bytes, which the loss counts. Returns the metadata."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
     ids, prompt_lens, chars, nbytes = [], [], 0, 0
-    for record in records:
-        prompt, response = style(record)
+    for prompt, response in texts:
         example, n_prompt = encode_example(prompt, response, tokenizer)
         ids.append(example)
         prompt_lens.append(n_prompt)
@@ -64,8 +71,7 @@ def write_examples(records: Sequence[Record], style: PromptStyle, tokenizer: Tok
         np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), starts=starts,
                  prompt_lens=np.asarray(prompt_lens, np.int64))
     response_tokens = int(sum(len(x) - p for x, p in zip(ids, prompt_lens, strict=True)))
-    # "tokens", "characters" and "bytes" are the responses': the loss counts response tokens only.
-    meta = {"examples": len(ids), "tokens": response_tokens, "all_tokens": int(starts[-1]), "characters": chars,
+    meta = {**counts, "tokens": response_tokens, "all_tokens": int(starts[-1]), "characters": chars,
             "bytes": nbytes, **(provenance or {})}
     write_meta(path, meta)
     return meta

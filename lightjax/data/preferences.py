@@ -16,18 +16,16 @@ sees the other), with `chosen_mask` and `rejected_mask` marking the targets that
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
-from lightjax.data.examples import encode_example
+from lightjax.data.examples import write_sequences
 from lightjax.data.prompts import PromptStyle
 from lightjax.data.records import Record, as_messages
 from lightjax.data.tokenizers import Tokenizer
-from lightjax.data.tokens import meta_path, write_meta
-from lightjax.runtime.files import atomic_path
 
 PAIRS_SUFFIX = ".pairs.npz"
 
@@ -86,31 +84,17 @@ def as_pair(record: Record) -> tuple[Record, Record]:
 
 def write_pairs(records: Sequence[Record], style: PromptStyle, tokenizer: Tokenizer, path: str | epath.PathLike,
                 provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Tokenize each record's two sides into `path` (npz: `tokens`, the sides' ids one after another,
-    chosen then rejected; `starts` [2 * pairs + 1]; `prompt_lens` [2 * pairs]) and its metadata, written
-    last. Returns the metadata."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path(path).unlink(missing_ok=True)  # the file is incomplete until its new metadata is written
-    ids, prompt_lens, chars, nbytes = [], [], 0, 0
+    """Tokenize each record's two sides into `path` (examples.write_sequences: the sides one after another,
+    chosen then rejected) and its metadata, written last. Returns the metadata."""
+    return write_sequences(_sides(records, style), tokenizer, path, {"pairs": len(records)}, provenance)
+
+
+def _sides(records: Sequence[Record], style: PromptStyle) -> Iterator[tuple[str, str]]:
     for record in records:
         texts = [style(side) for side in as_pair(record)]
         if texts[0][0] != texts[1][0]:
             raise ValueError(f"{record.where}: the prompt style renders the two sides' prompts differently.")
-        for prompt, response in texts:
-            example, n_prompt = encode_example(prompt, response, tokenizer)
-            ids.append(example)
-            prompt_lens.append(n_prompt)
-            chars, nbytes = chars + len(response), nbytes + len(response.encode("utf-8"))
-    starts = np.cumsum([0] + [len(x) for x in ids])
-    with atomic_path(path) as partial, partial.open("wb") as f:
-        np.savez(f, tokens=np.concatenate(ids) if ids else np.zeros(0, np.int32), starts=starts,
-                 prompt_lens=np.asarray(prompt_lens, np.int64))
-    # "tokens", "characters" and "bytes" are the responses', both sides: what the objective scores.
-    meta = {"pairs": len(records), "all_tokens": int(starts[-1]), "characters": chars, "bytes": nbytes,
-            "tokens": int(sum(len(x) - p for x, p in zip(ids, prompt_lens, strict=True))), **(provenance or {})}
-    write_meta(path, meta)
-    return meta
+        yield from texts
 
 
 class PairRows(Sequence):
