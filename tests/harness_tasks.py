@@ -6,16 +6,13 @@ Llama, whose tokenizer adds BOS) saved with it."""
 import json
 import random
 
+from lightjax.train.tasks import metric, write_json_task
 from tests.helpers import random_hf_model, require_hf
 
 SUBJECTS = ["cat", "dog", "sun", "moon", "tree", "river", "king", "queen"]
 COLORS = ["red", "blue", "green", "white"]
 STORY = ("The king walked by the river and the queen sang to the moon. A dog ran after the cat under the "
          "old tree, and the sun rose red over the hills while the green river ran on to the sea. ")
-
-def _metric(name, aggregation="mean", higher_is_better=True):
-    return {"metric": name, "aggregation": aggregation, "higher_is_better": higher_is_better}
-
 
 # Documents of each task: {name: (rows, the task's YAML beyond its name and data)}.
 TASKS = {
@@ -24,38 +21,33 @@ TASKS = {
                    for i, s in enumerate(SUBJECTS)],
                   {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
                    "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-                   "metric_list": [_metric("acc"), _metric("acc_norm")]}),
+                   "metric_list": [metric("acc"), metric("acc_norm")]}),
     # Longer continuations; some documents have no context (the prefix token is their context).
     "toy_story": ([{"text": "" if i % 3 == 0 else f"The {s} walked by the",
                     "choices": ["river and sang", f"old {t} under the moon", "sea"], "answer": i % 3}
                    for i, (s, t) in enumerate(zip(SUBJECTS, reversed(SUBJECTS), strict=True))],
                   {"output_type": "multiple_choice", "doc_to_text": "{{text}}", "doc_to_choice": "{{choices}}",
-                   "doc_to_target": "{{answer}}", "metric_list": [_metric("acc"), _metric("acc_norm")]}),
+                   "doc_to_target": "{{answer}}", "metric_list": [metric("acc"), metric("acc_norm")]}),
     # Texts longer than the model's 64 positions: several windows each. Random words, so that no two windows
     # hold the same tokens: the hf backend (lm-eval 0.4.13) reuses one window's logits for another with the
     # same tokens, and reads the wrong positions when the two split context and continuation differently.
     "toy_rolling": ([{"text": " ".join(random.Random(i).choices(STORY.split(), k=40 * (1 + i)))} for i in range(4)],
                     {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-                     "metric_list": [_metric("word_perplexity", "weighted_perplexity", False),
-                                     _metric("byte_perplexity", "weighted_perplexity", False),
-                                     _metric("bits_per_byte", "bits_per_byte", False)]}),
+                     "metric_list": [metric("word_perplexity", "weighted_perplexity", False),
+                                     metric("byte_perplexity", "weighted_perplexity", False),
+                                     metric("bits_per_byte", "bits_per_byte", False)]}),
     "toy_generate": ([{"question": f"The {s} and the", "answer": "king"} for s in SUBJECTS],
                      {"output_type": "generate_until", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}",
                       "generation_kwargs": {"until": ["\n", "."], "max_gen_toks": 12, "do_sample": False},
-                      "metric_list": [_metric("exact_match")]}),
+                      "metric_list": [metric("exact_match")]}),
 }
 TASK_NAMES = list(TASKS)
 
 
 def write_tasks(folder):
     """The four tasks' YAML files and JSON data in `folder` (an lm_eval include_path)."""
-    folder.mkdir(parents=True, exist_ok=True)
     for name, (rows, spec) in TASKS.items():
-        data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        yaml = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-                "test_split": "test", **spec}
-        (folder / f"{name}.yaml").write_text(json.dumps(yaml, indent=1))  # JSON is YAML
+        write_json_task(folder, name, {"test": rows}, spec)
     return folder
 
 

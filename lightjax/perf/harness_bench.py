@@ -21,6 +21,7 @@ from lightjax.convert.hf import save_hf_checkpoint
 from lightjax.model.config import ModelConfig
 from lightjax.model.gpt import GPT
 from lightjax.perf.prepare_bench import train_bpe
+from lightjax.train.tasks import metric, write_json_task
 
 TASKS = ("bench_choice", "bench_rolling", "bench_generate")
 
@@ -43,8 +44,6 @@ def write_tasks(folder: str | Path, text: str, docs: int = 64, fewshot: int = 0,
     """The three tasks' YAML and JSON files in `folder`: `docs` choice documents (with `fewshot` solved
     examples before each, drawn from as many more), docs/4 rolling passages and docs/2 generation prompts,
     from `text`'s lines."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     lines = [line for line in text.splitlines() if line.strip()]
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(lines) - 64, size=2 * docs)
@@ -60,28 +59,17 @@ def write_tasks(folder: str | Path, text: str, docs: int = 64, fewshot: int = 0,
         "bench_choice": (choice, {"output_type": "multiple_choice", "doc_to_text": "{{context}}\n",
                                   "num_fewshot": fewshot, "fewshot_split": "train",
                                   "target_delimiter": "", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-                                  "metric_list": [_metric("acc"), _metric("acc_norm")]}),
+                                  "metric_list": [metric("acc"), metric("acc_norm")]}),
         "bench_rolling": (rolling, {"output_type": "loglikelihood_rolling", "doc_to_text": "",
                                     "doc_to_target": "{{text}}",
-                                    "metric_list": [_metric("word_perplexity", "weighted_perplexity", False)]}),
+                                    "metric_list": [metric("word_perplexity", "weighted_perplexity", False)]}),
         "bench_generate": (generate, {"output_type": "generate_until", "doc_to_text": "{{context}}",
-                                      "doc_to_target": "{{answer}}", "metric_list": [_metric("exact_match")],
+                                      "doc_to_target": "{{answer}}", "metric_list": [metric("exact_match")],
                                       "generation_kwargs": {"until": ["\n"], "max_gen_toks": 24, "do_sample": False}}),
     }
-    for name, (rows, spec) in specs.items():
-        files = {}
-        for split, part in (("test", rows[:docs]), ("train", rows[docs:])):  # only the choice task has a train part
-            files[split] = folder / f"{name}-{split}.jsonl"
-            files[split].write_text("".join(json.dumps(r) + "\n" for r in part))
-        splits = {k: str(v) for k, v in files.items() if v.stat().st_size}
-        yaml = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": splits}, "test_split": "test",
-                **({"training_split": "train"} if "train" in splits else {}), **spec}
-        (folder / f"{name}.yaml").write_text(json.dumps(yaml, indent=1))  # JSON is YAML
-    return folder
-
-
-def _metric(name: str, aggregation: str = "mean", higher_is_better: bool = True) -> dict[str, Any]:
-    return {"metric": name, "aggregation": aggregation, "higher_is_better": higher_is_better}
+    for name, (rows, spec) in specs.items():  # only the choice task has documents left for few-shot examples
+        write_json_task(folder, name, {"test": rows[:docs], **({"train": rows[docs:]} if rows[docs:] else {})}, spec)
+    return Path(folder)
 
 
 def timed_run(lm: Any, manager: Any, tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:

@@ -21,6 +21,29 @@ from lightjax.runtime.files import OutputRefused, write_atomic
 RESULTS_MARKER = "lightjax_tasks"  # a key of every results file written here: such a file may be replaced
 
 
+def metric(name: str, aggregation: str = "mean", higher_is_better: bool = True) -> dict[str, Any]:
+    """One entry of a task's metric_list, its aggregation and direction stated (the harness warns otherwise)."""
+    return {"metric": name, "aggregation": aggregation, "higher_is_better": higher_is_better}
+
+
+def write_json_task(folder: str | epath.PathLike, name: str, splits: dict[str, list[dict[str, Any]]],
+                    spec: dict[str, Any]) -> epath.Path:
+    """A task of your own for `include_path`: its documents as FOLDER/NAME-SPLIT.jsonl and FOLDER/NAME.yaml,
+    the harness's task config over them (`spec`: output_type, doc_to_text, doc_to_target, metric_list, ...).
+    `splits` holds 'test' and, for few-shot examples, 'train'. Returns the YAML file."""
+    folder = epath.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(folder / f"{name}-{split}.jsonl")
+        epath.Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test",
+              **({"training_split": "train"} if "train" in files else {}), **spec}
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    return path
+
+
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     """'hellaswag, arc_easy' or a sequence of names -> ['hellaswag', 'arc_easy'] (none empty)."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)

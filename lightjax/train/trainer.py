@@ -165,12 +165,22 @@ def _fresh_state(config: Any, run: Run, workdir: epath.Path) -> Any:
                        "train over a frozen model of random weights. Set train.init_from to the pretrained weights "
                        "(an export or Hugging Face directory), or lora.rank=0 to train every weight.")
         return run.init_state()
+    state, adapters = _initial_state(config, run)
+    run_once("keeping the base model's files", lambda: keep_base_files(source, workdir))
+    print_once(f"Starting from the weights in {source}{' and its LoRA adapters' if adapters else ''}.")
+    return state
+
+
+def _initial_state(config: Any, run: Run) -> tuple[Any, bool]:
+    """(the state a fresh run starts from: config.train.init_from's weights, or the seeded initialisation;
+    whether init_from brought LoRA adapters). Nothing is written or said."""
+    source = config.train.init_from
+    if not source:
+        return run.init_state(), False
     weights_cfg, params = load_weights(source)
     check_same_architecture(run.model.config, weights_cfg, source)
     adapters = read_adapters(source, run.model.config) if is_peft_dir(source) else None
-    run_once("keeping the base model's files", lambda: keep_base_files(source, workdir))
-    print_once(f"Starting from the weights in {source}{' and its LoRA adapters' if adapters else ''}.")
-    return run.init_state(params, adapters)
+    return run.init_state(params, adapters), adapters is not None
 
 
 class _Progress:
@@ -277,7 +287,7 @@ def _train(config: Any, workdir: epath.Path, closing: contextlib.ExitStack) -> d
     closing.callback(checkpointer.wait)  # first: a save in flight finishes before the manager closes
     state, meta = _resume(config, checkpointer, run, config_dict)
     if run.needs_reference:  # full preference tuning: the initial weights, frozen (a copy: the state is donated)
-        initial = jax.tree.map(jnp.copy, state.params) if not meta else _fresh_state(config, run, workdir).params
+        initial = jax.tree.map(jnp.copy, state.params) if not meta else _initial_state(config, run)[0].params
         run = run.with_reference(initial)
     evaluate_params = evaluation(run)
     if is_leader():
