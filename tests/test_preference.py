@@ -216,7 +216,7 @@ def test_lora_reference_is_the_base_with_the_adapters_off():
     assert any(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(adapters))  # the adapters learned
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, now), base)
     plain_cfg, _ = lora.merge(run.model.config, state.params)
-    off = response_logps(run.model, adapters_off(run.model.config, state.params), batch)
+    off = response_logps(run.model, adapters_off(state.params), batch)
     plain = response_logps(GPT(plain_cfg), base, batch)
     for a, b in zip(off, plain, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

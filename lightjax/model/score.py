@@ -71,8 +71,8 @@ def _score(model: GPT, params: Any, context: Array, start: Array, continuation: 
 
 
 class Scorer:
-    """`Scorer(model, mesh, rules, batch_size)(params, requests)` -> [(log-probability, is greedy)] of each
-    (context ids, continuation ids) request. `batch_size` continuations per program (a multiple of the
+    """`Scorer(model, mesh, rules, batch_size, max_length)(params, requests)` -> [(log-probability, is greedy)] of
+    each (context ids, continuation ids) request. `batch_size` continuations per program (a multiple of the
     mesh's batch shards); contexts cut from the left to `max_length`."""
 
     def __init__(self, model: GPT, mesh: Any, rules: Rules, batch_size: int, max_length: int):

@@ -78,7 +78,7 @@ def _lengths(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
             jnp.sum(batch["rejected_mask"], axis=-1).astype(jnp.float32))
 
 
-def adapters_off(cfg: Any, params: Any) -> Any:
+def adapters_off(params: Any) -> Any:
     """A LoRA model's parameters with every adapter zeroed: the frozen base model, computed exactly (the
     adapters' branch adds zeros), without a second copy of its weights."""
     adapters, base = lora.split(params)
@@ -110,7 +110,7 @@ def make_preference_step(model: GPT, tx: optax.GradientTransformation, schedule:
 
     def step(state: TrainState, batch: Mapping[str, jax.Array], reference: Any) -> tuple[TrainState, dict]:
         trained, frozen = lora.trainable(model.config, state.params)
-        ref = adapters_off(model.config, state.params) if reference is None else reference
+        ref = adapters_off(state.params) if reference is None else reference
         grad_fn = jax.value_and_grad(
             lambda p, b, _: preference_sums(model, lora.combine(p, frozen), ref, b, settings), has_aux=True)
         grads, sums = summed_grads(grad_fn, trained, batch, state.rng, grad_accum_steps)
@@ -134,7 +134,7 @@ def make_preference_eval_step(model: GPT, param_shardings: Any, batch_sharding: 
     metrics), replicated; the reference argument as make_preference_step's."""
 
     def step(params: Any, batch: Mapping[str, jax.Array], reference: Any) -> dict[str, jax.Array]:
-        ref = adapters_off(model.config, params) if reference is None else reference
+        ref = adapters_off(params) if reference is None else reference
         return preference_sums(model, params, ref, batch, settings)[1]
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
