@@ -232,12 +232,9 @@ def _parity_pairs(path, n, seed):
     return path
 
 
-def test_a_toy_run_learns_the_rule_on_held_out_pairs(tmp_path):
-    """A tiny byte-level model, DPO of every weight from its initial ones, on pairs whose chosen answer is
-    the number's parity: the held-out pairs' reward accuracy rises above 90%."""
+def _toy_config(tmp_path, max_steps, eval_every):
+    """A tiny byte-level model's full DPO from its initial weights on pairs "Is N even or odd?"."""
     from lightjax.train.config import default_config
-    from lightjax.train.metrics import read_metrics
-    from lightjax.train.trainer import train
     from tests.helpers import TINY_FAMILIES, model_overrides
 
     c = default_config()
@@ -247,8 +244,18 @@ def test_a_toy_run_learns_the_rule_on_held_out_pairs(tmp_path):
     c.data.tokenizer, c.data.seq_len = "byte", 384
     c.data.val_fraction = 0.1
     c.optim.lr, c.optim.warmup_steps, c.optim.schedule, c.optim.weight_decay = 3e-3, 5, "constant", 0.0
-    c.train.global_batch_size, c.train.max_steps, c.train.eval_every, c.train.eval_batches = 16, 120, 40, 0
+    c.train.global_batch_size, c.train.max_steps, c.train.eval_every, c.train.eval_batches = 16, max_steps, eval_every, 0
     c.train.log_every, c.checkpoint.save_every, c.logging.tensorboard = 10, 0, False
+    return c
+
+
+def test_a_toy_run_learns_the_rule_on_held_out_pairs(tmp_path):
+    """A tiny byte-level model, DPO of every weight from its initial ones, on pairs whose chosen answer is
+    the number's parity: the held-out pairs' reward accuracy rises above 90%."""
+    from lightjax.train.metrics import read_metrics
+    from lightjax.train.trainer import train
+
+    c = _toy_config(tmp_path, 120, 40)
     train(c, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     evals = [r for r in rows if "val_rewards/accuracies" in r]
@@ -256,3 +263,66 @@ def test_a_toy_run_learns_the_rule_on_held_out_pairs(tmp_path):
     print("held-out reward accuracy by step:", [(r["step"], round(r["val_rewards/accuracies"], 3)) for r in evals])
     assert evals[-1]["val_rewards/accuracies"] > 0.9, evals
     assert "rewards/margins" in rows[-2] or any("rewards/margins" in r for r in rows)
+
+
+def _dpo_steps(source, mesh, lora_rank, n_steps=3):
+    """Losses, TRL's metrics and final parameters of `n_steps` DPO steps of a tiny Llama on a mesh."""
+    import jax
+
+    from lightjax.runtime.sharding import shard_batch
+    from lightjax.train.run import build_run
+    from tests.helpers import tiny_run_config
+
+    c = tiny_run_config("llama", mesh)
+    c.data.source, c.data.seq_len, c.lora.rank, c.lora.dropout, c.optim.lr = source, 32, lora_rank, 0.0, 1e-2
+    run = build_run(c, jax.devices()[: int(np.prod(mesh))])
+    state = run.init_state()
+    if run.needs_reference:
+        run = run.with_reference(jax.tree.map(lambda x: x.copy(), state.params))
+    seen = []
+    for seed in range(n_steps):
+        state, metrics = run.train_step(state, shard_batch(_pair_batch(seed, pairs=8), run.mesh))
+        seen.append([float(metrics[k]) for k in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected")])
+    return np.array(seen), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_dpo_on_sharded_meshes_equals_one_device(tmp_path, lora_rank):
+    """DPO's steps on meshes (1,8,1) and (2,2,2) of 8 simulated devices: the loss, rewards, log-likelihoods
+    and parameters of one device's, within 1e-5 (full tuning, its reference sharded as the parameters; LoRA)."""
+    from tests.test_sharding import assert_params_close
+
+    source = f"jsonl:{_parity_pairs(tmp_path / 'p.jsonl', 4, 0)}"
+    want, want_params = _dpo_steps(source, (1, 1, 1), lora_rank)
+    assert np.abs(want[-1, 2]) > 1e-4  # the policy moved away from its reference
+    for mesh in [(1, 8, 1), (2, 2, 2)]:
+        seen, params = _dpo_steps(source, mesh, lora_rank)
+        np.testing.assert_allclose(seen, want, atol=1e-5, rtol=0, err_msg=str(mesh))
+        assert_params_close(params, want_params)
+
+
+def test_a_killed_dpo_run_resumes_exactly(tmp_path):
+    """Full DPO stopped after 3 of 6 steps and resumed: its reference (the initial weights, recomputed from
+    the seed on resume) is the same, so every metrics row (rewards included) and the final parameters equal
+    the uninterrupted run's. (scripts/fault_injection.py kills such runs with SIGKILL; see the README.)"""
+    import jax
+
+    from lightjax.checks.fault_injection import rows_of
+    from lightjax.train.trainer import train
+    from tests.runs import final_params
+
+    def config(**train_kw):
+        c = _toy_config(tmp_path, 6, 3)
+        c.train.log_every, c.checkpoint.save_every, c.train.global_batch_size = 1, 3, 8
+        for k, v in train_kw.items():
+            setattr(c.train, k, v)
+        return c
+
+    train(config(), tmp_path / "full")
+    train(config(stop_after=3), tmp_path / "resumed")
+    train(config(), tmp_path / "resumed")
+    rows = rows_of(tmp_path / "full")
+    assert rows_of(tmp_path / "resumed") == rows and any("val_rewards/margins" in r for r in rows)
+    assert abs([r for r in rows if "rewards/margins" in r][-1]["rewards/margins"]) > 0
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "full")["params"],
+                 final_params(tmp_path / "resumed")["params"])
