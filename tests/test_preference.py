@@ -326,3 +326,72 @@ def test_a_killed_dpo_run_resumes_exactly(tmp_path):
     assert abs([r for r in rows if "rewards/margins" in r][-1]["rewards/margins"]) > 0
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "full")["params"],
                  final_params(tmp_path / "resumed")["params"])
+
+
+def test_preference_settings_are_checked_at_start_up(tmp_path):
+    from lightjax.train.config import ConfigError
+    from lightjax.train.validate import validate
+    from tests.helpers import tiny_run_config
+
+    c = tiny_run_config()
+    c.data.source = f"jsonl:{_parity_pairs(tmp_path / 'p.jsonl', 4, 0)}"
+    c.preference.beta, c.preference.loss, c.preference.label_smoothing = 0.0, "hinge", 0.5
+    c.data.pack, c.data.document_mask = True, False
+    with pytest.raises(ConfigError) as e:
+        validate(c, 1)
+    for key in ("preference.beta=0.0 must be > 0", "preference.loss='hinge' is not one of sigmoid, ipo",
+                "preference.label_smoothing=0.5 must be in [0, 0.5)", "data.pack=True must be False for preference",
+                "data.document_mask=False must be True for preference"):
+        assert f"config.{key}" in str(e.value), str(e.value)
+
+
+def test_the_dpo_lora_config_trains_and_its_merged_export_loads_in_transformers(tmp_path):
+    """configs/dpo_lora.py's settings (LoRA DPO, a folder of train/validation jsonl in TRL's conversational
+    form, the model's chat template) on a tiny random Qwen 3 saved by transformers: the base weights never
+    move, the validation pairs' rewards are logged, and the merged export computes in transformers what the
+    run's LoRA model computes."""
+    torch, transformers = require_hf()
+    import jax
+
+    from lightjax.convert.export import load_weights
+    from lightjax.model import lora
+    from lightjax.train.checkpoint import restore_params
+    from lightjax.train.config import resolve_model_config
+    from lightjax.train.export import export_hf
+    from lightjax.train.metrics import read_metrics
+    from lightjax.train.run import build_model
+    from lightjax.train.trainer import train
+    from tests.helpers import load_config
+    from tests.test_exports import SUBJECTS, _hf_base
+
+    base = _hf_base(tmp_path / "base", "qwen3")
+    data = tmp_path / "ultrafeedback"
+    data.mkdir()
+    for split, subjects in (("train", SUBJECTS), ("validation", SUBJECTS[:2])):
+        pairs = [{"chosen": [{"role": "user", "content": f"is it a {a} ?"}, {"role": "assistant", "content": "yes"}],
+                  "rejected": [{"role": "user", "content": f"is it a {a} ?"},
+                               {"role": "assistant", "content": "the big dog"}], "score_chosen": 8.0}
+                 for a in subjects]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    c = load_config("dpo_lora", local_data=False)
+    c.model.name, c.train.init_from, c.data.tokenizer = f"hf:{base}", str(base), f"hf:{base}"
+    c.data.source, c.data.seq_len = f"jsonl:{data}", 32
+    c.lora.targets = ("query", "key", "value", "proj", "mlp", "head")  # every exported kind of tensor moves
+    c.optim.lr, c.optim.warmup_steps, c.train.global_batch_size, c.mesh.data = 1e-2, 1, 8, -1
+    c.train.max_steps, c.train.eval_every, c.checkpoint.save_every, c.logging.tensorboard = 3, 3, 0, False
+    train(c, tmp_path / "run")
+
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 3 and 0 <= rows[-1]["val_rewards/accuracies"] <= 1 and rows[-1]["val_rewards/margins"] != 0
+    config, params, _ = restore_params(tmp_path / "run")
+    adapters, frozen = lora.split(params)
+    jax.tree.map(np.testing.assert_array_equal, frozen, load_weights(base)[1])  # the base weights never moved
+    export_hf(tmp_path / "merged", workdir=tmp_path / "run")
+    tokens = np.array([[1, 4, 12, 10, 16, 5, 7]])
+    want = np.asarray(build_model(resolve_model_config(config), config.train).apply({"params": params}, tokens))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, want[..., : got.shape[-1]], atol=1e-5, rtol=0)
+    assert np.abs(got - np.asarray(transformers.AutoModelForCausalLM.from_pretrained(base).eval()(
+        torch.tensor(tokens)).logits.detach())).max() > 1e-3  # the export is not the base

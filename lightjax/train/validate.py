@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from lightjax.data.mixture import parse_mixture
+from lightjax.data.preferences import is_preference_source
 from lightjax.data.prompts import PROMPT_STYLES
 from lightjax.data.records import is_instruction_source
 from lightjax.data.sources import SOURCES, is_known_source
@@ -99,6 +100,10 @@ def _check_data(d: Any, check: Check) -> None:
     check(d.prompt_style != "chat" or d.tokenizer.startswith("hf:"), "data.prompt_style", d.prompt_style,
           f"needs the model's own tokenizer, data.tokenizer='hf:DIR' (is {d.tokenizer!r})")
     check(not d.local_path or Path(d.local_path).is_file(), "data.local_path", d.local_path, "does not exist")
+    if is_preference_source(d.source):  # a pair per row, its two sides told apart by their segment ids
+        check(not d.pack, "data.pack", d.pack, "must be False for preference pairs (each row holds one pair)")
+        check(d.document_mask, "data.document_mask", d.document_mask,
+              "must be True for preference pairs (a row's chosen and rejected sides must not see each other)")
     check("://" not in d.data_dir, "data.data_dir", d.data_dir,
           "must be a local folder: ArrayRecord files are read with local file I/O (only process 0 reads the data "
           "source; the workdir may be on gs://)")
