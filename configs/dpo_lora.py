@@ -5,8 +5,9 @@ so no second copy of the weights is held. Each pair is one row: the chosen and t
 each up to half of data.seq_len (TRL's max_length 1024 per side), rendered with the model's chat template.
 
     huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir checkpoints/Qwen/Qwen2.5-0.5B-Instruct
-    mkdir -p data/ultrafeedback && python -c "from datasets import load_dataset; d = load_dataset('trl-lib/ultrafeedback_binarized'); \\
-        d['train'].to_json('data/ultrafeedback/train.jsonl'); d['test'].to_json('data/ultrafeedback/validation.jsonl')"
+    mkdir -p data/ultrafeedback && python -c "from datasets import load_dataset; \\
+        d = load_dataset('trl-lib/ultrafeedback_binarized'); d['train'].to_json('data/ultrafeedback/train.jsonl'); \\
+        d['test'].to_json('data/ultrafeedback/validation.jsonl')"
     python scripts/train.py --config configs/dpo_lora.py --workdir runs/dpo
     python scripts/convert_hf.py export --workdir runs/dpo --out hf/qwen2.5-0.5b-dpo   # merged weights
 
