@@ -359,7 +359,7 @@ def test_the_dpo_lora_config_trains_and_its_merged_export_loads_in_transformers(
     from lightjax.train.checkpoint import restore_params
     from lightjax.train.config import resolve_model_config
     from lightjax.train.export import export_hf
-    from lightjax.train.metrics import read_metrics
+    from lightjax.train.metrics import plot_panels, read_metrics
     from lightjax.train.run import build_model
     from lightjax.train.trainer import train
     from tests.helpers import load_config
@@ -383,6 +383,7 @@ def test_the_dpo_lora_config_trains_and_its_merged_export_loads_in_transformers(
     train(c, tmp_path / "run")
 
     rows = read_metrics(tmp_path / "run")
+    assert plot_panels(rows) == ["loss", "rewards"] and (tmp_path / "run" / "loss.png").is_file()
     assert rows[-1]["step"] == 3 and rows[-1]["val_rewards/margins"] != 0 and rows[-1]["val_rewards/accuracies"] >= 0
     config, params, _ = restore_params(tmp_path / "run")
     adapters, frozen = lora.split(params)

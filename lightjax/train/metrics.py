@@ -130,42 +130,76 @@ def read_metrics(workdir: str | epath.PathLike, warn: bool = False) -> list[dict
 
 def plot_losses(workdir: str | epath.PathLike) -> epath.Path | None:
     """WORKDIR/loss.png: training loss per step and validation loss at each evaluation (a mixture's: each
-    source's too); beside it, the harness tasks' scores in [0, 1] (accuracies) when the run scored any."""
+    source's too); beside it, a preference run's rewards and the harness tasks' scores in [0, 1]
+    (accuracies) when the run logged any. None (nothing written) before the first logged step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     rows = read_metrics(workdir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train:
+    if not any("loss" in r for r in rows):
         return None
-    scores = _task_scores(rows)
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4), dpi=120, squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation", markersize=4)
-    for key in sorted({k for r in rows for k in r if k.startswith("val_loss/")}):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*points, strict=True), ".--", label=f"validation, {key.split('/', 1)[1]}", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(epath.Path(workdir).name)
-    for key, points in scores.items():
-        axes[0, 1].plot(*zip(*points, strict=True), "o-", label=key.removeprefix("task/"), markersize=4)
-    if scores:
-        axes[0, 1].set(xlabel="step", ylabel="score", title="lm-evaluation-harness tasks")
-    for a in axes[0]:
-        a.grid(alpha=0.3)
-        a.legend()
+    panels = plot_panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        _DRAW[panel](ax, rows)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0, 0].set_title(epath.Path(workdir).name)
     out = epath.Path(workdir) / "loss.png"
     fig.tight_layout()
     with out.open("wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
     return out
+
+
+def plot_panels(rows: list[dict[str, Any]]) -> list[str]:
+    """The panels of loss.png for these metrics rows: loss, then rewards (preference runs), then tasks."""
+    has_rewards = any("rewards/margins" in r for r in rows)
+    return ["loss"] + ["rewards"] * has_rewards + ["tasks"] * bool(_task_scores(rows))
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    return tuple(zip(*points, strict=True)) if points else None
+
+
+def _draw_loss(ax: Any, rows: list[dict[str, Any]]) -> None:
+    ax.plot(*_series(rows, "loss"), label="train", linewidth=1)
+    if val := _series(rows, "val_loss"):
+        ax.plot(*val, "o-", label="validation", markersize=4)
+    for key in sorted({k for r in rows for k in r if k.startswith("val_loss/")}):
+        ax.plot(*_series(rows, key), ".--", label=f"validation, {key.split('/', 1)[1]}", linewidth=1)
+    preference = any("rewards/margins" in r for r in rows)
+    ax.set(xlabel="step", ylabel="loss per pair" if preference else "loss (nats per token)")
+
+
+def _draw_rewards(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """TRL's reward curves: chosen, rejected and margin (beta times the log-ratios to the reference), the
+    training steps' as lines and the validation pairs' as markers; accuracies on the right axis."""
+    right = ax.twinx()
+    for i, name in enumerate(("chosen", "rejected", "margins")):
+        colour = f"C{i}"
+        if train := _series(rows, f"rewards/{name}"):
+            ax.plot(*train, color=colour, linewidth=1, label=name)
+        if val := _series(rows, f"val_rewards/{name}"):
+            ax.plot(*val, "o--", color=colour, markersize=4, label=f"{name}, validation")
+    for key, style in (("rewards/accuracies", "-"), ("val_rewards/accuracies", "o--")):
+        if points := _series(rows, key):
+            right.plot(*points, style, color="C3", linewidth=1, markersize=4, alpha=0.7)
+    right.set(ylim=(0, 1.02), ylabel="accuracy (red)")
+    ax.set(xlabel="step", ylabel="reward", title="preference rewards")
+
+
+def _draw_tasks(ax: Any, rows: list[dict[str, Any]]) -> None:
+    for key, points in _task_scores(rows).items():
+        ax.plot(*zip(*points, strict=True), "o-", label=key.removeprefix("task/"), markersize=4)
+    ax.set(xlabel="step", ylabel="score", title="lm-evaluation-harness tasks")
+
+
+_DRAW = {"loss": _draw_loss, "rewards": _draw_rewards, "tasks": _draw_tasks}
 
 
 def _task_scores(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
