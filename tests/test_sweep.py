@@ -138,3 +138,20 @@ def test_a_given_chip_hour_price_replaces_the_list_price():
     assert "on-demand" in listed["price"] and given["price"] == "$0.60/chip-hour (given with --chip_hour_price)"
     assert "usd_per_million_tokens" not in prices(8192, 4, (1.0, 2.0), PRACTICE["H200"])  # no price recorded
     assert prices(8192, 4, (1.0, 2.0), None, chip_hour_price=1.0)["usd_per_million_tokens"][0] > 0
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_preference_run_sweeps_with_its_reference(tmp_path, lora_rank):
+    """DPO's step (pair rows; for full tuning the reference parameters beside the state) compiles and runs
+    in a sweep; full tuning's arguments hold the reference, one more copy of the parameters."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    c = tiny_run_config()
+    c.lora.rank = lora_rank
+    (plain,) = sweep(c, settings("1,8,1"), jax.devices())
+    c.data.source = f"jsonl:{pairs}"
+    (row,) = sweep(c, settings("1,8,1"), jax.devices(), measure_steps=1)
+    assert "error" not in row and row["measured_step_s"] > 0, row.get("error")
+    grown = row["argument_bytes"] - plain["argument_bytes"]
+    params = plain["output_bytes"] / 3  # parameters and AdamW's two moments, float32 (full tuning)
+    assert grown == pytest.approx(params, rel=0.05) if not lora_rank else abs(grown) < 1024

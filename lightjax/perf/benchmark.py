@@ -37,11 +37,27 @@ from lightjax.train.validate import validate
 def synthetic_inputs(run: Run, config: Any, documents: bool = False) -> tuple[Any, dict[str, jax.Array]]:
     """(a fresh train state, this process's share of a random batch of the config's shape placed on
     the mesh): what the benchmarks time the step on, with no data pipeline in the way; plain rows, or
-    with `documents` document-masked ones."""
+    with `documents` document-masked ones; for a preference run, rows of a pair (two halves)."""
     local_batch = config.train.global_batch_size // jax.process_count()
     tokens = synthetic_batch(np.random.default_rng(0), local_batch, config.data.seq_len, run.model.config.vocab_size,
-                             documents)
+                             documents or run.preference)
+    if run.preference:
+        tokens = synthetic_pairs(tokens)
     return run.init_state(), shard_batch(tokens, run.mesh)
+
+
+def synthetic_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A synthetic batch laid out as preference rows: the chosen side the first half, the rejected the
+    second, each its own document (positions from 0) with every target a response token."""
+    seq = batch["mask"].shape[1]
+    half = np.arange(seq) >= seq // 2
+    out = {k: v for k, v in batch.items() if k != "mask"}
+    out["segment_ids"] = np.broadcast_to(1 + half.astype(np.int32), batch["mask"].shape).copy()
+    out["positions"] = np.broadcast_to(np.where(half, np.arange(seq) - seq // 2, np.arange(seq)),
+                                       batch["mask"].shape).astype(np.int32)
+    out["chosen_mask"], out["rejected_mask"] = (np.broadcast_to(m, batch["mask"].shape).astype(np.int32)
+                                                for m in (~half, half))
+    return out
 
 
 def benchmark_train_step(config: Any, steps: int = 10, warmup: int = 2,

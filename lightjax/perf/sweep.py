@@ -151,10 +151,12 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     try:
         run = build_run(c, devices)
         state = run.abstract_state
+        if run.needs_reference:  # full preference tuning holds the frozen reference beside the state
+            run = run.with_reference(state.params)
         sharding = batch_sharding(run.mesh)
-        inputs = ("mask", "segment_ids", "positions") if c.data.document_mask else ("mask",)  # as training's rows
         rows = {"tokens": jax.ShapeDtypeStruct((batch, seq + 1), np.int32, sharding=sharding),
-                **{k: jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding) for k in inputs}}
+                **{k: jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding)
+                   for k in _row_inputs(c.data.document_mask, run.preference)}}
         start = time.perf_counter()
         compiled, text = partitioned_text(run.train_step.lower(state, rows))
         row["compile_s"] = time.perf_counter() - start
@@ -181,6 +183,13 @@ def run_setting(config: Any, setting: Setting, devices: list[Any], measure_steps
     return row
 
 
+def _row_inputs(document_mask: bool, preference: bool) -> tuple[str, ...]:
+    """The [B, seq] arrays of a training batch beside its tokens, as the run's rows hold them."""
+    if preference:  # a chosen/rejected pair per row, each side its own document (data/preferences.py)
+        return "chosen_mask", "rejected_mask", "segment_ids", "positions"
+    return ("mask", "segment_ids", "positions") if document_mask else ("mask",)
+
+
 def _estimate(row: dict[str, Any], config: Any, device: Any, chip: Any, train_tokens: float,
               chip_hour_price: float | None) -> dict[str, Any]:
     """The step-time range, its MFU range and its prices (perf/estimate.py)."""
@@ -202,10 +211,11 @@ def _measure(run: Any, compiled: Any, config: Any, steps: int, model_flops: floa
              peak: float) -> dict[str, Any]:
     """Median step time of the compiled step on real devices, synthetic batches, after one warm-up."""
     state, batch = synthetic_inputs(run, config, config.data.document_mask)
+    reference = (jax.tree.map(jnp.copy, state.params),) if run.needs_reference else ()
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, *reference)
         jax.block_until_ready(metrics)
         if i:
             times.append(time.perf_counter() - start)
