@@ -2,7 +2,9 @@
 and values so far, written in place, read only as far as they are filled.
 
 Slots [0, index) are filled. Row b's real tokens start at slot start[b] (prompts are left-padded to a
-common length), so its RoPE position is slot - start[b] and its queries never see the padding.
+common length), so its RoPE position is slot - start[b] and its queries never see the padding. A cache
+whose `index` is a vector [B] fills each row to its own slot (serving: each row a request of its own
+length, see lightjax/serve/engine.py).
 
 The slots are split into chunks, each its own buffer of shape [b, g, s, h] (heads-major, as the
 attention reads them): one per layer for a loop of layers, one [L, b, g, s, h] for a scanned stack.
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightjax.model.config import ModelConfig
-from lightjax.model.layers import Array, Dtype, causal_mask, constrain
+from lightjax.model.layers import Array, Dtype, constrain
 
 AXES = ("layers", "batch", "act_heads", None, "act_kv")  # kv heads over tensor, like the qkv kernel
 
@@ -35,7 +37,7 @@ Chunk = Array | tuple[Array, ...]  # a chunk of every layer: stacked [L, b, g, s
 class KVCache(flax.struct.PyTreeNode):
     k: tuple[Chunk, ...]  # one entry per chunk of slots
     v: tuple[Chunk, ...]
-    index: Array  # int32 scalar: the next free slot
+    index: Array  # int32: the next free slot, a scalar (every row the same) or [B] (each row its own)
     start: Array  # int32 [B]
     layer: int | Array = 0  # the layer a block writes and reads: an int, or a traced one in a scanned stack
     length: int | None = flax.struct.field(pytree_node=False, default=None)  # a chunk's end; None: all
@@ -88,11 +90,14 @@ class KVCache(flax.struct.PyTreeNode):
         def written(chunks: tuple[Chunk, ...], new: Array) -> tuple[Chunk, ...]:
             chunk = chunks[j]
             new = new.transpose(0, 2, 1, 3)
-            if self.stacked:
+            if self.stacked and jnp.ndim(offset) == 0:
                 at = (self.layer, 0, 0, offset, 0)
                 chunk = constrain(jax.lax.dynamic_update_slice(chunk, new[None].astype(chunk.dtype), at), AXES)
+            elif self.stacked:
+                layer = _put_rows(jax.lax.dynamic_index_in_dim(chunk, self.layer, keepdims=False), new, offset)
+                chunk = constrain(jax.lax.dynamic_update_slice(chunk, layer[None], (self.layer, 0, 0, 0, 0)), AXES)
             else:
-                layer = jax.lax.dynamic_update_slice(chunk[self.layer], new.astype(chunk[0].dtype), (0, 0, offset, 0))
+                layer = _put_rows(chunk[self.layer], new, offset)
                 chunk = (*chunk[: self.layer], constrain(layer, AXES[1:]), *chunk[self.layer + 1:])
             return (*chunks[:j], chunk, *chunks[j + 1:])
 
@@ -111,7 +116,19 @@ class KVCache(flax.struct.PyTreeNode):
         """[B, 1, T, S] over the attended slots: the query in slot index+t sees keys from start[b] up
         to its own slot (the last `window` of them, with a window). A padding query sees only itself,
         so that its (unused) output stays finite."""
-        q_slot = self.index + jnp.arange(T)
-        k_slot = jnp.arange(self.slots)[None, :]  # [1, S]
-        real = (k_slot[None] >= self.start[:, None, None]) | (k_slot == q_slot[:, None])[None]
-        return causal_mask(q_slot, self.slots, window)[0] & real[:, None]
+        q_slot = jnp.reshape(self.index, (-1, 1, 1)) + jnp.arange(T)[:, None]  # [1 or B, T, 1]
+        k_slot = jnp.arange(self.slots)  # [S]
+        seen = k_slot <= q_slot
+        if window is not None:
+            seen &= k_slot > q_slot - window
+        real = (k_slot >= self.start[:, None, None]) | (k_slot == q_slot)
+        return (seen & real)[:, None]
+
+
+def _put_rows(buffer: Array, new: Array, offset: Array) -> Array:
+    """buffer [b, g, s, h] with new [b, g, t, h] written at slot `offset`: one for every row (a scalar) or
+    each row's own ([b])."""
+    new = new.astype(buffer.dtype)
+    if jnp.ndim(offset) == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0, 0, offset, 0))
+    return jax.vmap(lambda b, n, o: jax.lax.dynamic_update_slice(b, n, (0, o, 0)))(buffer, new, offset)
