@@ -25,7 +25,7 @@ import numpy as np
 
 from lightjax.model.gpt import GPT
 from lightjax.runtime.sharding import Rules, with_mesh
-from lightjax.serve.programs import Sampling, empty_cache, programs, prompt_buckets
+from lightjax.serve.programs import Sampling, cache_shardings, empty_cache, programs, prompt_buckets
 
 POLICIES = ("continuous", "static")
 
@@ -49,6 +49,7 @@ class Request:
     top_p: float = 1.0
     stop: Sequence[str] = ()
     seed: int = 0
+    ignore_eos: bool = False  # go on to max_tokens past EOS (vLLM's option; benchmarks of fixed lengths)
     # Filled in by the engine.
     tokens: list[int] = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
@@ -72,7 +73,6 @@ class Engine:
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
         self.mesh, self.rules = mesh, rules
         self.widths = prompt_buckets(self.max_len - 1)
-        self._admit, self._step = programs(model)
         self._vocab_limit = np.int32(min(tokenizer.vocab_size, model.config.vocab_size))
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request | None] = [None] * slots
@@ -80,8 +80,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0
-        with self._under_mesh():  # made by a program, as every later cache is: the programs see one kind
-            self._cache = jax.jit(lambda: empty_cache(model, slots, self.max_len))()
+        with self._under_mesh():  # made by a program, laid out as every later cache: the programs see one kind
+            shape = jax.eval_shape(lambda: empty_cache(model, slots, self.max_len))
+            layout = None if mesh is None else cache_shardings(shape, mesh, rules)
+            self._cache = jax.jit(lambda: empty_cache(model, slots, self.max_len), out_shardings=layout)()
+        self._admit, self._step = programs(model, layout)
         self._tokens = np.zeros(slots, np.int32)
         self._sampling = {"temperature": np.zeros(slots, np.float32), "top_k": np.zeros(slots, np.int32),
                           "top_p": np.ones(slots, np.float32), "key": np.zeros((slots, 2), np.uint32),
@@ -112,6 +115,10 @@ class Engine:
         with self._lock:
             request.cancelled = True
             self._lock.notify()
+
+    def compiled(self) -> int:
+        """How many programs this engine has compiled (warm-up compiles them all; serving adds none)."""
+        return self._admit._cache_size() + self._step._cache_size()
 
     def status(self) -> dict[str, int]:
         with self._lock:
@@ -213,11 +220,11 @@ class Engine:
             return
         self._tokens[row] = token
         request.times.setdefault("first_token", time.perf_counter())
-        if token == self.tokenizer.eos_id:
-            self._send(request, self.tokenizer.decode(request.tokens))  # what was held back
+        if token == self.tokenizer.eos_id and not request.ignore_eos:
+            self._send(request, self._text(request))  # what was held back
             return self._finish(row, "stop")
         request.tokens.append(token)
-        text = self.tokenizer.decode(request.tokens)
+        text = self._text(request)
         cut = min((i for i in (text.find(s, max(0, request.sent - len(s))) for s in request.stop if s) if i >= 0),
                   default=-1)
         if cut >= 0:
@@ -227,6 +234,10 @@ class Engine:
             self._send(request, text)
             return self._finish(row, "length")
         self._send(request, text[: len(text) - _held_back(text, request.stop)])
+
+    def _text(self, request: Request) -> str:
+        """The request's text so far, special tokens left out (as OpenAI-compatible servers return it)."""
+        return self.tokenizer.decode(request.tokens, skip_special_tokens=True)
 
     def _send(self, request: Request, text: str) -> None:
         if len(text) > request.sent:

@@ -19,11 +19,15 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lightjax.model.generate import bucket, top_k_filter, top_p_filter
 from lightjax.model.gpt import GPT, KVCache
+from lightjax.model.kv_cache import AXES
+from lightjax.runtime.sharding import Rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +98,26 @@ def _step(model: GPT, params: Any, cache: KVCache, tokens: jax.Array, active: ja
     return cache.replace(index=jnp.where(active, last, index)), sample_rows(logits[:, -1], sampling, vocab_limit)
 
 
-@functools.cache
-def programs(model: GPT) -> tuple[Any, Any]:
-    """(admit, step), jitted for `model` with the cache donated."""
-    admit = jax.jit(functools.partial(_admit, model), donate_argnums=(1,))
-    step = jax.jit(functools.partial(_step, model), donate_argnums=(1,))
+def programs(model: GPT, cache_sharding: KVCache | None = None) -> tuple[Any, Any]:
+    """(admit, step), jitted for `model` with the cache donated; on a mesh with the cache's layout fixed
+    (`cache_shardings`), so that every call sees the cache it compiled for."""
+    out = {} if cache_sharding is None else {"out_shardings": (cache_sharding, _replicated(cache_sharding))}
+    admit = jax.jit(functools.partial(_admit, model), donate_argnums=(1,), **out)
+    step = jax.jit(functools.partial(_step, model), donate_argnums=(1,), **out)
     return admit, step
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:
+    """The serving cache's layout on `mesh`: its keys and values as the model lays them out (slots over
+    data, kv heads over tensor), the rest replicated."""
+    chunk = nn.logical_to_mesh_sharding(PartitionSpec(*(AXES if cache.stacked else AXES[1:])), mesh, rules)
+    whole = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), cache)
+    return whole.replace(k=jax.tree.map(lambda _: chunk, cache.k), v=jax.tree.map(lambda _: chunk, cache.v))
+
+
+def _replicated(cache_sharding: KVCache) -> NamedSharding:
+    return NamedSharding(cache_sharding.k[0][0].mesh if not cache_sharding.stacked else cache_sharding.k[0].mesh,
+                         PartitionSpec())
 
 
 def prompt_buckets(max_prompt: int, minimum: int = 16) -> list[int]:
