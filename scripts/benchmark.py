@@ -12,6 +12,7 @@
     python scripts/benchmark.py --config configs/baseline.py --generate=1,8
     python scripts/benchmark.py --config configs/baseline.py --vs_torch   # the same step in PyTorch beside it
     python scripts/benchmark.py --harness --harness_model=pythia-70m --config.data.local_path=input.txt
+    python scripts/benchmark.py --config configs/baseline.py --serve --serve_rate=8
 
 Prints one line per mesh setting (or one JSON object per line with --json); --data measures the
 data pipeline's tokens/s with 0 and 2 worker processes instead; --prepare the tokens/s of preparing
@@ -19,6 +20,8 @@ the data (scripts/prepare_data.py) on one core, on every core, and as one proces
 plain one-core loop of the tokenizer (lightjax/perf/prepare_bench.py); --generate=1,8 decoding tokens/s;
 --profile prints where the step's time goes; --harness the requests/s of lm-evaluation-harness tasks
 answered by lightjax and by the harness's hf backend on one random model (lightjax/perf/harness_bench.py);
+--serve the tokens/s and latencies of serving a trace of requests with continuous batching beside one batch at
+a time (lightjax/perf/serve_bench.py);
 --vs_torch alternates this benchmark with the same architecture and batch trained in PyTorch
 (`transformers`' implementation, torch's AdamW and clipping), each in its own process, and prints both
 medians and the ratio.
@@ -66,6 +69,12 @@ _HARNESS_DOCS = flags.DEFINE_integer("harness_docs", 64, "--harness: documents o
 _HARNESS_FEWSHOT = flags.DEFINE_integer("harness_fewshot", 0, "--harness: solved examples before each choice "
                                         "question (leaderboards use 5 to 25).")
 _HARNESS_BATCH = flags.DEFINE_integer("harness_batch", 16, "--harness: rows per forward pass, both backends.")
+_SERVE = flags.DEFINE_bool("serve", False, "Benchmark serving: continuous batching beside one batch at a time.")
+_SERVE_REQUESTS = flags.DEFINE_integer("serve_requests", 64, "--serve: requests of the trace.")
+_SERVE_RATE = flags.DEFINE_float("serve_rate", 8.0, "--serve: requests arriving per second.")
+_SERVE_SLOTS = flags.DEFINE_integer("serve_slots", 8, "--serve: cache slots (requests decoded together).")
+_SERVE_LENGTHS = flags.DEFINE_enum("serve_lengths", "loguniform", ["loguniform", "uniform"],
+                                   "--serve: how completion lengths spread over 8 tokens to half the context.")
 _MESHES = flags.DEFINE_string("meshes", "", "Settings to run, 'data,fsdp,tensor' separated by ':' "
                               "(default: the config's mesh).")
 
@@ -89,6 +98,15 @@ def main(argv):
         return
     if _HARNESS.value:
         _harness(config)
+        return
+    if _SERVE.value:
+        from lightjax.perf import serve_bench
+
+        results = serve_bench.compare(config, _SERVE_REQUESTS.value, _SERVE_RATE.value, _SERVE_SLOTS.value,
+                                      _SERVE_LENGTHS.value)
+        for r in results:
+            baseline = None if r is results[1] else results[1]
+            print(json.dumps(r) if _JSON.value else serve_bench.format_result(r, baseline), flush=True)
         return
     if _VS_TORCH.value or _TORCH.value:
         _vs_torch(config)
