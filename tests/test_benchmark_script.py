@@ -53,11 +53,15 @@ def test_benchmark_bad_setting_is_one_line():
     ("--checkpoint", r"each save blocked the loop \d+ ms \| restore \d+ ms \| checksums of the \d+ MiB state"),
     ("--data", r"data tiny_shakespeare tokenizer=char workers=0 \| prepared 1,003,854 tokens .*\n"
                r".*workers=2 \| prepared 1,003,854 tokens"),
+
+    ("--serve --serve_requests=6 --serve_rate=50 --serve_slots=2",
+     r"continuous \| 2 slots, 6 requests at 50/s, loguniform lengths \| [\d,]+ tokens/s \| first token p50 .* "
+     r"the throughput, p99 latency [\d.]+x\n.* static \| 2 slots, 6 requests"),
 ])
 def test_benchmark_modes(tmp_path, mode, pattern):
     from tests.helpers import SHAKESPEARE
 
-    out = _run(*TINY, mode, f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path}")
+    out = _run(*TINY, *mode.split(), f"--config.data.local_path={SHAKESPEARE}", f"--config.data.data_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(pattern, out.stdout), out.stdout[-2000:]
 

@@ -227,3 +227,16 @@ def test_a_full_queue_is_refused_not_waited_on():
         engine.submit(Request([1, 2, 3], 4, lambda e: None))
     with pytest.raises(ValueError, match="more than the 96 tokens"):
         engine.submit(Request([1] * 90, 7, lambda e: None))
+
+    import asyncio
+
+    from lightjax.serve.api import Api, BadRequest
+
+    api = Api(engine, "tiny", None, "no template")
+
+    async def third():
+        return api.submit([1, 2, 3], api.settings({"prompt": "abc", "max_tokens": 4}))
+
+    with pytest.raises(BadRequest, match="The server is busy: 2 requests are waiting already") as e:
+        asyncio.run(third())
+    assert (e.value.status, e.value.kind) == (429, "rate_limit_error")

@@ -73,7 +73,8 @@ def run_trace(engine: Engine, requests: list[tuple[list[int], int]], rate: float
     seconds = max(r.times["done"] for r in finished) - start
     tokens = sum(len(r.tokens) for r in finished)
     return {"policy": engine.policy, "slots": engine.slots, "requests": len(finished), "rate": rate,
-            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "decode_steps": engine.steps,
+            "decode_s": engine.seconds["decode"], "prefill_s": engine.seconds["prefill"],
             "ttft_p50_s": float(np.percentile(first, 50)), "ttft_p99_s": float(np.percentile(first, 99)),
             "latency_p50_s": float(np.percentile(total, 50)), "latency_p99_s": float(np.percentile(total, 99))}
 
@@ -97,8 +98,11 @@ def format_result(r: dict[str, Any], baseline: dict[str, Any] | None = None) -> 
     line = (f"{r['model']} {r['policy']:>10} | {r['slots']} slots, {r['requests']} requests at {r['rate']:g}/s, "
             f"{r['lengths']} lengths | "
             f"{r['tokens_per_s']:,.0f} tokens/s | first token p50 {r['ttft_p50_s']:.2f} s p99 {r['ttft_p99_s']:.2f} s"
-            f" | latency p50 {r['latency_p50_s']:.2f} s p99 {r['latency_p99_s']:.2f} s")
+            f" | latency p50 {r['latency_p50_s']:.2f} s p99 {r['latency_p99_s']:.2f} s | {r['decode_steps']} decode "
+            f"steps ({r['tokens'] / r['decode_steps']:.1f} tokens each) {r['decode_s']:.2f} s, prefill "
+            f"{r['prefill_s']:.2f} s")
     if baseline is not None:
         line += (f" | {r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x the throughput, p99 latency "
-                 f"{r['latency_p99_s'] / baseline['latency_p99_s']:.2f}x")
+                 f"{r['latency_p99_s'] / baseline['latency_p99_s']:.2f}x, "
+                 f"{baseline['decode_steps'] / r['decode_steps']:.2f}x fewer decode steps")
     return line

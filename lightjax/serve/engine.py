@@ -79,7 +79,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
-        self.steps = 0
+        self.steps = 0  # decode steps, and the seconds spent in them and in prompts' prefills (since warm-up)
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
         with self._under_mesh():  # made by a program, laid out as every later cache: the programs see one kind
             shape = jax.eval_shape(lambda: empty_cache(model, slots, self.max_len))
             layout = None if mesh is None else cache_shardings(shape, mesh, rules)
@@ -197,20 +198,26 @@ class Engine:
         for name, value in settings.items():
             self._sampling[name][row] = value
         one = Sampling(**{k: np.asarray(v)[None] for k, v in settings.items()})
+        start = time.perf_counter()
         with self._under_mesh():
             self._cache, token = self._admit(self.params, self._cache, prompt, np.int32(len(request.prompt)),
                                              np.int32(row), one, self._vocab_limit)
-        self._take_token(row, int(token))
+        token = int(token)
+        self.seconds["prefill"] += time.perf_counter() - start
+        self._take_token(row, token)
 
     def _run_step(self) -> None:
         active = np.array([r is not None for r in self._rows])
         self._sampling["count"] += active
         sampling = Sampling(**{k: jnp.asarray(v) for k, v in self._sampling.items()})
+        start = time.perf_counter()
         with self._under_mesh():
             self._cache, tokens = self._step(self.params, self._cache, self._tokens, active, sampling,
                                              self._vocab_limit)
+        tokens = np.asarray(tokens).tolist()
+        self.seconds["decode"] += time.perf_counter() - start
         self.steps += 1
-        for row, token in enumerate(np.asarray(tokens).tolist()):
+        for row, token in enumerate(tokens):
             if active[row] and self._rows[row] is not None:
                 self._take_token(row, token)
 
@@ -251,6 +258,7 @@ class Engine:
         request.emit(Event(tokens=tuple(request.tokens), finish=reason))
 
     def _reset(self) -> None:
+        self.steps, self.seconds = 0, {"prefill": 0.0, "decode": 0.0}
         with self._under_mesh():
             self._cache = self._cache.replace(index=jnp.zeros_like(self._cache.index))
 
