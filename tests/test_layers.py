@@ -1,6 +1,6 @@
 """The package's layers, read from its imports (every one, function-level and TYPE_CHECKING ones included):
 no import circle, and no module importing one from a floor above it or from a sibling folder on its floor.
-Floors: runtime; model, data, cloud; convert; train; perf, checks. The run config imports light."""
+Floors: runtime; model, data, cloud; convert; train; serve, checks; perf. The run config imports light."""
 
 import ast
 import subprocess
@@ -9,7 +9,8 @@ import sys
 from tests.helpers import ROOT
 
 PACKAGE = ROOT / "lightjax"
-FLOORS = {"runtime": 0, "model": 1, "data": 1, "cloud": 1, "convert": 2, "train": 3, "perf": 4, "checks": 4}
+FLOORS = {"runtime": 0, "model": 1, "data": 1, "cloud": 1, "convert": 2, "train": 3, "serve": 4, "checks": 4,
+          "perf": 5}
 
 
 def _module(path):
