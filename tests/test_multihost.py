@@ -186,3 +186,35 @@ def test_launcher_stops_the_others_when_one_fails():
     for words in started:  # the sleeping processes are gone, not left running
         with pytest.raises(ProcessLookupError):
             os.kill(int(words[3]), 0)
+
+
+def _skypilot_env(rank, nodes="2", ips="127.0.0.1\n127.0.0.1", port=None):
+    """The environment SkyPilot gives node `rank` of a job (both nodes on this machine, 4 devices each)."""
+    env = script_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env.update(SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NUM_NODES=nodes, SKYPILOT_NODE_IPS=ips,
+               SKYPILOT_NUM_GPUS_PER_NODE="0", LIGHTJAX_COORDINATOR_PORT=str(port or free_port()))
+    return env
+
+
+def test_two_processes_join_from_a_skypilot_node_environment(reference, tmp_path):
+    """scripts/train.py --distributed on the two nodes of a SkyPilot job (its node rank, count and IPs in
+    the environment, no coordinator flags): one job, the losses of one process."""
+    port = free_port()
+    cmd = [sys.executable, "scripts/train.py", f"--workdir={tmp_path / 'run'}", *SMOKE, *FSDP8, "--distributed",
+           f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_skypilot_env(rank, port=port), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    assert_same(losses(tmp_path / "run"), reference)
+
+
+def test_a_malformed_skypilot_environment_is_one_line(tmp_path):
+    cmd = [sys.executable, "scripts/train.py", f"--workdir={tmp_path / 'run'}", *SMOKE, "--distributed"]
+    out = subprocess.run(cmd, cwd=ROOT, env=_skypilot_env(2, ips="10.0.0.1\n10.0.0.2"), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: The SkyPilot node environment is not one of a job: SKYPILOT_NODE_RANK='2', "
+                           "SKYPILOT_NUM_NODES='2'"), last

@@ -195,7 +195,7 @@ def define_distributed_flags() -> Callable[[], None]:
     says whether they were given."""
     distributed = flags.DEFINE_bool(
         "distributed", False, "Multi-host: join JAX's distributed runtime first. Without the three flags "
-        "below, the cluster is auto-detected (TPU VMs, Slurm, ...).")
+        "below, a SkyPilot job's node environment gives them, else the cluster is auto-detected (TPU VMs, Slurm).")
     address = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
     count = flags.DEFINE_integer("num_processes", None, "How many processes the job has.")
     index = flags.DEFINE_integer("process_id", None, "This process's index, in [0, num_processes).")

@@ -39,7 +39,10 @@ class DistributedError(RuntimeError):
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
-    """Join the job. Explicit values win; without them JAX detects the cluster (TPU VMs, Slurm, ...)."""
+    """Join the job. Explicit values win; without them a SkyPilot job's node environment gives them
+    (`skypilot_job`), else JAX detects the cluster (TPU VMs, Slurm, ...)."""
+    if coordinator_address is None and num_processes is None and process_id is None:
+        coordinator_address, num_processes, process_id = skypilot_job() or (None, None, None)
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
     if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
         missing = ", ".join(f"--{k}" for k, v in given.items() if v is None)
@@ -64,6 +67,35 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                    "address reachable from this host?") from None
         raise DistributedError(f"jax.distributed.initialize failed: {first}. Outside a TPU VM or Slurm job, give "
                                "--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from None
+
+
+COORDINATOR_PORT = 8476  # the head node's port for JAX's coordinator in a SkyPilot job (LIGHTJAX_COORDINATOR_PORT)
+
+
+def skypilot_job(env: dict[str, str] | None = None) -> tuple[str, int, int] | None:
+    """(coordinator address, process count, this process's index) of a SkyPilot job, one process per node
+    (each drives all of its node's accelerators), from the environment SkyPilot gives every node:
+    SKYPILOT_NODE_RANK, SKYPILOT_NUM_NODES and SKYPILOT_NODE_IPS (one per line, the head's first); the
+    coordinator listens on the head node at LIGHTJAX_COORDINATOR_PORT (default 8476). None outside one.
+    JAX's own cluster detection does not know SkyPilot."""
+    env = os.environ if env is None else env
+    if "SKYPILOT_NODE_RANK" not in env:
+        return None
+    names = {k: env.get(k, "") for k in ("SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES", "SKYPILOT_NODE_IPS")}
+    ips = [ip.strip() for ip in names["SKYPILOT_NODE_IPS"].splitlines() if ip.strip()]
+    port = env.get("LIGHTJAX_COORDINATOR_PORT", str(COORDINATOR_PORT))
+    try:
+        rank, nodes, port_number = int(names["SKYPILOT_NODE_RANK"]), int(names["SKYPILOT_NUM_NODES"]), int(port)
+        ok = 0 <= rank < nodes == len(ips) and 0 < port_number < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        shown = ", ".join(f"{k}={v!r}" for k, v in names.items())
+        raise DistributedError(f"The SkyPilot node environment is not one of a job: {shown}, "
+                               f"LIGHTJAX_COORDINATOR_PORT={port!r} (want a rank in [0, SKYPILOT_NUM_NODES), one IP "
+                               "per node, a port in [1, 65535]). Give --coordinator_address, --num_processes and "
+                               "--process_id instead.")
+    return f"{ips[0]}:{port_number}", nodes, rank
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
