@@ -140,7 +140,8 @@ class GPT(nn.Module):
         if c.block_size < T:
             raise ValueError(f"Sequence length {T} exceeds the model's block_size={c.block_size}.")
         if cache is not None:
-            positions = jnp.reshape(cache.index, (-1, 1)) + jnp.arange(T)[None, :] - cache.start[:, None]
+            index = cache.index if jnp.ndim(cache.index) == 0 else cache.index[:, None]  # one slot, or each row's
+            positions = index + jnp.arange(T)[None, :] - cache.start[:, None]
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         std, _ = init_stds(c)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightjax.model.config import ModelConfig
-from lightjax.model.layers import Array, Dtype, constrain
+from lightjax.model.layers import Array, Dtype, causal_mask, constrain
 
 AXES = ("layers", "batch", "act_heads", None, "act_kv")  # kv heads over tensor, like the qkv kernel
 
@@ -116,7 +116,12 @@ class KVCache(flax.struct.PyTreeNode):
         """[B, 1, T, S] over the attended slots: the query in slot index+t sees keys from start[b] up
         to its own slot (the last `window` of them, with a window). A padding query sees only itself,
         so that its (unused) output stays finite."""
-        q_slot = jnp.reshape(self.index, (-1, 1, 1)) + jnp.arange(T)[:, None]  # [1 or B, T, 1]
+        if jnp.ndim(self.index) == 0:  # every row at the same slot (generation)
+            q_slot = self.index + jnp.arange(T)
+            k_slot = jnp.arange(self.slots)[None, :]  # [1, S]
+            real = (k_slot[None] >= self.start[:, None, None]) | (k_slot == q_slot[:, None])[None]
+            return causal_mask(q_slot, self.slots, window)[0] & real[:, None]
+        q_slot = self.index[:, None, None] + jnp.arange(T)[:, None]  # [B, T, 1]: each row at its own slot
         k_slot = jnp.arange(self.slots)  # [S]
         seen = k_slot <= q_slot
         if window is not None:
