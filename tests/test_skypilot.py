@@ -18,6 +18,7 @@ import json, sys, yaml
 import sky
 out = {}
 for path in sys.argv[1:]:
+    sky.Task.from_yaml(path)  # as `sky launch PATH` reads it
     config = yaml.safe_load(open(path))
     task = sky.Task.from_yaml_config(config, env_overrides=[("BUCKET", "my-runs"), ("CONFIG", "configs/smoke.py")])
     resources = sorted(task.resources, key=str)
