@@ -3,6 +3,7 @@ in a subprocess (completions, chat, streaming, stop strings, n > 1, errors, a cl
 continuous batching in process: every request's greedy tokens equal generate()'s for its prompt alone,
 whatever else shares the slots, with no compilation after warm-up, on one device and on a tensor-parallel mesh."""
 
+import functools
 import json
 import signal
 import socket
@@ -62,14 +63,19 @@ def _client(url):
     return openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
 
 
-def _greedy(folder, ids, max_new):
-    """generate()'s greedy text for prompt ids alone, special tokens left out."""
+@functools.cache
+def _loaded(folder):
     from lightjax.convert.hf import load_hf_checkpoint
     from lightjax.data.tokenizers import load_hf_tokenizer
 
     cfg, params = load_hf_checkpoint(folder)
-    tokenizer = load_hf_tokenizer(folder)
-    (tokens,) = generate(GPT(cfg), params, [ids], max_new, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
+    return GPT(cfg), params, load_hf_tokenizer(folder)
+
+
+def _greedy(folder, ids, max_new):
+    """generate()'s greedy text for prompt ids alone, special tokens left out."""
+    model, params, tokenizer = _loaded(folder)
+    (tokens,) = generate(model, params, [ids], max_new, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
     return tokenizer.decode(tokens, skip_special_tokens=True), tokens
 
 
@@ -110,6 +116,26 @@ def test_the_openai_client_completes_chats_streams_and_stops(server):
     again = client.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=1.0, n=3, seed=5)
     assert [c.index for c in several.choices] == [0, 1, 2] and len({c.text for c in several.choices}) > 1
     assert [c.text for c in several.choices] == [c.text for c in again.choices]  # the seed decides
+
+
+def test_sixteen_concurrent_clients_each_get_their_prompts_greedy_answer(server):
+    """16 clients at once, prompts of 1-12 words and 4-24 new tokens, through the server's 4 slots: each
+    answer is generate()'s for its prompt alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_exports import WORDS
+
+    url, folder = server
+    rng = np.random.default_rng(1)
+    asks = [(" ".join(rng.choice(WORDS, int(n))), int(m)) for n, m in zip(rng.integers(1, 13, 16),
+                                                                        rng.integers(4, 25, 16), strict=True)]
+    client = _client(url)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda a: client.completions.create(model="base", prompt=a[0], max_tokens=a[1],
+                                                                    temperature=0).choices[0].text, asks))
+    tokenizer = _loaded(folder)[2]
+    for (prompt, n), answer in zip(asks, answers, strict=True):
+        assert answer == _greedy(folder, tokenizer.encode_with_special_tokens(prompt).tolist(), n)[0], prompt
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
