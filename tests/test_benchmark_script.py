@@ -56,7 +56,7 @@ def test_benchmark_bad_setting_is_one_line():
 
     ("--serve --serve_requests=6 --serve_rate=50 --serve_slots=2",
      r"continuous \| 2 slots, 6 requests at 50/s, loguniform lengths \| [\d,]+ tokens/s \| first token p50 .* "
-     r"the throughput, p99 latency [\d.]+x\n.* static \| 2 slots, 6 requests"),
+     r"the throughput, p99 latency [\d.]+x, [\d.]+x fewer decode steps\n.* static \| 2 slots, 6 requests"),
 ])
 def test_benchmark_modes(tmp_path, mode, pattern):
     from tests.helpers import SHAKESPEARE
