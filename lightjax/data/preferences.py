@@ -44,9 +44,9 @@ def is_preference_source(source: str) -> bool:
     path = epath.Path(name)
     path = path / f"train.{kind}" if path.is_dir() else path
     try:
-        text = path.read_text(encoding="utf-8")
-        first = (json.loads(text)[:1] or [None])[0] if kind == "json" else json.loads(
-            next((line for line in text.splitlines() if line.strip()), "null"))
+        with path.open("r", encoding="utf-8") as f:  # a JSON Lines file's first record only: start-up reads it
+            first = (json.load(f)[:1] or [None])[0] if kind == "json" else json.loads(
+                next((line for line in f if line.strip()), "null"))
     except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError):
         return False
     return is_preference_record(first)

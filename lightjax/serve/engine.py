@@ -85,7 +85,7 @@ class Engine:
             shape = jax.eval_shape(lambda: empty_cache(model, slots, self.max_len))
             layout = None if mesh is None else cache_shardings(shape, mesh, rules)
             self._cache = jax.jit(lambda: empty_cache(model, slots, self.max_len), out_shardings=layout)()
-        self._admit, self._step = programs(model, layout)
+        self._admit, self._step = programs(model, layout, mesh)
         self._tokens = np.zeros(slots, np.int32)
         self._sampling = {"temperature": np.zeros(slots, np.float32), "top_k": np.zeros(slots, np.int32),
                           "top_p": np.ones(slots, np.float32), "key": np.zeros((slots, 2), np.uint32),

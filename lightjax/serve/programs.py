@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lightjax.model.generate import bucket, top_k_filter, top_p_filter
+from lightjax.model.generate import bucket, sample
 from lightjax.model.gpt import GPT, KVCache
 from lightjax.model.kv_cache import AXES
 from lightjax.runtime.sharding import Rules
@@ -47,22 +47,19 @@ jax.tree_util.register_dataclass(Sampling, data_fields=["temperature", "top_k", 
 
 
 def sample_rows(logits: jax.Array, s: Sampling, vocab_limit: jax.Array) -> jax.Array:
-    """Next tokens [rows] from logits [rows, V]: greedy where a row's temperature is 0, else LitGPT's order
-    (top-k, temperature, top-p, a draw) with the row's own key. Ids from `vocab_limit` on are never drawn.
-    The filters' sorts run only when some row samples."""
+    """Next tokens [rows] from logits [rows, V]: each row sampled as generate.sample samples a batch, with the
+    row's own settings and key (greedy at temperature 0). Ids from `vocab_limit` on are never drawn. The
+    filters' sorts run only when some row samples."""
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def draw(row: jax.Array, key: jax.Array, count: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array) -> jax.Array:
-        row = top_k_filter(row, k) / jnp.maximum(t, 1e-6)
-        row = jnp.where(p < 1.0, top_p_filter(row, p), row)
-        return jax.random.categorical(jax.random.fold_in(key, count), row).astype(jnp.int32)
+    def one(row: jax.Array, key: jax.Array, count: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array) -> jax.Array:
+        return sample(row[None], jax.random.fold_in(key, count), t, k, p)[0]
 
     def drawn(_: Any) -> jax.Array:
-        return jax.vmap(draw)(logits, s.key, s.count, s.temperature, s.top_k, s.top_p)
+        return jax.vmap(one)(logits, s.key, s.count, s.temperature, s.top_k, s.top_p)
 
-    sampled = jax.lax.cond(jnp.any(s.temperature > 0), drawn, lambda _: greedy, None)
-    return jnp.where(s.temperature > 0, sampled, greedy)
+    return jax.lax.cond(jnp.any(s.temperature > 0), drawn, lambda _: greedy, None)
 
 
 def empty_cache(model: GPT, rows: int, length: int) -> KVCache:
@@ -98,10 +95,10 @@ def _step(model: GPT, params: Any, cache: KVCache, tokens: jax.Array, active: ja
     return cache.replace(index=jnp.where(active, last, index)), sample_rows(logits[:, -1], sampling, vocab_limit)
 
 
-def programs(model: GPT, cache_sharding: KVCache | None = None) -> tuple[Any, Any]:
-    """(admit, step), jitted for `model` with the cache donated; on a mesh with the cache's layout fixed
+def programs(model: GPT, cache_sharding: KVCache | None = None, mesh: Mesh | None = None) -> tuple[Any, Any]:
+    """(admit, step), jitted for `model` with the cache donated; on a `mesh` with the cache's layout fixed
     (`cache_shardings`), so that every call sees the cache it compiled for."""
-    out = {} if cache_sharding is None else {"out_shardings": (cache_sharding, _replicated(cache_sharding))}
+    out = {} if mesh is None else {"out_shardings": (cache_sharding, NamedSharding(mesh, PartitionSpec()))}
     admit = jax.jit(functools.partial(_admit, model), donate_argnums=(1,), **out)
     step = jax.jit(functools.partial(_step, model), donate_argnums=(1,), **out)
     return admit, step
@@ -113,11 +110,6 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:
     chunk = nn.logical_to_mesh_sharding(PartitionSpec(*(AXES if cache.stacked else AXES[1:])), mesh, rules)
     whole = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), cache)
     return whole.replace(k=jax.tree.map(lambda _: chunk, cache.k), v=jax.tree.map(lambda _: chunk, cache.v))
-
-
-def _replicated(cache_sharding: KVCache) -> NamedSharding:
-    return NamedSharding(cache_sharding.k[0][0].mesh if not cache_sharding.stacked else cache_sharding.k[0].mesh,
-                         PartitionSpec())
 
 
 def prompt_buckets(max_prompt: int, minimum: int = 16) -> list[int]:
